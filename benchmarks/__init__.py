@@ -1,0 +1,1 @@
+"""fxqat benchmarks: every row measured in the same run, ratios printed against peers."""

@@ -1,0 +1,55 @@
+"""Shared helpers: machine description, timing, JSON results."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    cpu, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not cpu.strip():
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = [f for f in line.split(":", 1)[1].split() if f.startswith(("avx", "amx", "vnni", "fma"))]
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "flags": flags, "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def timeit(fn, warmup: int = 3, reps: int = 10) -> float:
+    """Median wall time of ``fn()`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    path = out / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), "rows": rows, **(extra or {})}, indent=2))
+    return path
+
+
+def table(rows: list[dict], cols: list[str]) -> str:
+    cells = [cols] + [[(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols] for r in rows]
+    w = [max(len(x[i]) for x in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(v.ljust(k) for v, k in zip(row, w)) for row in cells)

@@ -1,0 +1,17 @@
+"""fxqat — FX graph-mode quantization-aware training for Ultralytics YOLO detectors.
+
+Pipeline: trace → fuse Conv+BN+SiLU → match C2f/Bottleneck/SPPF/Detect → annotate per-node qconfig → insert
+quantizers → train → convert (INT8 torch) / export (QDQ ONNX). See ``fxqat.passes.pipeline`` for the pass list.
+"""
+
+import os as _os
+
+_os.environ.setdefault("YOLO_OFFLINE", "1")
+
+from .errors import FxqatError, ModelLoadError, QConfigError, TraceError  # noqa: E402
+from .graph.draw import draw  # noqa: E402
+from .graph.summary import summary  # noqa: E402
+from .tracing import trace  # noqa: E402
+
+__all__ = ["trace", "summary", "draw", "FxqatError", "ModelLoadError", "QConfigError", "TraceError"]
+__version__ = "0.1.0"

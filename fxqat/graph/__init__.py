@@ -1,0 +1,1 @@
+"""Graph-level tools: node metadata, pattern declarations and matcher, summary, drawing."""

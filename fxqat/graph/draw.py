@@ -1,0 +1,209 @@
+"""``fxqat.draw``: the traced graph as a picture (.svg, .png, .dot or a self-contained .html).
+
+yolov8n has hundreds of nodes, so by default each Ultralytics layer is one box showing its in/out shapes;
+``expand=`` opens chosen layers (indices or module paths) or ``"all"``. Nodes are colored by op kind, by assigned
+precision (``color_by="precision"``) or by a sensitivity report (``color_by="sensitivity"``).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import torch.fx as fx
+
+from ..errors import FxqatError
+from .meta import info
+from .summary import _fmt_shape, _target_name, example_input, precision_label, propagate_shapes
+
+OP_COLORS = {  # op kind → fill color
+    "conv": "#8fb8de", "bn": "#c6dbef", "act": "#b5e3b5", "concat": "#f6c28b", "add": "#f4a3a3",
+    "pool": "#d4b9e8", "resize": "#e8d98f", "split": "#f2e6c9", "decode": "#d9d9d9", "quant": "#ffe066",
+    "io": "#ffffff", "other": "#eeeeee", "layer": "#dde7f3",
+}
+PRECISION_COLORS = {"float": "#d9d9d9", "int8": "#6baed6", "int4": "#fd8d3c", "int16": "#74c476", "mixed": "#c994c7"}
+
+
+def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op in ("placeholder", "output"):
+        return "io"
+    name = _target_name(node).lower()
+    if node.op == "call_module":
+        cls = type(gm.get_submodule(node.target)).__name__.lower()
+        for key, kind in (("fakequant", "quant"), ("quant", "quant"), ("conv", "conv"), ("batchnorm", "bn"),
+                          ("silu", "act"), ("relu", "act"), ("sigmoid", "act"), ("pool", "pool"),
+                          ("upsample", "resize"), ("decode", "decode"), ("dfl", "decode")):
+            if key in cls:
+                return kind
+        return "other"
+    for key, kind in (("cat", "concat"), ("add", "add"), ("chunk", "split"), ("split", "split"),
+                      ("getitem", "split"), ("interpolate", "resize"), ("pool", "pool"), ("quant", "quant")):
+        if key in name:
+            return kind
+    return "other"
+
+
+def _precision_class(label: str) -> str:
+    if not label or label == "float":
+        return "float"
+    for bits in ("4", "16", "8"):
+        if f"{bits}" in label.split("/")[0]:
+            return f"int{bits}"
+    return "int8"
+
+
+def _sens_color(v: float, vmax: float) -> str:
+    import matplotlib
+
+    rgba = matplotlib.colormaps["YlOrRd"](0.1 + 0.85 * (v / vmax if vmax > 0 else 0.0))
+    return matplotlib.colors.to_hex(rgba)
+
+
+def _open_layers(expand, gm: fx.GraphModule) -> set:
+    layers = {info(n).layer for n in gm.graph.nodes if info(n).layer is not None}
+    if expand is None or expand is False:
+        return set()
+    if expand is True or expand == "all":
+        return layers
+    out = set()
+    for e in ([expand] if isinstance(expand, (int, str)) else expand):
+        if isinstance(e, int) or (isinstance(e, str) and e.isdigit()):
+            out.add(int(e))
+        else:
+            hits = {info(n).layer for n in gm.graph.nodes if info(n).module_path.startswith(str(e))}
+            if not hits - {None}:
+                raise FxqatError(f"expand={e!r}: matches no layer; give layer indices, module paths or 'all'")
+            out |= hits - {None}
+    return out
+
+
+def to_dot(gm: fx.GraphModule, expand=None, color_by: str = "op", sensitivity: dict | None = None,
+           imgsz=320, title: str = ""):
+    """Build a ``graphviz.Digraph`` of ``gm`` (see module doc)."""
+    import graphviz
+
+    if color_by not in ("op", "precision", "sensitivity"):
+        raise FxqatError(f"color_by={color_by!r}: valid choices are 'op', 'precision', 'sensitivity'")
+    if color_by == "sensitivity" and not sensitivity:
+        raise FxqatError("color_by='sensitivity' needs sensitivity= (a report from fxqat.analyze or a dict)")
+    sens = _sensitivity_scores(sensitivity) if sensitivity else {}
+    smax = max(sens.values(), default=0.0)
+    if "tensor_meta" not in next(iter(gm.graph.nodes)).meta:
+        propagate_shapes(gm, example_input(imgsz))
+    opened = _open_layers(expand, gm)
+    dot = graphviz.Digraph("fxqat", graph_attr={"rankdir": "TB", "fontname": "Helvetica", "label": title,
+                                                 "labelloc": "t", "fontsize": "16"},
+                           node_attr={"shape": "box", "style": "rounded,filled", "fontname": "Helvetica",
+                                      "fontsize": "10"})
+
+    def group(n: fx.Node) -> str:
+        i = info(n)
+        return n.name if i.layer is None or i.layer in opened else f"layer{i.layer}"
+
+    members: dict[str, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        members.setdefault(group(n), []).append(n)
+
+    def fill(nodes: list[fx.Node]) -> str:
+        if color_by == "precision":
+            classes = {_precision_class(precision_label(n)) for n in nodes if n.op == "call_module"
+                       or precision_label(n)} or {"float"}
+            return PRECISION_COLORS["mixed" if len(classes) > 1 else classes.pop()]
+        if color_by == "sensitivity":
+            v = max((sens.get(n.name, sens.get(info(n).module_path, 0.0)) for n in nodes), default=0.0)
+            return _sens_color(v, smax)
+        return OP_COLORS["layer"] if len(nodes) > 1 else OP_COLORS[op_kind(nodes[0], gm)]
+
+    clusters: dict[int, object] = {}
+    for gid, nodes in members.items():
+        first = nodes[0]
+        i = info(first)
+        if gid.startswith("layer"):
+            ins = [_fmt_shape(p.meta.get("tensor_meta")) for n in nodes for p in n.all_input_nodes
+                   if group(p) != gid]
+            outs = [_fmt_shape(n.meta.get("tensor_meta")) for n in nodes
+                    if any(group(u) != gid for u in n.users)]
+            label = f"{i.layer}: {i.layer_type}\n{' '.join(dict.fromkeys(ins)) or '-'}\n→ {' '.join(dict.fromkeys(outs))}"
+            tip = f"model.{i.layer} ({i.layer_type}), {len(nodes)} nodes"
+            dot.node(gid, label, fillcolor=fill(nodes), tooltip=tip)
+            continue
+        n = first
+        label = f"{n.name}\n{_target_name(n) if n.op != 'call_module' else type(gm.get_submodule(n.target)).__name__}"
+        shape = _fmt_shape(n.meta.get("tensor_meta"))
+        prec = precision_label(n)
+        label += (f"\n{shape}" if shape else "") + (f"\n[{prec}]" if prec else "")
+        tip = f"{i.module_path or n.name} · {n.op} · {i.block or '-'}"
+        attrs = {"fillcolor": fill([n]), "tooltip": tip}
+        if n.op in ("placeholder", "output"):
+            attrs["shape"] = "ellipse"
+        if i.layer is None:
+            dot.node(n.name, label, **attrs)
+        else:
+            if i.layer not in clusters:
+                clusters[i.layer] = graphviz.Digraph(f"cluster_{i.layer}", graph_attr={
+                    "label": f"{i.layer}: {i.layer_type}", "style": "rounded", "color": "#7f7f7f"})
+            clusters[i.layer].node(n.name, label, **attrs)
+    for sub in clusters.values():
+        dot.subgraph(sub)
+    seen = set()
+    for n in gm.graph.nodes:
+        for p in n.all_input_nodes:
+            e = (group(p), group(n))
+            if e[0] != e[1] and e not in seen:
+                seen.add(e)
+                dot.edge(*e)
+    _legend(dot, color_by, smax)
+    return dot
+
+
+def _legend(dot, color_by: str, smax: float) -> None:
+    items = {"op": {k: v for k, v in OP_COLORS.items() if k not in ("io", "other")},
+             "precision": PRECISION_COLORS,
+             "sensitivity": {f"{smax * f:.3g}": _sens_color(smax * f, smax) for f in (0.0, 0.5, 1.0)}}[color_by]
+    rows = "".join(f'<TR><TD BGCOLOR="{c}">  </TD><TD ALIGN="LEFT">{html.escape(k)}</TD></TR>' for k, c in items.items())
+    dot.node("legend", f'<<TABLE BORDER="0" CELLBORDER="1" CELLSPACING="0"><TR><TD COLSPAN="2"><B>{color_by}</B>'
+                       f'</TD></TR>{rows}</TABLE>>', shape="plaintext", style="")
+
+
+def _sensitivity_scores(report) -> dict[str, float]:
+    if isinstance(report, (str, Path)):
+        import json
+
+        report = json.loads(Path(report).read_text())
+    if isinstance(report, dict) and "layers" in report:
+        return {r["name"]: float(r["score"]) for r in report["layers"]}
+    if hasattr(report, "scores"):
+        return dict(report.scores())
+    return {str(k): float(v) for k, v in dict(report).items()}
+
+
+def draw(gm: fx.GraphModule, path, expand=None, color_by: str = "op", sensitivity=None, imgsz=320,
+         title: str | None = None) -> Path:
+    """Write a drawing of ``gm`` to ``path`` (.svg, .png, .dot or .html) and return the path."""
+    import graphviz
+
+    path = Path(path)
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in ("svg", "png", "dot", "gv", "html"):
+        raise FxqatError(f"{path}: unsupported drawing format '.{fmt}'; valid choices: .svg, .png, .dot, .html")
+    dot = to_dot(gm, expand=expand, color_by=color_by, sensitivity=sensitivity, imgsz=imgsz,
+                 title=title if title is not None else path.stem)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt in ("dot", "gv"):
+        path.write_text(dot.source)
+        return path
+    try:
+        data = dot.pipe(format="svg" if fmt == "html" else fmt)
+    except graphviz.ExecutableNotFound:
+        raise FxqatError(f"{path}: rendering needs Graphviz's 'dot' program (Debian: apt-get install -y graphviz); "
+                         "or write a .dot file instead") from None
+    if fmt == "html":
+        svg = data.decode()
+        svg = svg[svg.find("<svg"):]
+        page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>{t}</title><style>body{{font-family:"
+                "sans-serif;margin:1em}}svg{{max-width:100%;height:auto}}</style></head><body><h2>{t}</h2>"
+                "<p>Hover a box for its module path; layers collapsed unless expanded.</p>{svg}</body></html>")
+        path.write_text(page.format(t=html.escape(title or path.stem), svg=svg))
+    else:
+        path.write_bytes(data)
+    return path

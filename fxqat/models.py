@@ -1,0 +1,100 @@
+"""Turn what a user hands fxqat (a model YAML name, a ``.pt`` checkpoint, a ``YOLO`` object, a ``DetectionModel``)
+into an Ultralytics ``DetectionModel``, with one clear error line for anything else."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch.nn as nn  # noqa: E402
+
+from .errors import ModelLoadError  # noqa: E402
+
+SUPPORTED = "a detection model: a YAML name such as yolov8n.yaml … yolov8x.yaml or yolo11n.yaml, a .pt checkpoint, " \
+            "an ultralytics YOLO object or a DetectionModel"
+
+
+def _detection_model_cls():
+    from ultralytics.nn.tasks import DetectionModel
+
+    return DetectionModel
+
+
+def _check_detection(model: nn.Module, source: str) -> nn.Module:
+    DetectionModel = _detection_model_cls()
+    from ultralytics.nn.tasks import ClassificationModel, OBBModel, PoseModel, SegmentationModel
+
+    for cls, task in ((SegmentationModel, "segment"), (PoseModel, "pose"), (OBBModel, "obb"),
+                      (ClassificationModel, "classify")):
+        if isinstance(model, cls):
+            raise ModelLoadError(f"{source}: is a {task} model; fxqat supports detection models only ({SUPPORTED})")
+    if not isinstance(model, DetectionModel):
+        raise ModelLoadError(f"{source}: {type(model).__name__} is not an Ultralytics detection model ({SUPPORTED})")
+    head = model.model[-1]
+    if getattr(head, "one2one_cv2", None) is not None:
+        raise ModelLoadError(f"{source}: end-to-end (NMS-free) heads are not supported yet; use a YOLOv8 or YOLO11 "
+                             "detection model")
+    return model
+
+
+def _from_yaml(spec: str, nc: int | None) -> nn.Module:
+    from ultralytics.nn.tasks import guess_model_task, yaml_model_load
+
+    try:
+        cfg = yaml_model_load(spec)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{spec}: no such model YAML (file or Ultralytics built-in); {SUPPORTED}") from None
+    except Exception as e:  # malformed YAML
+        raise ModelLoadError(f"{spec}: cannot read model YAML ({type(e).__name__}: {e})") from None
+    task = guess_model_task(cfg)
+    if task != "detect":
+        raise ModelLoadError(f"{spec}: is a {task} model; fxqat supports detection models only ({SUPPORTED})")
+    try:
+        model = _detection_model_cls()(cfg, nc=nc, verbose=False)
+    except Exception as e:
+        raise ModelLoadError(f"{spec}: Ultralytics could not build this model ({type(e).__name__}: {e})") from None
+    return model
+
+
+def _from_checkpoint(path: Path) -> nn.Module:
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: checkpoint not found; {SUPPORTED}")
+    import torch
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if isinstance(ckpt, dict) and "fxqat" in ckpt:
+        raise ModelLoadError(f"{path}: is an fxqat QAT checkpoint; load it with fxqat.load_qat instead")
+    model = None
+    if isinstance(ckpt, dict):
+        model = ckpt.get("ema") or ckpt.get("model")
+    elif isinstance(ckpt, nn.Module):
+        model = ckpt
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(f"{path}: holds no Ultralytics model (expected a dict with 'model' or 'ema'); {SUPPORTED}")
+    return model.float()
+
+
+def load_model(spec, nc: int | None = None) -> nn.Module:
+    """Return an Ultralytics ``DetectionModel`` for ``spec`` (see :data:`SUPPORTED`). Never downloads anything."""
+    if isinstance(spec, (str, Path)):
+        s = str(spec)
+        if s.endswith((".yaml", ".yml")):
+            return _check_detection(_from_yaml(s, nc), s)
+        if s.endswith((".pt", ".pth")):
+            return _check_detection(_from_checkpoint(Path(s)), s)
+        raise ModelLoadError(f"{s}: unknown model file type; {SUPPORTED}")
+    if isinstance(spec, nn.Module):
+        inner = getattr(spec, "model", None)
+        try:
+            from ultralytics.engine.model import Model as YOLOObject
+        except Exception:  # pragma: no cover - ultralytics layout changed
+            YOLOObject = ()
+        if isinstance(spec, YOLOObject):
+            return _check_detection(inner, f"YOLO({getattr(spec, 'ckpt_path', None) or spec.cfg})")
+        return _check_detection(spec, type(spec).__name__)
+    raise ModelLoadError(f"{spec!r}: cannot load a model from a {type(spec).__name__}; {SUPPORTED}")

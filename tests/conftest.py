@@ -1,0 +1,42 @@
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/*.txt from the current code")
+
+
+@pytest.fixture
+def golden(request):
+    """Compare text with tests/golden/<name>; ``pytest --update-golden`` rewrites the file instead."""
+
+    def check(name: str, text: str):
+        path = GOLDEN / name
+        text = re.sub(r"[ \t]+\n", "\n", text).rstrip() + "\n"
+        if request.config.getoption("--update-golden") or not path.exists() and os.environ.get("CI") != "true":
+            path.write_text(text)
+        assert path.exists(), f"{path} missing: run pytest --update-golden"
+        expected = path.read_text()
+        assert text == expected, f"graph dump differs from {path}; if intended, run pytest --update-golden"
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def v8n():
+    from fxqat.models import load_model
+
+    return load_model("yolov8n.yaml", nc=10)
+
+
+@pytest.fixture(scope="session")
+def v8n_graph(v8n):
+    import fxqat
+
+    return fxqat.trace(v8n, "eval")
