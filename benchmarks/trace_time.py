@@ -8,10 +8,10 @@ import time
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-import fxqat  # noqa: E402
-from fxqat.models import load_model  # noqa: E402
+import fxqat
+from fxqat.models import load_model
 
-from .common import save, table  # noqa: E402
+from .common import save, table
 
 
 def main():

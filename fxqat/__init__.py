@@ -8,10 +8,10 @@ import os as _os
 
 _os.environ.setdefault("YOLO_OFFLINE", "1")
 
-from .errors import FxqatError, ModelLoadError, QConfigError, TraceError  # noqa: E402
-from .graph.draw import draw  # noqa: E402
-from .graph.summary import summary  # noqa: E402
-from .tracing import trace  # noqa: E402
+from .errors import FxqatError, ModelLoadError, QConfigError, TraceError
+from .graph.draw import draw
+from .graph.summary import summary
+from .tracing import trace
 
-__all__ = ["trace", "summary", "draw", "FxqatError", "ModelLoadError", "QConfigError", "TraceError"]
+__all__ = ["FxqatError", "ModelLoadError", "QConfigError", "TraceError", "draw", "summary", "trace"]
 __version__ = "0.1.0"

@@ -8,9 +8,9 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-import torch.nn as nn  # noqa: E402
+from torch import nn
 
-from .errors import ModelLoadError  # noqa: E402
+from .errors import ModelLoadError
 
 SUPPORTED = "a detection model: a YAML name such as yolov8n.yaml … yolov8x.yaml or yolo11n.yaml, a .pt checkpoint, " \
             "an ultralytics YOLO object or a DetectionModel"

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
-import torch.fx as fx
-import torch.nn as nn
+from torch import fx, nn
 
 from .errors import TraceError
 from .graph.meta import META_KEY, NodeInfo

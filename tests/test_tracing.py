@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 import fxqat

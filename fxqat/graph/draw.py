@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-import torch.fx as fx
+from torch import fx
 
 from ..errors import FxqatError
 from .meta import info

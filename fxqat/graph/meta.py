@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch.fx as fx
+from torch import fx
 
 META_KEY = "fxqat"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.fx as fx
+from torch import fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from .meta import info
