@@ -1,0 +1,57 @@
+"""``fxqat.calibrate``: observe activation ranges on data without training (PTQ), with a progress bar."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .quant.fake_quant import fake_quants
+
+
+def _batches(data, imgsz: int, batch: int):
+    if isinstance(data, torch.Tensor):
+        yield data
+        return
+    if isinstance(data, (str,)) or hasattr(data, "__fspath__"):
+        from .data.images import iter_image_batches
+
+        yield from iter_image_batches(data, imgsz=imgsz, batch=batch)
+        return
+    for item in data:
+        if isinstance(item, dict):
+            item = item["img"]
+        if isinstance(item, (tuple, list)):
+            item = item[0]
+        if item.dtype == torch.uint8:
+            item = item.float() / 255.0
+        yield item
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, data: Iterable | str, batches: int | None = 32, imgsz: int = 640, batch: int = 8,
+              progress: bool = True) -> nn.Module:
+    """Run up to ``batches`` batches through ``model`` in eval mode while every quantizer observes.
+
+    ``data``: an iterable of image tensors (B, 3, H, W) in [0, 1] (uint8 is scaled), dicts with ``img``, a folder
+    of images, or an Ultralytics data YAML (its ``val`` images). Returns the model (in eval mode).
+    """
+    fqs = fake_quants(model)
+    if not fqs:
+        raise ValueError("calibrate: the model has no fxqat quantizers; build it with fxqat.prepare_qat first")
+    device = next(model.parameters()).device
+    model.eval()
+    for fq in fqs:
+        fq.calibrating = True
+    try:
+        it = _batches(data, imgsz, batch)
+        for i, x in enumerate(tqdm(it, total=batches, desc="calibrate", disable=not progress, unit="batch")):
+            if batches is not None and i >= batches:
+                break
+            model(x.to(device))
+    finally:
+        for fq in fqs:
+            fq.calibrating = False
+    return model

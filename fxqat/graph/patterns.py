@@ -1,0 +1,184 @@
+"""Pattern declarations (data) and the matcher.
+
+A pattern names the roles of the nodes inside one kind of Ultralytics block, by op kind and module path relative
+to the block, plus the edges that must connect them. The matcher finds every block instance through the tracer's
+block meta (never through node names), checks the edges with networkx, and writes each node's role into
+``node.meta["fxqat"].role``. Roles are what qconfig rules and the critical-layer analysis refer to
+(``c2f.concat``, ``sppf.pool``, ``detect.box_last``, ...). The quantizer-sharing rules follow from op kinds
+(see ``passes/insert_quantizers.py``); patterns name the pieces and the QAT replacement each block becomes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import networkx as nx
+import torch.fx as fx
+import torch.nn as nn
+
+from .meta import info
+
+
+@dataclass(frozen=True)
+class Role:
+    name: str  # e.g. "c2f.cv1"
+    op: str  # op kind: conv | cat | add | pool | resize | split | decode
+    path: str = ""  # glob of the module path relative to the block ("" = the block itself, "cv1", "cv2.*.2")
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class Pattern:
+    name: str
+    blocks: tuple[str, ...]  # Ultralytics block types it lives in
+    roles: tuple[Role, ...]
+    edges: tuple[tuple[str, str], ...] = ()  # (role a, role b): some a-node reaches some b-node
+    replacement: str = ""  # the QAT replacement this block is (seed names)
+
+
+# C2f / C3k2 — QATCSPLayer
+#   x ─► cv1 ─► chunk ─┬─[0]───────────────────────────────┐
+#                      └─[1]─► m.0 ─► … ─► m.(n-1) ─► (each) ─┤
+#                                                           cat ─► cv2 ─►
+C2F = Pattern("c2f", ("C2f", "C3k2"), (
+    Role("c2f.cv1", "conv", "cv1"), Role("c2f.split", "split"), Role("c2f.concat", "cat"),
+    Role("c2f.cv2", "conv", "cv2"),
+), (("c2f.cv1", "c2f.split"), ("c2f.split", "c2f.concat"), ("c2f.concat", "c2f.cv2")), "QATCSPLayer")
+
+# Bottleneck — QATBottleneckCSP
+#   x ─► cv1 ─► cv2 ─► (+ x when shortcut) ─►
+BOTTLENECK = Pattern("bottleneck", ("Bottleneck",), (
+    Role("bottleneck.cv1", "conv", "cv1"), Role("bottleneck.cv2", "conv", "cv2"),
+    Role("bottleneck.add", "add", optional=True),
+), (("bottleneck.cv1", "bottleneck.cv2"), ("bottleneck.cv2", "bottleneck.add")), "QATBottleneckCSP")
+
+# SPPF — QATSPPF
+#   x ─► cv1 ─► pool ─► pool ─► pool
+#         │      │       │       │
+#         └──────┴───────┴───────┴─► cat ─► cv2 ─►
+SPPF = Pattern("sppf", ("SPPF",), (
+    Role("sppf.cv1", "conv", "cv1"), Role("sppf.pool", "pool", "m*"), Role("sppf.concat", "cat"),
+    Role("sppf.cv2", "conv", "cv2"),
+), (("sppf.cv1", "sppf.pool"), ("sppf.pool", "sppf.concat"), ("sppf.concat", "sppf.cv2")), "QATSPPF")
+
+# Detect — QATDetectionHead (per level i: box branch cv2.i, class branch cv3.i; DFL + decode stay float)
+#   P_i ─► cv2.i.0 ─► cv2.i.1 ─► cv2.i.2 (box_last, 1×1) ─► view ─► cat ─┐
+#   P_i ─► cv3.i.0 ─► cv3.i.1 ─► cv3.i.2 (cls_last, 1×1) ─► view ─► cat ─┴─► decode: DFL, anchors, dist2bbox, sigmoid
+DETECT = Pattern("detect", ("Detect",), (
+    Role("detect.box", "conv", "cv2.*.[01]*"), Role("detect.box_last", "conv", "cv2.*.2"),
+    Role("detect.cls", "conv", "cv3.*.[01]*"), Role("detect.cls_last", "conv", "cv3.*.2"),
+    Role("detect.concat", "cat"), Role("detect.decode", "decode", "decode"),
+), (("detect.box", "detect.box_last"), ("detect.cls", "detect.cls_last"), ("detect.box_last", "detect.decode"),
+    ("detect.cls_last", "detect.decode")), "QATDetectionHead")
+
+# Neck joins and resizes: Concat(…) and nn.Upsample layers.
+CONCAT = Pattern("concat", ("Concat",), (Role("concat", "cat"),))
+UPSAMPLE = Pattern("upsample", ("Upsample",), (Role("upsample", "resize"),))
+
+PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, CONCAT, UPSAMPLE)
+ROLES: tuple[str, ...] = ("first_conv", "conv") + tuple(r.name for p in PATTERNS for r in p.roles)
+
+
+def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    """conv | cat | add | pool | resize | split | decode | quant | io | other."""
+    import operator
+
+    import torch
+
+    if node.op in ("placeholder", "output"):
+        return "io"
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        name = type(m).__name__
+        if name in ("ConvBnAct", "Conv2d"):
+            return "conv"
+        if isinstance(m, nn.MaxPool2d):
+            return "pool"
+        if isinstance(m, nn.Upsample):
+            return "resize" if m.mode == "nearest" else "other"
+        if name in ("DetectDecode", "DFL"):
+            return "decode"
+        if name == "FakeQuant":
+            return "quant"
+        return "other"
+    if node.op == "call_function":
+        if node.target in (torch.cat, torch.concat):
+            return "cat"
+        if node.target in (operator.add, torch.add):
+            return "add" if all(isinstance(a, fx.Node) for a in node.args[:2]) else "other"
+        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
+                op_kind(gm, node.args[0]) == "split":
+            return "split"
+        return "other"
+    if node.op == "call_method" and node.target in ("chunk", "split"):
+        return "split"
+    return "other"
+
+
+@dataclass
+class Match:
+    pattern: str
+    path: str  # block instance path, e.g. "model.2"
+    nodes: dict[str, list[str]] = field(default_factory=dict)  # role → node names
+    replacement: str = ""
+
+
+def to_networkx(gm: fx.GraphModule) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for n in gm.graph.nodes:
+        g.add_node(n.name)
+        for p in n.all_input_nodes:
+            g.add_edge(p.name, n.name)
+    return g
+
+
+def _rel(path: str, base: str) -> str | None:
+    if path == base:
+        return ""
+    return path[len(base) + 1:] if path.startswith(base + ".") else None
+
+
+def match_patterns(gm: fx.GraphModule, patterns: tuple[Pattern, ...] = PATTERNS) -> list[Match]:
+    """Assign roles to nodes and return the matches. Nodes in no pattern keep ``role=None`` (convs get "conv")."""
+    g = to_networkx(gm)
+    kinds = {n: op_kind(gm, n) for n in gm.graph.nodes}
+    matches: list[Match] = []
+    for pat in patterns:
+        instances: dict[str, list[fx.Node]] = {}
+        for n in gm.graph.nodes:
+            for block in pat.blocks:
+                path = info(n).within(block)
+                if path is not None:
+                    instances.setdefault(path, []).append(n)
+                    break
+        for path, nodes in instances.items():
+            found: dict[str, list[fx.Node]] = {}
+            for role in pat.roles:
+                hits = []
+                for n in nodes:
+                    rel = _rel(info(n).module_path, path)
+                    if kinds[n] == role.op and rel is not None and fnmatch.fnmatchcase(rel, role.path or ""):
+                        if role.op in ("cat", "add", "split") and info(n).block_path != path:
+                            continue  # belongs to a nested block
+                        hits.append(n)
+                if hits:
+                    found[role.name] = hits
+            if any(r.name not in found for r in pat.roles if not r.optional):
+                continue
+            ok = all(any(nx.has_path(g, a.name, b.name) for a in found[ra] for b in found[rb])
+                     for ra, rb in pat.edges if ra in found and rb in found)
+            if not ok:
+                continue
+            for role, hits in found.items():
+                for n in hits:
+                    info(n).role = role
+            matches.append(Match(pat.name, path, {r: [n.name for n in h] for r, h in found.items()}, pat.replacement))
+    for n in gm.graph.nodes:
+        if kinds[n] == "conv" and info(n).role is None:
+            info(n).role = "conv"
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    for u in x.users:
+        if kinds[u] == "conv":
+            info(u).role = "first_conv"
+    return matches

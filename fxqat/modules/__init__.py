@@ -1,0 +1,5 @@
+"""QAT replacements for Ultralytics blocks (fused Conv+BN+SiLU) and their INT8 counterparts."""
+
+from .conv_bn_act import ConvBnAct
+
+__all__ = ["ConvBnAct"]

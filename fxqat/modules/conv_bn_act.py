@@ -1,0 +1,80 @@
+"""``ConvBnAct``: the fused QAT module an Ultralytics ``Conv`` (conv → BatchNorm → SiLU) becomes.
+
+BN folding for training (as in Jacob et al. 2018 and torch.ao's ``_ConvBnNd``): the conv runs with the folded,
+fake-quantized weight ``w * gamma / sqrt(running_var + eps)``; its output is rescaled back and passed through the
+BatchNorm, which keeps using batch statistics and updating its running statistics — until :meth:`freeze_bn`, after
+which (and in eval mode) the module computes exactly the folded conv ``conv(x, q(w_fold)) + b_fold`` that
+:func:`fxqat.convert` lowers to an INT8 kernel. ``bn`` and ``act`` are optional (SPPF ``cv1`` has no activation,
+Detect's last 1×1 convs have neither).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..quant.fake_quant import FakeQuant
+from ..quant.spec import QuantSpec
+
+
+class ConvBnAct(nn.Module):
+    def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None,
+                 weight_spec: QuantSpec | None = None):
+        super().__init__()
+        self.conv, self.bn = conv, bn
+        self.act = act if act is not None else nn.Identity()
+        self.weight_fq = None
+        self.bn_frozen = False
+        if weight_spec is not None:
+            self.set_weight_spec(weight_spec)
+
+    def set_weight_spec(self, spec: QuantSpec | None) -> None:
+        if spec is None:
+            self.weight_fq = None
+            return
+        self.weight_fq = FakeQuant(spec, channels=self.conv.out_channels if spec.per_channel is not None else None)
+        self.weight_fq.always_observe = True
+
+    @property
+    def act_kind(self) -> str:
+        return {"SiLU": "swish", "ReLU": "relu", "Identity": "none"}.get(type(self.act).__name__, "other")
+
+    def freeze_bn(self, frozen: bool = True) -> ConvBnAct:
+        """Stop (or resume) BatchNorm statistics updates; frozen, training computes the folded conv exactly."""
+        self.bn_frozen = frozen
+        return self
+
+    def _bn_factor(self) -> torch.Tensor:
+        bn = self.bn
+        return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weight, bias) with BatchNorm folded in, from the running statistics."""
+        w, b = self.conv.weight, self.conv.bias
+        if self.bn is None:
+            return w, (b if b is not None else torch.zeros(w.shape[0], device=w.device, dtype=w.dtype))
+        f = self._bn_factor()
+        b = torch.zeros_like(self.bn.running_mean) if b is None else b
+        return w * f.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * f
+
+    def _qw(self, w: torch.Tensor) -> torch.Tensor:
+        return self.weight_fq(w) if self.weight_fq is not None else w
+
+    def _conv(self, x, w, b):
+        c = self.conv
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None or not self.training or self.bn_frozen:
+            w, b = self.folded()
+            return self.act(self._conv(x, self._qw(w), b))
+        f = self._bn_factor()
+        y = self._conv(x, self._qw(self.conv.weight * f.reshape(-1, 1, 1, 1)), None)
+        y = y / f.reshape(1, -1, 1, 1)
+        if self.conv.bias is not None:
+            y = y + self.conv.bias.reshape(1, -1, 1, 1)
+        return self.act(self.bn(y))
+
+    def extra_repr(self) -> str:
+        return f"act={self.act_kind}, bn={'frozen' if self.bn_frozen else ('yes' if self.bn is not None else 'no')}"

@@ -1,0 +1,132 @@
+"""INT8 modules the converted model runs: uint8 tensors in channels-last layout, qparams fixed at convert time.
+
+* :class:`Int8ConvBnAct` — one oneDNN kernel per fused Conv+BN+SiLU (``onednn::qconv2d_pointwise`` with the
+  ``swish`` post-op: uint8 in, uint8 out; or float out for Detect's last 1×1 convs). No float SiLU island.
+* :class:`Quantize` / :class:`Dequantize` — the float boundary (image input; DFL/decode inputs; graph outputs).
+* :class:`Int8Add` — residual add requantized to the output grid.
+* :class:`Int8MaxPool` — max pooling on the grid (order-preserving, exact).
+
+Concat, nearest Upsample and chunk run unchanged on uint8 tensors: their inputs share one grid by construction.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+CL = torch.channels_last
+
+
+def _check_onednn():
+    from ..errors import BackendError
+
+    if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
+        raise BackendError("this torch build lacks oneDNN quantized convolution (torch.ops.onednn.qconv2d_pointwise);"
+                           " install torch 2.14.1 for x86-64: pip install torch==2.14.1 torchvision==0.29.1")
+
+
+# torch's fused quantize kernel (round half to even, as the fake-quantizers) is 3x faster than the arithmetic
+warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+
+
+def _quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=CL)
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+
+
+def _as_q(x: torch.Tensor, qparams: tuple[float, int]) -> torch.Tensor:
+    """View uint8 codes as a quantized tensor (no copy)."""
+    return torch._make_per_tensor_quantized_tensor(x, qparams[0], qparams[1])
+
+
+class Quantize(nn.Module):
+    def __init__(self, scale: float, zero_point: int):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x):
+        return _quantize(x, self.scale, self.zero_point)
+
+    def extra_repr(self):
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+
+
+class Dequantize(nn.Module):
+    def __init__(self, scale: float, zero_point: int):
+        super().__init__()
+        self.scale, self.zero_point = float(scale), int(zero_point)
+
+    def forward(self, x):
+        return ((x.to(torch.float32) - self.zero_point) * self.scale).contiguous()
+
+    def extra_repr(self):
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+
+
+class Int8ConvBnAct(nn.Module):
+    """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call."""
+
+    def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
+                 x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str):
+        super().__init__()
+        _check_onednn()
+        self.stride, self.padding = list(conv.stride), list(conv.padding)
+        self.dilation, self.groups = list(conv.dilation), conv.groups
+        self.x_scale, self.x_zp = float(x_qparams[0]), int(x_qparams[1])
+        self.float_out = out_qparams is None
+        self.o_scale, self.o_zp = (1.0, 0) if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
+        self.attr = act if act in ("swish", "relu", "none") else "none"
+        self.register_buffer("w_int8", w_int8.contiguous())
+        self.register_buffer("w_scale", w_scale.float().contiguous())
+        self.register_buffer("w_zp", torch.zeros(w_scale.numel(), dtype=torch.int64))
+        self.register_buffer("bias", bias.float().contiguous())
+        self._packed = None
+
+    def packed(self):
+        if self._packed is None:
+            self._packed = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_scale, self.x_zp,
+                                                          self.stride, self.padding, self.dilation, self.groups, None)
+        return self._packed
+
+    def _apply(self, fn, *args, **kwargs):
+        self._packed = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x):
+        y = torch.ops.onednn.qconv2d_pointwise(
+            x.contiguous(memory_format=CL), self.x_scale, self.x_zp, self.packed(), self.w_scale, self.w_zp,
+            self.bias, self.stride, self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
+            torch.float32 if self.float_out else None, self.attr, [], "")
+        return y.contiguous() if self.float_out else y
+
+    def extra_repr(self):
+        out = "float" if self.float_out else f"u8 s={self.o_scale:.4g} zp={self.o_zp}"
+        return (f"{self.w_int8.shape[1] * self.groups}->{self.w_int8.shape[0]}, k={tuple(self.w_int8.shape[2:])}, "
+                f"s={self.stride}, act={self.attr}, out={out}")
+
+
+class Int8Add(nn.Module):
+    def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int] | None):
+        super().__init__()
+        self.a, self.b, self.out = a, b, out
+
+    def forward(self, x, y):
+        if self.out is None:
+            (sa, za), (sb, zb) = self.a, self.b
+            return ((x.to(torch.float32) - za) * sa + (y.to(torch.float32) - zb) * sb).contiguous()
+        return torch.ops.quantized.add(_as_q(x, self.a), _as_q(y, self.b), self.out[0], self.out[1]).int_repr()
+
+
+class Int8MaxPool(nn.Module):
+    def __init__(self, pool: nn.MaxPool2d):
+        super().__init__()
+        self.k, self.s, self.p = pool.kernel_size, pool.stride, pool.padding
+
+    def forward(self, x):
+        # max commutes with the (monotone) dequantization, so pooling the integer codes is exact
+        return F.max_pool2d(x.to(torch.float16 if x.is_cuda else torch.float32), self.k, self.s, self.p).to(
+            torch.uint8)

@@ -1,0 +1,1 @@
+"""Graph-rewrite passes, one small file each; ``pipeline.py`` lists them in order."""

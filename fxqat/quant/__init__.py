@@ -1,0 +1,1 @@
+"""Quantization primitives: specs, fake-quantizers, and the one module that imports torch.ao (backend.py)."""

@@ -1,0 +1,85 @@
+"""``FakeQuant``: quantize→dequantize in the forward pass with straight-through gradients.
+
+One instance may serve several graph nodes (shared quantizer: every input of a Concat, MaxPool in/out). It observes
+only while training or calibrating (never in plain eval), and exports to ONNX QuantizeLinear/DequantizeLinear
+through the aten ``fake_quantize_per_{tensor,channel}_affine`` ops.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .backend import make_observer
+from .spec import QuantSpec
+
+
+class FakeQuant(nn.Module):
+    def __init__(self, spec: QuantSpec, channels: int | None = None):
+        super().__init__()
+        self.spec = spec
+        self.qmin, self.qmax = spec.qmin, spec.qmax
+        self.ch_axis = spec.per_channel
+        n = channels if spec.per_channel is not None else 1
+        self.observer = make_observer(spec.observer, spec.qmin, spec.qmax, spec.symmetric, spec.per_channel)
+        scale = torch.ones(n)
+        zp = torch.zeros(n, dtype=torch.int32)
+        if spec.fixed is not None:
+            scale.fill_(spec.fixed[0])
+            zp.fill_(spec.fixed[1])
+        if spec.learnable:
+            self.scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zp)
+        self.register_buffer("initialized", torch.tensor(spec.fixed is not None))
+        self.observe_enabled = spec.fixed is None
+        self.fake_quant_enabled = True
+        self.calibrating = False
+        self.always_observe = False  # weight quantizers: the scale always follows the current weights
+
+    def extra_repr(self) -> str:
+        return f"{self.spec.label()}, observer={self.spec.observer}, learnable={self.spec.learnable}"
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        self.observer(x.detach().float())
+        scale, zp = self.observer.calculate_qparams()
+        scale = scale.to(self.scale.device).reshape(-1).clamp_min(1e-8)
+        if self.spec.learnable and bool(self.initialized):
+            return  # a learnable scale is initialized once from the observer, then trained
+        self.scale.data.copy_(scale.expand_as(self.scale) if scale.numel() == 1 else scale)
+        self.zero_point.copy_(zp.to(self.zero_point).reshape(-1).expand_as(self.zero_point))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observe_enabled and (self.training or self.calibrating or self.always_observe):
+            self.observe(x)
+        if not self.fake_quant_enabled or not bool(self.initialized):
+            return x
+        if self.spec.learnable and self.ch_axis is None:
+            grad_factor = 1.0 / (x.numel() * self.qmax) ** 0.5
+            return torch._fake_quantize_learnable_per_tensor_affine(
+                x, self.scale, self.zero_point.float(), self.qmin, self.qmax, grad_factor)
+        if self.ch_axis is not None:
+            return torch.fake_quantize_per_channel_affine(x, self.scale.detach(), self.zero_point, self.ch_axis,
+                                                          self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scale.detach().clone(), self.zero_point.clone()
+
+
+def fake_quants(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, FakeQuant)]
+
+
+def set_observers(model: nn.Module, enabled: bool) -> None:
+    for m in fake_quants(model):
+        if m.spec.fixed is None:
+            m.observe_enabled = enabled
+
+
+def set_fake_quant(model: nn.Module, enabled: bool) -> None:
+    for m in fake_quants(model):
+        m.fake_quant_enabled = enabled

@@ -1,0 +1,76 @@
+"""Quantization specs: what one tensor (weights or an activation) is quantized to. Frozen and validated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from ..errors import QConfigError
+from .backend import OBSERVERS
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int = 8
+    symmetric: bool = False
+    per_channel: int | None = None  # channel axis for per-channel scales, None = per-tensor
+    observer: str = "moving_average"
+    learnable: bool = False  # LSQ-style trainable scale
+    fixed: tuple[float, int] | None = None  # fixed (scale, zero_point), e.g. [0, 1] images: (1/255, 0)
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
+            raise QConfigError(f"bits={self.bits!r}: must be an integer from 2 to 16")
+        if self.observer not in OBSERVERS:
+            raise QConfigError(f"observer={self.observer!r}: valid choices are {', '.join(OBSERVERS)}")
+        if self.per_channel is not None and (not isinstance(self.per_channel, int) or isinstance(
+                self.per_channel, bool) or self.per_channel < 0):
+            raise QConfigError(f"per_channel={self.per_channel!r}: a channel axis (0, 1, ...) or null")
+        if self.per_channel is not None and self.observer in ("histogram", "percentile", "mse"):
+            raise QConfigError(f"observer={self.observer!r} is per-tensor only; use minmax or moving_average "
+                               "with per_channel")
+        for name in ("symmetric", "learnable"):
+            if not isinstance(getattr(self, name), bool):
+                raise QConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2 ** self.bits - 1
+
+    def label(self) -> str:
+        return f"{'s' if self.symmetric else 'u'}{self.bits}{'c' if self.per_channel is not None else ''}"
+
+    def with_(self, **kw) -> QuantSpec:
+        return replace(self, **kw)
+
+
+WEIGHT_INT8 = QuantSpec(bits=8, symmetric=True, per_channel=0, observer="minmax")
+ACT_UINT8 = QuantSpec(bits=8, symmetric=False, observer="moving_average")
+ACT_INT8_SYM = QuantSpec(bits=8, symmetric=True, observer="moving_average")
+IMAGE_INPUT = QuantSpec(bits=8, symmetric=False, observer="minmax", fixed=(1.0 / 255.0, 0))
+
+
+@dataclass(frozen=True)
+class NodeQSpec:
+    """What the insertion pass reads from ``node.meta["fxqat"].qspec``.
+
+    ``weight``: spec of the node's weights (convs) or None; ``output``: spec of its output activation, or None to
+    leave the output float. ``shared``: the node's output lies on its input's grid (concat, maxpool, upsample, split).
+    """
+
+    weight: QuantSpec | None = None
+    output: QuantSpec | None = None
+    shared: bool = False
+    source: str = "default"  # which rule set it (for reports)
+
+    def label(self) -> str:
+        if self.shared:
+            return "shared"
+        if self.weight is None and self.output is None:
+            return "float"
+        w = f"w{self.weight.label()}" if self.weight else "wf"
+        a = f"a{self.output.label()}" if self.output else "af"
+        return f"{w}/{a}"
