@@ -61,7 +61,8 @@ def _int8_conv(m: ConvBnAct, xq: tuple[float, int], out: tuple[float, int] | Non
 
 
 def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModule:
-    """INT8 model computing what the QAT model computes in eval mode (decoded predictions).
+    """INT8 model computing what the QAT model computes in eval mode: the decoded predictions
+    (B, 4 + nc, anchors), as Ultralytics returns them in export mode.
 
     ``backend``: "onednn" (default) or "x86" — both run oneDNN's fused INT8 convolutions here; "x86" also sets
     ``torch.backends.quantized.engine`` to x86 for any remaining torch.ao quantized op.
@@ -147,6 +148,13 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
             else:
                 env[n] = g.create_node(n.op, n.target, args, kwargs, n.name)
             dom[n] = grids.pop()
+        elif kind == "decode":  # the deployed model returns decoded predictions only; feats: shapes only
+            m = copy.deepcopy(src.get_submodule(n.target))
+            m.export = True
+            boxes, scores, feats = n.args
+            env[n] = g.call_module(add_module(n.target, m), (as_float(boxes), as_float(scores),
+                                                              [env[f] for f in feats]))
+            dom[n] = None
         else:
             args, kwargs = float_args(n)
             if n.op == "call_module":

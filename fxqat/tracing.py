@@ -98,12 +98,14 @@ class DetectDecode(nn.Module):
         self._shape = None
         self._anchors = self._strides = None
 
-    def anchors(self, feats):
+    def anchors(self, feats, like: torch.Tensor):
+        """Anchor points and strides for these feature-map sizes (only their shapes are read), cached per shape."""
         from ultralytics.utils.tal import make_anchors
 
         shape = feats[0].shape
-        if self._shape != shape or self._anchors.device != feats[0].device or self._anchors.dtype != feats[0].dtype:
-            self._anchors, self._strides = (a.transpose(0, 1) for a in make_anchors(feats, self.stride, 0.5))
+        if self._shape != shape or self._anchors.device != like.device or self._anchors.dtype != like.dtype:
+            dummies = [torch.empty((1, 1, *f.shape[2:]), dtype=like.dtype, device=like.device) for f in feats]
+            self._anchors, self._strides = (a.transpose(0, 1) for a in make_anchors(dummies, self.stride, 0.5))
             self._shape = shape
         return self._anchors, self._strides
 
@@ -113,7 +115,7 @@ class DetectDecode(nn.Module):
             return raw
         from ultralytics.utils.tal import dist2bbox
 
-        anchors, strides = self.anchors(feats)
+        anchors, strides = self.anchors(feats, boxes)
         dbox = dist2bbox(self.dfl(boxes), anchors.unsqueeze(0), xywh=self.xywh, dim=1) * strides
         y = torch.cat((dbox, scores.sigmoid()), 1)
         return y if self.export else (y, raw)

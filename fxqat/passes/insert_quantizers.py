@@ -107,7 +107,7 @@ class InsertQuantizers(FxqatPass):
                 p.replace_all_uses_with(fq, delete_user_cb=lambda u, fq=fq: u is not fq)
                 pi = info(p)
                 fq.meta["fxqat"] = NodeInfo(layer=pi.layer, layer_type=pi.layer_type, module_path=path,
-                                            scope=pi.scope, role="quant", extra={QCLASS: path})
+                                            scope=pi.scope, role="quant", qspec=spec, extra={QCLASS: path})
                 pi.extra["quantizer"] = path
             for s in members:
                 if s in shared:

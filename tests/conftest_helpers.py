@@ -1,0 +1,32 @@
+"""Helpers shared by tests (imported explicitly)."""
+
+import torch
+
+
+@torch.no_grad()
+def liven(model, seed: int = 0):
+    """Give a freshly built model non-degenerate BatchNorm statistics so activations vary like a trained net's."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model
+
+
+def signs_like_images(n: int, size: int = 320, seed: int = 0) -> torch.Tensor:
+    """Random images with sign-like blobs: colored discs and squares on a textured background, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    imgs = torch.rand(n, 3, size, size, generator=g) * 0.3 + 0.35
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    for i in range(n):
+        for _ in range(4):
+            cx, cy = torch.randint(20, size - 20, (2,), generator=g).tolist()
+            r = int(torch.randint(8, 40, (1,), generator=g))
+            color = torch.rand(3, 1, generator=g)
+            mask = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
+            imgs[i][:, mask] = color
+    return imgs.clamp(0, 1)

@@ -1,0 +1,63 @@
+import copy
+
+import pytest
+import torch
+from ultralytics.nn.modules.conv import Conv
+
+from fxqat.modules import ConvBnAct
+from fxqat.quant.spec import WEIGHT_INT8
+
+# tolerance: folding reorders float32 products (w*f then conv vs conv then *f): |err| <= 1e-4 on O(1) outputs
+
+
+def _pair(act=True, seed=0):
+    torch.manual_seed(seed)
+    c = Conv(8, 16, 3, 2, act=act)
+    with torch.no_grad():
+        c.bn.running_mean.normal_()
+        c.bn.running_var.uniform_(0.5, 2)
+        c.bn.weight.uniform_(0.5, 1.5)
+        c.bn.bias.normal_()
+    ref = copy.deepcopy(c)
+    fused = ConvBnAct(copy.deepcopy(c.conv), copy.deepcopy(c.bn), c.act if act else None)
+    return ref, fused
+
+
+@pytest.mark.parametrize("act", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+def test_fused_equals_float_conv_bn_act(act, train):
+    ref, fused = _pair(act)
+    ref.train(train)
+    fused.train(train)
+    x = torch.randn(4, 8, 16, 16)
+    assert torch.allclose(ref(x), fused(x), atol=1e-4)
+    assert torch.allclose(ref.bn.running_mean, fused.bn.running_mean, atol=1e-6)
+    assert torch.allclose(ref.bn.running_var, fused.bn.running_var, atol=1e-6)
+
+
+def test_freeze_bn_stops_statistics_and_folds_exactly():
+    ref, fused = _pair()
+    fused.train()
+    fused.freeze_bn()
+    before = fused.bn.running_mean.clone(), fused.bn.running_var.clone()
+    x = torch.randn(4, 8, 16, 16)
+    y = fused(x)
+    assert torch.equal(before[0], fused.bn.running_mean) and torch.equal(before[1], fused.bn.running_var)
+    ref.eval()
+    assert torch.allclose(y, ref(x), atol=1e-4)
+
+
+def test_weight_fake_quant_and_gradients():
+    _, fused = _pair()
+    fused.set_weight_spec(WEIGHT_INT8)
+    fused.train()
+    x = torch.randn(2, 8, 16, 16)
+    fused(x).sum().backward()
+    assert fused.conv.weight.grad is not None and fused.conv.weight.grad.abs().sum() > 0
+    assert fused.bn.weight.grad is not None
+    w, _ = fused.folded()
+    scale = fused.weight_fq.scale
+    assert scale.shape == (16,)
+    q = fused.weight_fq(w.detach())
+    steps = (q / scale.view(-1, 1, 1, 1))  # per-channel symmetric: integer multiples of the scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3)

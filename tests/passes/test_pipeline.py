@@ -1,0 +1,148 @@
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxqat
+from fxqat.graph.meta import info
+from fxqat.graph.patterns import op_kind
+from fxqat.quant.fake_quant import FakeQuant
+
+from ..conftest_helpers import liven, signs_like_images
+
+
+@pytest.fixture(scope="module")
+def calibrated():
+    from fxqat.models import load_model
+
+    model = liven(load_model("yolov8n.yaml", nc=10))
+    gm = fxqat.prepare_qat(model)
+    fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(3)], progress=False)
+    return gm
+
+
+def _fq(gm, node):
+    return gm.get_submodule(node.target) if node.op == "call_module" and isinstance(
+        gm.get_submodule(node.target), FakeQuant) else None
+
+
+def _grid_of(gm, node):
+    """The quantizer whose grid ``node``'s value lies on (walking back through shared ops)."""
+    while True:
+        fq = _fq(gm, node)
+        if fq is not None:
+            return fq
+        if op_kind(gm, node) in ("cat", "pool", "resize", "split"):
+            node = node.all_input_nodes[0]
+            continue
+        return None
+
+
+def test_concat_inputs_share_one_scale(calibrated):
+    gm = calibrated
+    cats = [n for n in gm.graph.nodes if op_kind(gm, n) == "cat" and info(n).block != "Detect"]
+    assert len(cats) == 13  # 8 C2f + SPPF + 4 neck Concat
+    for n in cats:
+        grids = {id(_grid_of(gm, a)) for a in n.all_input_nodes}
+        assert len(grids) == 1 and None not in {_grid_of(gm, a) for a in n.all_input_nodes}, n.name
+        scales = {float(_grid_of(gm, a).scale) for a in n.all_input_nodes}
+        zps = {int(_grid_of(gm, a).zero_point) for a in n.all_input_nodes}
+        assert len(scales) == 1 and len(zps) == 1  # exact equality, read from the model
+
+
+def test_maxpool_shares_and_head_tail_is_float(calibrated):
+    gm = calibrated
+    pools = [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
+                                                                                nn.MaxPool2d)]
+    for p in pools:
+        assert _grid_of(gm, p) is _grid_of(gm, p.all_input_nodes[0])
+        assert not any(_fq(gm, u) for u in p.users)  # no requantization after a pool
+    decode = next(n for n in gm.graph.nodes if info(n).role == "detect.decode")
+    boxes, scores, _ = decode.args
+    assert _grid_of(gm, boxes) is None and _grid_of(gm, scores) is None  # DFL / decode inputs stay float
+    assert not any(isinstance(m, FakeQuant) for m in gm.get_submodule(decode.target).modules())
+    for role in ("detect.box_last", "detect.cls_last"):
+        for n in (n for n in gm.graph.nodes if info(n).role == role):
+            assert not any(_fq(gm, u) for u in n.users)  # float output
+            assert gm.get_submodule(n.target).weight_fq is not None  # INT8 weights
+
+
+def test_quantizer_count_follows_the_rules(calibrated):
+    gm = calibrated
+    acts = {id(m) for m in gm.modules() if isinstance(m, FakeQuant) and m.ch_axis is None}
+    weights = [m for m in gm.modules() if isinstance(m, FakeQuant) and m.ch_axis is not None]
+    # producers: the image + 57 conv outputs (63 convs less 6 float-output head convs) + 6 residual adds = 64;
+    # sharing merges: C2f concats 6 (backbone, with adds) + 4 (neck) and neck Concats 4 → 64 - 14 = 50 classes
+    assert len(acts) == 50
+    assert len(weights) == 63
+    adds = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is operator.add]
+    assert all(_fq(gm, next(iter(a.users))) for a in adds)  # residual add output quantized once
+
+
+def test_roles_assigned(calibrated):
+    roles = {info(n).role for n in calibrated.graph.nodes}
+    for r in ("first_conv", "c2f.cv1", "c2f.concat", "c2f.split", "bottleneck.add", "sppf.pool", "sppf.concat",
+              "detect.box_last", "detect.cls_last", "detect.decode", "concat", "upsample"):
+        assert r in roles, r
+    first = [n for n in calibrated.graph.nodes if info(n).role == "first_conv"]
+    assert [info(n).module_path for n in first] == ["model.0"]
+
+
+def test_converted_matches_fake_quant(calibrated):
+    gm = calibrated.eval()
+    q = fxqat.convert(gm)
+    for x in (signs_like_images(2, 320, seed=11), torch.rand(2, 3, 320, 320)):
+        with torch.no_grad():
+            ref, out = gm(x)[0], q(x)
+        assert out.shape == ref.shape
+        # tolerance: rounding ties may flip one code in an intermediate layer; class scores within one uint8 step
+        # of a [0, 1] score for >= 99.9 %, boxes within 1 px for >= 99.9 %
+        assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
+        assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
+
+
+def test_qat_trains_loss_decreases_and_gradients_reach_every_conv():
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from fxqat.models import load_model
+
+    torch.manual_seed(0)
+    det = load_model("yolov8n.yaml", nc=10)
+    det.args = get_cfg()
+    gm = fxqat.prepare_qat(det, example_inputs=(signs_like_images(2, 128),))
+    gm.train()
+    crit = v8DetectionLoss(det)
+    imgs = signs_like_images(4, 128, seed=3)
+    # boxes of several sizes in every image, so each pyramid level gets positive anchors
+    sizes = [0.08, 0.2, 0.45, 0.9]
+    batch = {"batch_idx": torch.tensor([float(i) for i in range(4) for _ in sizes]),
+             "cls": torch.tensor([[float(k)] for _ in range(4) for k in range(len(sizes))]),
+             "bboxes": torch.tensor([[0.5, 0.5, s, s] for _ in range(4) for s in sizes])}
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    losses = []
+    for step in range(6):
+        opt.zero_grad()
+        loss, _ = crit(gm(imgs), batch)
+        loss.sum().backward()
+        if step == 0:
+            convs = {n: m for n, m in gm.named_modules() if type(m).__name__ == "ConvBnAct"}
+            assert len(convs) == 63 and all(m.conv.weight.grad is not None for m in convs.values())
+            # the float model, same batch: convs whose gradient is zero there (pyramid levels without positive
+            # anchors for the box loss) may be zero here too; every other conv must receive gradient
+            det.train()
+            l_float, _ = crit(det(imgs), batch)
+            l_float.sum().backward()
+            live = {n.removesuffix(".conv.weight").removesuffix(".weight") for n, p in det.named_parameters()
+                    if n.endswith("weight") and p.grad is not None and p.grad.abs().sum() > 0}
+            dead = [n for n, m in convs.items() if n in live and m.conv.weight.grad.abs().sum() == 0]
+            assert not dead and len(live & set(convs)) >= 57, dead
+        opt.step()
+        losses.append(float(loss.sum()))
+    assert losses[-1] < losses[0]
+
+
+def test_prepared_graph_golden(golden):
+    gm = fxqat.prepare_qat("yolov8n.yaml", nc=10)
+    golden("yolov8n_prepared_summary.txt", fxqat.summary(gm, imgsz=320).to_text())
