@@ -1,0 +1,68 @@
+"""yolov8n INT8 latency on CPU, all rows in one run (batch 1, 640, 2 threads), ratios against peers.
+
+Rows: Ultralytics FP32 eager, plain torch.ao FX INT8 (default qconfig mapping on fxqat's trace) with its x86 and
+onednn engines, fxqat INT8 (oneDNN fused Conv+BN+SiLU kernels). Rounds are interleaved so machine noise hits every
+row alike. Targets (issue 3): fxqat ≤ 0.7× the fastest plain torch.ao engine, ≥ 4× faster than FP32.
+
+    python -m benchmarks.latency [--imgsz 640] [--rounds 5] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import fxqat  # noqa: E402
+from fxqat.models import load_model  # noqa: E402
+
+from .common import save, table, timeit  # noqa: E402
+from .peers import plain_torch_ao_int8  # noqa: E402
+
+
+def build_rows(imgsz: int):
+    model = load_model("yolov8n.yaml", nc=10).eval()
+    calib = [torch.rand(1, 3, imgsz, imgsz) for _ in range(4)]
+    rows = {"torch FP32 eager": (model, None)}
+    for engine in ("x86", "onednn"):
+        rows[f"plain torch.ao INT8 ({engine})"] = (plain_torch_ao_int8(model, engine, calib), engine)
+    qat = fxqat.prepare_qat(model)
+    fxqat.calibrate(qat, calib, progress=False)
+    rows["fxqat INT8 (onednn fused)"] = (fxqat.convert(qat), "onednn")
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    rows = build_rows(a.imgsz)
+    x = torch.rand(1, 3, a.imgsz, a.imgsz)
+    times = {k: [] for k in rows}
+    with torch.no_grad():
+        for _ in range(a.rounds):
+            for name, (m, engine) in rows.items():
+                if engine:
+                    torch.backends.quantized.engine = engine
+                times[name].append(timeit(lambda m=m: m(x), warmup=2, reps=5))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fp32 = med["torch FP32 eager"]
+    best_plain = min(v for k, v in med.items() if k.startswith("plain"))
+    out = [{"model": k, "ms": v, "vs_fp32": fp32 / v, "vs_best_plain_ao": v / best_plain} for k, v in med.items()]
+    print(f"yolov8n {a.imgsz}x{a.imgsz}, batch 1, {a.threads} threads, median of {a.rounds} interleaved rounds")
+    print(table(out, ["model", "ms", "vs_fp32", "vs_best_plain_ao"]))
+    f = med["fxqat INT8 (onednn fused)"]
+    print(f"fxqat / fastest plain torch.ao = {f / best_plain:.2f} (target <= 0.70); "
+          f"speed-up over FP32 = {fp32 / f:.2f}x (target >= 4)")
+    print("saved", save("latency", out, {"imgsz": a.imgsz, "threads": a.threads}))
+
+
+if __name__ == "__main__":
+    main()
