@@ -293,6 +293,7 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
     gm.meta = {
         "names": dict(getattr(det, "names", {}) or {i: str(i) for i in range(head.nc)}),
         "nc": head.nc,
+        "reg_max": head.reg_max,
         "stride": det.stride.detach().clone(),
         "yaml": copy.deepcopy(getattr(det, "yaml", {})),
     }

@@ -195,7 +195,7 @@ def dump_qconfig(qc: QConfig, extra_rules: list[dict] | None = None, header: str
             if v is not None:
                 item[k] = v
         rules.append(item)
-    doc = {"version": 1, "weight": spec(qc.weight), "activation": spec(qc.activation),
+    doc = {"version": 1, "weight": spec(qc.weight), "activation": spec(qc.activation), "input": spec(qc.input),
            "default_rules": any(r in DEFAULT_RULES for r in qc.rules), "rules": rules + list(extra_rules or [])}
     return header + yaml.safe_dump(doc, sort_keys=False)
 

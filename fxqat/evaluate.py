@@ -1,0 +1,111 @@
+"""mAP with Ultralytics' DetectionValidator for every form of a model, side by side.
+
+    FP32 (Ultralytics .pt / YAML), fake-quant QAT graph (fxqat checkpoint or GraphModule),
+    converted INT8 torch model, QDQ ONNX model in ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .errors import FxqatError
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+class Predictor(nn.Module):
+    """What Ultralytics' validator needs from a model: ``stride``, ``names``, ``yaml`` and decoded predictions."""
+
+    def __init__(self, fn, names: dict, stride, label: str = ""):
+        super().__init__()
+        self.fn = fn
+        self.names = dict(names)
+        self.register_buffer("stride", torch.as_tensor(stride, dtype=torch.float32).reshape(-1))
+        self.yaml = {"channels": 3}
+        self.label = label
+        self._net = fn if isinstance(fn, nn.Module) else None  # registers parameters for .to()/.float()
+
+    def forward(self, x, *args, **kwargs):
+        out = self.fn(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class OnnxRunner:
+    """ONNX Runtime session as a callable on torch tensors (2 intra-op threads unless told otherwise)."""
+
+    def __init__(self, path, threads: int | None = None, providers=None):
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.session.run(None, {self.input: x.detach().cpu().numpy().astype(np.float32)})
+        return torch.from_numpy(out[0])
+
+
+def as_predictor(model, names=None, stride=None) -> Predictor:
+    """Wrap any supported model form (see module doc) as a :class:`Predictor`."""
+    import torch.fx as fx
+
+    if isinstance(model, Predictor):
+        return model
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        import json
+
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
+        names = names or {int(k): v for k, v in json.loads(meta.get("names", "{}")).items()}
+        stride = stride if stride is not None else json.loads(meta.get("stride", "[8, 16, 32]"))
+        return Predictor(OnnxRunner(model), names, stride, "onnx")
+    if isinstance(model, (str, Path)):
+        p = Path(model)
+        if p.suffix == ".pt":
+            ck = torch.load(p, map_location="cpu", weights_only=False)
+            if isinstance(ck, dict) and ck.get("fxqat"):
+                from .checkpoint import rebuild
+
+                model = rebuild(ck)
+            else:
+                from .models import load_model
+
+                model = load_model(p)
+        else:
+            from .models import load_model
+
+            model = load_model(p)
+    if isinstance(model, fx.GraphModule):
+        meta = getattr(model, "meta", {})
+        model.eval()
+        return Predictor(model, names or meta.get("names", {}), stride if stride is not None else meta["stride"],
+                         "graph")
+    if isinstance(model, nn.Module) and hasattr(model, "model") and hasattr(model, "stride"):
+        m = copy.deepcopy(model).float().eval()
+        return Predictor(m, names or m.names, m.stride, "fp32")
+    raise FxqatError(f"cannot evaluate a {type(model).__name__}; give a .pt, .onnx, YAML or a fxqat graph")
+
+
+def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=None, verbose: bool = False) -> dict:
+    """mAP50 and mAP50-95 of ``model`` on ``data``'s val split (Ultralytics metrics)."""
+    from ultralytics.models.yolo.detect import DetectionValidator
+
+    if not Path(data).is_file():
+        raise FxqatError(f"data={data}: data YAML not found")
+    pred = as_predictor(model, names, stride)
+    args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, device="cpu", rect=False, half=False,
+                verbose=verbose, save_json=False, workers=0)
+    v = DetectionValidator(args=args)
+    with torch.no_grad():
+        stats = v(model=pred)
+    return {"mAP50": float(stats["metrics/mAP50(B)"]), "mAP50-95": float(stats["metrics/mAP50-95(B)"]),
+            "precision": float(stats["metrics/precision(B)"]), "recall": float(stats["metrics/recall(B)"])}

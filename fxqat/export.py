@@ -1,0 +1,202 @@
+"""QDQ ONNX export in the TensorRT explicit-quantization style, and a structural report of the result.
+
+* Every quantized conv reads ``DequantizeLinear(int8 weight initializer, per-channel scales)`` (BN folded) and an
+  input from ``DequantizeLinear(QuantizeLinear(x))``.
+* Shared grids are preserved: Concat / MaxPool / Resize / Split outputs are re-quantized with the *same* scale and
+  zero-point as their inputs (an exact identity, and the pattern ONNX Runtime, OpenVINO and TensorRT fuse into INT8
+  Concat/MaxPool/Resize), so no DQ→Q pair around them changes scale.
+* DFL, box decode and the class sigmoid stay float. The output is the decoded (B, 4 + nc, anchors) tensor.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .graph.meta import info
+from .graph.patterns import op_kind
+from .modules.conv_bn_act import ConvBnAct
+from .passes.insert_quantizers import QCLASS
+from .quant.fake_quant import FakeQuant
+
+
+class ExportConv(nn.Module):
+    """Conv with BN folded into constant weights, weight fake-quantized, activation applied."""
+
+    def __init__(self, m: ConvBnAct):
+        super().__init__()
+        with torch.no_grad():
+            w, b = m.folded()
+            if m.weight_fq is not None:
+                m.weight_fq.observe(w)
+        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
+        self.weight_fq = copy.deepcopy(m.weight_fq)
+        if self.weight_fq is not None:
+            self.weight_fq.observe_enabled = False
+            self.weight_fq.always_observe = False
+        c = m.conv
+        self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
+        self.act = m.act
+
+    def forward(self, x):
+        w = self.weight_fq(self.weight) if self.weight_fq is not None else self.weight
+        return self.act(F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups))
+
+
+def export_graph(qat_model: fx.GraphModule) -> fx.GraphModule:
+    """The graph that is exported: folded convs, re-quantization after shared ops, decode in export mode."""
+    gm = copy.deepcopy(qat_model).cpu().eval()
+    for fq in (m for m in gm.modules() if isinstance(m, FakeQuant)):
+        fq.observe_enabled = False
+    for n in list(gm.graph.nodes):
+        kind = op_kind(gm, n)
+        if kind == "conv" and isinstance(gm.get_submodule(n.target), ConvBnAct):
+            gm.add_submodule(n.target, ExportConv(gm.get_submodule(n.target)))
+        elif kind == "decode":
+            gm.get_submodule(n.target).export = True
+        elif kind in ("cat", "pool", "resize", "split") and QCLASS in info(n).extra and n.op != "call_method":
+            path = info(n).extra[QCLASS]
+            users = [u for u in n.users if op_kind(gm, u) != "quant"]
+            if not users:
+                continue
+            with gm.graph.inserting_after(n):
+                fq = gm.graph.call_module(path, (n,))
+            n.replace_all_uses_with(fq, delete_user_cb=lambda u, fq=fq: u is not fq)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _fold_weight_quantizers(model) -> None:
+    """QuantizeLinear(constant float weight) → an int8 initializer feeding DequantizeLinear directly."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
+
+    def value(name):
+        while name in alias:
+            name = alias[name]
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        if name in consts:
+            return numpy_helper.to_array(consts[name].attribute[0].t)
+        return None
+
+    keep = []
+    for n in g.node:
+        if n.op_type == "QuantizeLinear" and value(n.input[0]) is not None and value(n.input[0]).ndim == 4:
+            w, s = value(n.input[0]), value(n.input[1])
+            zp = value(n.input[2]) if len(n.input) > 2 else np.zeros_like(s, dtype=np.int8)
+            axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+            shape = [1] * w.ndim
+            shape[axis] = -1
+            info_ = np.iinfo(zp.dtype)
+            q = np.clip(np.rint(w / s.reshape(shape)) + zp.reshape(shape).astype(np.int32), info_.min, info_.max)
+            g.initializer.append(numpy_helper.from_array(q.astype(zp.dtype), n.output[0]))
+            continue
+        keep.append(n)
+    del g.node[:]
+    g.node.extend(keep)
+    used = {i for n in g.node for i in n.input}
+    for name in [i.name for i in g.initializer if i.name not in used]:
+        g.initializer.remove(next(i for i in g.initializer if i.name == name))
+
+
+def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = False, opset: int = 17,
+                batch: int = 1) -> Path:
+    """Write a QDQ ONNX model of ``qat_model`` to ``path`` and return the path (checked with onnx.checker)."""
+    import onnx
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    gm = export_graph(qat_model)
+    x = torch.zeros(batch, 3, h, w)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(gm, (x,), str(path), opset_version=opset, input_names=["images"], output_names=["output0"],
+                          dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None,
+                          dynamo=False, do_constant_folding=True)
+    model = onnx.load(str(path))
+    _fold_weight_quantizers(model)
+    meta = getattr(qat_model, "meta", {})
+    for k, v in {"names": json.dumps({int(a): b for a, b in meta.get("names", {}).items()}),
+                 "stride": json.dumps([int(s) for s in meta.get("stride", torch.tensor([8, 16, 32])).tolist()]),
+                 "imgsz": json.dumps([h, w]), "producer": "fxqat", "task": "detect"}.items():
+        p = model.metadata_props.add()
+        p.key, p.value = k, v
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def qdq_report(path) -> dict:
+    """Q/DQ counts per consuming op type and any scale change through Concat / MaxPool / Resize / Split / Add."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    g = model.graph
+    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
+    for n in g.node:
+        if n.op_type == "Identity" and n.input[0] in consts:
+            consts[n.output[0]] = consts[n.input[0]]
+    producer = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+
+    def qparams(n):
+        s = consts.get(n.input[1])
+        z = consts.get(n.input[2]) if len(n.input) > 2 else None
+        return (None if s is None else tuple(np.ravel(s).round(12)), None if z is None else tuple(np.ravel(z)))
+
+    counts: Counter = Counter()
+    for n in g.node:
+        if n.op_type == "DequantizeLinear":
+            for c in consumers.get(n.output[0], []):
+                counts[f"DQ→{c.op_type}"] += 1
+        if n.op_type == "QuantizeLinear":
+            src = producer.get(n.input[0])
+            counts[f"{src.op_type if src else 'input'}→Q"] += 1
+    mismatches, add_requant = [], []
+    for n in g.node:
+        if n.op_type not in ("Concat", "MaxPool", "Resize", "Split", "Add"):
+            continue
+        ins = [producer.get(i) for i in n.input if i in producer]
+        dq_in = {qparams(p) for p in ins if p is not None and p.op_type == "DequantizeLinear"}
+        q_out = {qparams(c) for o in n.output for c in consumers.get(o, []) if c.op_type == "QuantizeLinear"}
+        if not dq_in or not q_out:
+            continue
+        if len(dq_in | q_out) > 1:
+            entry = {"node": n.name, "op": n.op_type, "in": sorted(map(str, dq_in)), "out": sorted(map(str, q_out))}
+            (add_requant if n.op_type == "Add" else mismatches).append(entry)
+    n_q = sum(1 for n in g.node if n.op_type == "QuantizeLinear")
+    n_dq = sum(1 for n in g.node if n.op_type == "DequantizeLinear")
+    return {"quantize_linear": n_q, "dequantize_linear": n_dq, "by_op": dict(sorted(counts.items())),
+            "scale_changes": mismatches, "residual_add_requant": add_requant}
+
+
+def format_report(r: dict) -> str:
+    lines = [f"QuantizeLinear {r['quantize_linear']}, DequantizeLinear {r['dequantize_linear']}"]
+    lines += [f"  {k:<28} {v}" for k, v in r["by_op"].items()]
+    lines.append(f"scale changes around Concat/MaxPool/Resize/Split: {len(r['scale_changes']) or 'none'}")
+    for m in r["scale_changes"]:
+        lines.append(f"  {m['op']} {m['node']}: in {m['in']} out {m['out']}")
+    lines.append(f"residual Adds that requantize (inputs on two grids by design): {len(r['residual_add_requant'])}")
+    return "\n".join(lines)
