@@ -100,29 +100,33 @@ def _imgsz(v):
 
 
 # ------------------------------------------------------------------------------------------------------ commands
-def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out):
-    import time
+def _lazy(name: str) -> Callable:
+    def run(**kw):
+        from . import commands
 
-    import fxqat
+        return getattr(commands, name)(**kw)
 
-    t = time.perf_counter()
-    gm = fxqat.trace(model, mode=mode, leaf_modules=[s for s in (leaf or "").split(",") if s], nc=nc)
-    dt = time.perf_counter() - t
-    table = fxqat.summary(gm, imgsz=imgsz)
-    print(table)
-    print(f"traced {model} ({mode}) in {dt:.2f} s")
-    if out:
-        from pathlib import Path
+    return run
 
-        Path(out).write_text(table.to_text() + "\n")
-        print(f"summary written to {out}")
-    if draw:
-        exp = None if expand is None else (expand if expand == "all" else [e for e in expand.split(",") if e])
-        print(f"graph drawn to {fxqat.draw(gm, draw, expand=exp, imgsz=imgsz)}")
 
+_TRAIN_COMMON = {
+    "data": Arg(str, None, "Ultralytics data YAML (make one: fxqat data signs OUT)"),
+    "epochs": Arg(int, 3, "epochs"),
+    "imgsz": Arg(int, 320, "training image size"),
+    "batch": Arg(int, 16, "batch size"),
+    "project": Arg(str, "runs/fxqat", "run folder root"),
+    "workers": Arg(int, 2, "dataloader workers"),
+}
 
 COMMANDS: dict[str, Command] = {
-    "trace": Command(cmd_trace, "trace a YOLO model into an FX graph and print its summary", ("model",), {
+    "demo": Command(_lazy("cmd_demo"), "the main job: data → FP32 → PTQ → QAT → INT8 → ONNX → one comparison table",
+                    (), {"quick": Arg(_bool, False, "small and fast (about 3 minutes)"),
+                         "project": Arg(str, "runs/demo", "report folder"),
+                         "seed": Arg(int, 0, "data seed")}),
+    "data": Command(_lazy("cmd_data"), "generate the synthetic traffic-sign dataset (YOLO format)", ("kind", "out"), {
+        "train": Arg(int, 800, "training images"), "val": Arg(int, 200, "validation images"),
+        "imgsz": Arg(int, 320, "image size"), "seed": Arg(int, 0, "seed (deterministic)")}),
+    "trace": Command(_lazy("cmd_trace"), "trace a YOLO model into an FX graph and print its summary", ("model",), {
         "mode": Arg(str, "eval", "train | eval"),
         "imgsz": Arg(_imgsz, 320, "input size for shapes, N or H,W"),
         "draw": Arg(str, None, "write a drawing: .svg .png .dot .html"),
@@ -131,22 +135,53 @@ COMMANDS: dict[str, Command] = {
         "nc": Arg(int, None, "number of classes when building from YAML"),
         "out": Arg(str, None, "also write the summary table to this file"),
     }),
+    "train": Command(_lazy("cmd_train"), "train an FP32 model with Ultralytics (the QAT starting point)", ("model",),
+                     {**_TRAIN_COMMON, "epochs": Arg(int, 30, "epochs"), "name": Arg(str, "fp32", "run name")}),
+    "qat": Command(_lazy("cmd_qat"), "quantization-aware fine-tuning through the Ultralytics trainer", ("model",), {
+        **_TRAIN_COMMON, "name": Arg(str, "qat", "run name"),
+        "qconfig": Arg(str, None, "qconfig YAML (see qconfigs/)"),
+        "freeze_bn": Arg(int, None, "epoch from which BN statistics are frozen (default: half)"),
+        "freeze_observers": Arg(int, None, "epoch from which quantizer ranges are frozen (default: last)"),
+        "lr0": Arg(float, None, "initial learning rate (default 1e-3)"),
+        "resume": Arg(str, None, "an fxqat last.pt to resume from"),
+    }),
+    "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
+        "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size"),
+        "batch": Arg(int, 16, "batch size"), "fp32": Arg(str, None, "FP32 .pt to include as a baseline row"),
+        "onnx": Arg(_bool, True, "also export and evaluate the QDQ ONNX model"),
+        "out": Arg(str, None, "write results as JSON")}),
+    "export": Command(_lazy("cmd_export"), "export an fxqat QAT checkpoint to QDQ ONNX", ("model",), {
+        "format": Arg(str, "onnx", "onnx | openvino"), "imgsz": Arg(int, 640, "input size"),
+        "dynamic": Arg(_bool, False, "dynamic batch"), "report": Arg(_bool, True, "print the Q/DQ structure report"),
+        "out": Arg(str, None, "output path")}),
+    "analyze": Command(_lazy("cmd_analyze"), "critical-layer analysis: per-layer sensitivity and a qconfig", ("model",), {
+        "data": Arg(str, None, "data YAML or image folder (calibration images)"),
+        "out": Arg(str, "runs/analyze", "report folder"), "imgsz": Arg(int, 320, "image size"),
+        "images": Arg(int, 32, "calibration images"), "topk": Arg(int, 3, "layers to raise in the generated qconfig"),
+        "metric": Arg(str, "sqnr", "sqnr | map"), "qconfig": Arg(str, None, "base qconfig YAML")}),
+    "bench": Command(_lazy("cmd_bench"), "latency of a model's forms measured in one run", ("model",), {
+        "imgsz": Arg(int, 640, "input size"), "threads": Arg(int, 2, "torch / ORT threads"),
+        "rounds": Arg(int, 3, "interleaved rounds")}),
 }
 
 
 def usage() -> str:
-    lines = ["usage: fxqat COMMAND [ARGS] [key=value ...]", "", "commands:"]
+    lines = ["usage: fxqat COMMAND [ARGS] [key=value ...]   (or --key value)", "", "commands:"]
     for name, c in COMMANDS.items():
-        lines.append(f"  {name:<9} {c.help}")
+        pos = " ".join(p.upper() for p in c.positionals)
+        lines.append(f"  {name} {pos}".rstrip() + f"  — {c.help}")
         for key, a in c.args.items():
-            lines.append(f"      {key}={a.default!s:<10} {a.help}")
+            lines.append(f"      {key + '=' + str(a.default):<26} {a.help}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        try:
+            print(usage())
+        except BrokenPipeError:  # e.g. piped into head
+            pass
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:

@@ -52,6 +52,9 @@ class FuseConvBnAct(FxqatPass):
             path = node.target.rsplit(".", 1)[0] if node.target.endswith(".conv") and bn is not None else node.target
             meta = info(node)
             fused = ConvBnAct(conv, bn, act)
+            if len(chain) == 1:  # a bare conv (Detect's last 1x1): swap the module, keep the node and its name
+                gm.add_submodule(node.target, fused)
+                continue
             gm.add_submodule(path, fused)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_module(path, node.args, node.kwargs)

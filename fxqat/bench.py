@@ -1,0 +1,64 @@
+"""``fxqat bench``: latency of a model's deployable forms, all measured in one run with interleaved rounds."""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _time(fn, warmup=2, reps=5) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def forms(model, imgsz: int, threads: int) -> dict:
+    """{label: callable} for an fxqat checkpoint (INT8 torch, QDQ ONNX) or an FP32 model (+ fxqat PTQ INT8)."""
+    import fxqat
+    from fxqat.checkpoint import load_checkpoint
+    from fxqat.evaluate import OnnxRunner
+    from fxqat.export import export_onnx
+    from fxqat.models import load_model
+
+    p = Path(str(model))
+    ck = torch.load(p, map_location="cpu", weights_only=False) if p.suffix == ".pt" else None
+    out = {}
+    if isinstance(ck, dict) and ck.get("fxqat"):
+        qat = load_checkpoint(p)
+    else:
+        fp32 = load_model(model).eval()
+        out["FP32 eager (torch)"] = fp32
+        qat = fxqat.prepare_qat(fp32)
+        fxqat.calibrate(qat, [torch.rand(1, 3, imgsz, imgsz) for _ in range(2)], progress=False)  # latency only
+    out["fxqat INT8 (torch, oneDNN)"] = fxqat.convert(qat.eval())
+    onnx_path = Path(tempfile.mkdtemp()) / "model.onnx"
+    export_onnx(qat, onnx_path, imgsz=imgsz)
+    out["fxqat QDQ ONNX (ONNX Runtime)"] = OnnxRunner(onnx_path, threads=threads)
+    return out
+
+
+def bench_model(model, imgsz: int = 640, threads: int = 2, rounds: int = 3) -> list[dict]:
+    torch.set_num_threads(threads)
+    fs = forms(model, imgsz, threads)
+    x = torch.rand(1, 3, imgsz, imgsz)
+    times = {k: [] for k in fs}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for k, f in fs.items():
+                times[k].append(_time(lambda f=f: f(x)))
+    rows = [{"form": k, "ms": statistics.median(v)} for k, v in times.items()]
+    base = rows[0]["ms"]
+    print(f"{Path(str(model)).name} @ {imgsz}, batch 1, {threads} threads, median of {rounds} rounds")
+    for r in rows:
+        r["speedup"] = base / r["ms"]
+        print(f"  {r['form']:<32} {r['ms']:8.1f} ms   x{r['speedup']:.2f} vs first row")
+    return rows

@@ -1,0 +1,149 @@
+"""Implementations of the ``fxqat`` subcommands (argument parsing lives in ``cli.py``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from .errors import FxqatError
+
+
+def cmd_data(kind, out, train, val, imgsz, seed):
+    if kind != "signs":
+        raise FxqatError(f"{kind}: unknown generator; valid: signs")
+    from .data.signs import generate
+
+    try:
+        path = generate(out or "datasets/signs", train=train, val=val, imgsz=imgsz, seed=seed)
+    except ValueError as e:
+        raise FxqatError(str(e)) from None
+    print(f"dataset written: {path}")
+
+
+def cmd_train(model, data, epochs, imgsz, batch, project, name, workers):
+    from .train import train_fp32
+
+    best = train_fp32(model, data, epochs=epochs, imgsz=imgsz, batch=batch, project=project, name=name,
+                      workers=workers)
+    print(f"FP32 weights: {best}")
+
+
+def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn, freeze_observers, lr0, resume,
+            workers):
+    from .train import train_qat
+
+    kw = {} if lr0 is None else {"lr0": lr0}
+    _, best = train_qat(model, data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project,
+                        name=name, freeze_bn_epoch=freeze_bn, freeze_observer_epoch=freeze_observers, resume=resume,
+                        workers=workers, **kw)
+    print(f"QAT checkpoint: {best}")
+
+
+def _rows_for(model, fp32, imgsz, onnx: bool):
+    """(label, model-form) pairs to evaluate side by side."""
+    from .checkpoint import load_checkpoint
+
+    rows = []
+    if fp32:
+        rows.append(("FP32", fp32))
+    p = Path(str(model))
+    if p.suffix == ".onnx":
+        return rows + [("QDQ ONNX (ORT)", str(p))]
+    import torch
+
+    ck = torch.load(p, map_location="cpu", weights_only=False) if p.suffix == ".pt" else None
+    if isinstance(ck, dict) and ck.get("fxqat"):
+        import fxqat
+
+        gm = load_checkpoint(p)
+        rows.append(("QAT fake-quant", gm))
+        rows.append(("INT8 torch", fxqat.convert(gm)))
+        if onnx:
+            path = fxqat.export_onnx(gm, p.with_suffix(".onnx"), imgsz=imgsz)
+            rows.append(("QDQ ONNX (ORT)", str(path)))
+    else:
+        rows.append(("FP32", str(p)))
+    return rows
+
+
+def cmd_eval(model, data, imgsz, batch, fp32, onnx, out):
+    from .evaluate import evaluate
+
+    results = []
+    meta = None
+    for label, m in _rows_for(model, fp32, imgsz, onnx):
+        names = stride = None
+        if meta is not None and label == "INT8 torch":
+            names, stride = meta
+        r = evaluate(m, data, imgsz=imgsz, batch=batch, names=names, stride=stride)
+        if hasattr(m, "meta"):
+            meta = (m.meta["names"], m.meta["stride"])
+        results.append({"model": label, **r})
+    _print_table(results, ["model", "mAP50", "mAP50-95", "precision", "recall"])
+    if out:
+        Path(out).write_text(json.dumps(results, indent=2))
+
+
+def _print_table(rows, cols):
+    cells = [cols] + [[f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols]
+                      for r in rows]
+    w = [max(len(x[i]) for x in cells) for i in range(len(cols))]
+    for row in cells:
+        print("  ".join(v.ljust(k) for v, k in zip(row, w)))
+
+
+def cmd_export(model, format, imgsz, dynamic, report, out):
+    from .checkpoint import load_checkpoint
+    from .export import export_onnx, format_report, qdq_report
+
+    if format not in ("onnx", "openvino"):
+        raise FxqatError(f"format={format}: valid choices: onnx, openvino")
+    gm = load_checkpoint(model)
+    path = Path(out) if out else Path(model).with_suffix(".onnx")
+    t = time.perf_counter()
+    export_onnx(gm, path, imgsz=imgsz, dynamic=dynamic)
+    print(f"QDQ ONNX written: {path} ({time.perf_counter() - t:.1f} s)")
+    if report:
+        print(format_report(qdq_report(path)))
+    if format == "openvino":
+        from .deploy import to_openvino
+
+        print(f"OpenVINO IR written: {to_openvino(path)}")
+
+
+def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out):
+    import fxqat
+
+    t = time.perf_counter()
+    gm = fxqat.trace(model, mode=mode, leaf_modules=[s for s in (leaf or "").split(",") if s], nc=nc)
+    dt = time.perf_counter() - t
+    table = fxqat.summary(gm, imgsz=imgsz)
+    print(table)
+    print(f"traced {model} ({mode}) in {dt:.2f} s")
+    if out:
+        Path(out).write_text(table.to_text() + "\n")
+        print(f"summary written to {out}")
+    if draw:
+        exp = None if expand is None else (expand if expand == "all" else [e for e in expand.split(",") if e])
+        print(f"graph drawn to {fxqat.draw(gm, draw, expand=exp, imgsz=imgsz)}")
+
+
+def cmd_demo(quick, project, seed):
+    from .demo import run_demo
+
+    run_demo(quick=quick, project=project, seed=seed)
+
+
+def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig):
+    from .analysis import analyze
+
+    rep = analyze(model, data, imgsz=imgsz, images=images, out=out, topk=topk, metric=metric, qconfig=qconfig)
+    print(rep.table(topk * 3))
+    print(f"report written to {out}: sensitivity.json, sensitivity.png, critical_qconfig.yaml")
+
+
+def cmd_bench(model, imgsz, threads, rounds):
+    from .bench import bench_model
+
+    bench_model(model, imgsz=imgsz, threads=threads, rounds=rounds)
