@@ -47,8 +47,18 @@ class OnnxRunner:
             so.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), so, providers=providers or ["CPUExecutionProvider"])
         self.input = self.session.get_inputs()[0].name
+        dim0 = self.session.get_inputs()[0].shape[0]
+        self.static_batch = dim0 if isinstance(dim0, int) else None
+
+    def __deepcopy__(self, memo):
+        return self  # the session is stateless for inference; validators deep-copy models
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.static_batch
+        if b is not None and x.shape[0] != b:  # a fixed-batch model: run in chunks of its batch size
+            if x.shape[0] % b:
+                raise ValueError(f"batch {x.shape[0]} is not a multiple of the model's fixed batch {b}")
+            return torch.cat([self(x[i:i + b]) for i in range(0, x.shape[0], b)])
         out = self.session.run(None, {self.input: x.detach().cpu().numpy().astype(np.float32)})
         return torch.from_numpy(out[0])
 
@@ -102,7 +112,7 @@ def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=
     if not Path(data).is_file():
         raise FxqatError(f"data={data}: data YAML not found")
     pred = as_predictor(model, names, stride)
-    args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, device="cpu", rect=False, half=False,
+    args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, device="cpu", rect=False,
                 verbose=verbose, save_json=False, workers=0)
     v = DetectionValidator(args=args)
     with torch.no_grad():

@@ -40,3 +40,21 @@ def v8n_graph(v8n):
     import fxqat
 
     return fxqat.trace(v8n, "eval")
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A small signs dataset (generated once per session)."""
+    from fxqat.data.signs import generate
+
+    return generate(tmp_path_factory.mktemp("signs"), train=16, val=8, imgsz=128, seed=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_qat_run(tiny_data, tmp_path_factory):
+    """One short QAT run through the Ultralytics trainer on the tiny dataset: (trainer, best checkpoint)."""
+    from fxqat.train import train_qat
+
+    out = tmp_path_factory.mktemp("runs")
+    return train_qat("yolov8n.yaml", tiny_data, epochs=2, imgsz=128, batch=8, project=str(out), name="qat",
+                     workers=0, calib_batches=1, verbose=False)

@@ -26,4 +26,34 @@ def test_user_errors_are_one_line_without_traceback():
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown argument 'colour'" in r.stderr and "imgsz" in r.stderr
     r = subprocess.run([sys.executable, "-m", "fxqat.cli", "frobnicate"], capture_output=True, text=True)
-    assert r.returncode == 2 and "valid: trace" in r.stderr
+    assert r.returncode == 2 and "valid: demo, data, trace" in r.stderr
+
+
+def test_eval_and_export_commands(tiny_qat_run, tiny_data, tmp_path, capsys):
+    _, best = tiny_qat_run
+    assert main(["eval", str(best), f"data={tiny_data}", "imgsz=128", "batch=8", f"out={tmp_path / 'r.json'}"]) == 0
+    out = capsys.readouterr().out
+    for label in ("QAT fake-quant", "INT8 torch", "QDQ ONNX (ORT)"):
+        assert label in out
+    assert main(["export", str(best), "imgsz=128", f"out={tmp_path / 'm.onnx'}"]) == 0
+    out = capsys.readouterr().out
+    assert "scale changes around Concat/MaxPool/Resize/Split: none" in out
+    assert (tmp_path / "m.onnx").exists()
+
+
+def test_data_command(tmp_path, capsys):
+    assert main(["data", "signs", str(tmp_path / "d"), "train=2", "val=1", "imgsz=64"]) == 0
+    assert (tmp_path / "d" / "data.yaml").exists()
+    assert main(["data", "signs", str(tmp_path / "e"), "imgsz=100"]) == 1
+
+
+def test_demo_quick(tmp_path, capsys):
+    import json
+
+    assert main(["demo", "--quick", f"project={tmp_path / 'demo'}"]) == 0
+    rep = json.loads((tmp_path / "demo" / "report.json").read_text())
+    models = [r["model"] for r in rep["rows"]]
+    assert models == ["FP32", "PTQ INT8", "QAT fake-quant", "QAT INT8", "QAT QDQ ONNX"]
+    for f in ("report.md", "qat_graph.svg", "predictions_int8.png", "qat_int8.onnx"):
+        assert (tmp_path / "demo" / f).exists(), f
+    assert "| QAT INT8 |" in capsys.readouterr().out

@@ -78,11 +78,14 @@ def _spec(d, base: QuantSpec, source: str, name: str) -> QuantSpec:
     for k in d:
         if k not in SPEC_KEYS:
             raise QConfigError(f"{_where(source, d, k)}: unknown {name} key {k!r}; valid: {', '.join(SPEC_KEYS)}")
+    for k, v in d.items():  # locate the offending key first, for its line
+        try:
+            base.with_(**{k: v})
+        except (QConfigError, TypeError) as e:
+            raise QConfigError(f"{_where(source, d, k)}: {name}: {e}") from None
     try:
         return base.with_(**dict(d))
-    except QConfigError as e:
-        raise QConfigError(f"{_where(source, d)}: {name}: {e}") from None
-    except TypeError as e:
+    except (QConfigError, TypeError) as e:
         raise QConfigError(f"{_where(source, d)}: {name}: {e}") from None
 
 

@@ -1,0 +1,38 @@
+import json
+
+import fxqat
+from fxqat.models import load_model
+
+from ..conftest_helpers import liven, signs_like_images
+
+
+def test_analyze_writes_report_and_usable_qconfig(tmp_path):
+    model = liven(load_model("yolov8n.yaml", nc=10))
+    rep = fxqat.analyze(model, signs_like_images(8, 160), imgsz=160, images=8, out=tmp_path, topk=3, progress=False)
+    assert rep.summary["units"] == 63 and rep.summary["images"] == 8
+    ranking = rep.ranking()
+    assert [r["score"] for r in ranking] == sorted((r["score"] for r in ranking), reverse=True)
+    for r in rep.layers:
+        assert r["weight_sqnr"] > 10  # INT8 per-channel weights: tens of dB
+        assert 0 <= r["alone_nsr"] < 1
+    data = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert len(data["layers"]) == 63
+    assert (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
+    qc = fxqat.load_qconfig(tmp_path / "critical_qconfig.yaml")
+    skipped = [r.pattern for r in qc.rules if r.skip]
+    assert skipped == rep.critical(3)
+    gm = fxqat.prepare_qat(model, qc)  # the generated file feeds back into prepare_qat
+    for name in skipped:
+        node = next(n for n in gm.graph.nodes if n.name == name)
+        assert gm.get_submodule(node.target).weight_fq is None
+    dot = fxqat.draw(gm, tmp_path / "s.dot", color_by="sensitivity", sensitivity=tmp_path / "sensitivity.json")
+    assert "sensitivity" in dot.read_text()
+    assert "first_conv" in {r["role"] for r in rep.layers}
+
+
+def test_draw_by_precision(tmp_path):
+    gm = fxqat.prepare_qat("yolov8n.yaml", "head_float.yaml")
+    text = fxqat.draw(gm, tmp_path / "p.dot", color_by="precision").read_text()
+    from fxqat.graph.draw import PRECISION_COLORS
+
+    assert PRECISION_COLORS["float"] in text and PRECISION_COLORS["int8"] in text

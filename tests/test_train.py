@@ -1,0 +1,107 @@
+import os
+
+import pytest
+import torch
+
+import fxqat
+from fxqat.checkpoint import load_checkpoint, save_checkpoint
+from fxqat.quant.fake_quant import FakeQuant
+
+from .conftest_helpers import signs_like_images
+
+
+def test_qat_through_ultralytics_trainer(tiny_qat_run):
+    trainer, best = tiny_qat_run
+    assert best.exists()
+    assert "metrics/mAP50-95(B)" in trainer.metrics
+    gm = load_checkpoint(best)
+    fqs = [m for m in gm.modules() if isinstance(m, FakeQuant)]
+    assert fqs and all(bool(m.initialized) for m in fqs)
+    # EMA model carries the live model's quantizer state (copied, not averaged)
+    live = dict(trainer.model.gm.named_modules())
+    for name, m in trainer.ema.ema.gm.named_modules():
+        if isinstance(m, FakeQuant):
+            assert torch.equal(m.zero_point, live[name].zero_point)
+    # the freeze schedule ran: BN frozen from epoch 1 of 2, observers frozen in the last epoch
+    convs = [m for m in trainer.model.gm.modules() if hasattr(m, "bn_frozen") and m.bn is not None]
+    assert all(m.bn_frozen for m in convs)
+    live_fqs = [m for m in trainer.model.gm.modules() if isinstance(m, FakeQuant)]
+    assert not any(m.observe_enabled for m in live_fqs)
+
+
+def test_checkpoint_is_weights_only_and_complete(tiny_qat_run):
+    _, best = tiny_qat_run
+    ck = torch.load(best, map_location="cpu", weights_only=True)  # no pickled classes needed
+    assert ck["fxqat"] == 1 and "qconfig" in ck and "state_dict" in ck
+    assert any(k.endswith("zero_point") for k in ck["state_dict"])
+    assert any(k.endswith("observer.min_val") for k in ck["state_dict"])
+
+
+def _batch():
+    sizes = [0.1, 0.3, 0.6]
+    return {"batch_idx": torch.tensor([float(i) for i in range(2) for _ in sizes]),
+            "cls": torch.tensor([[float(k)] for _ in range(2) for k in range(3)]),
+            "bboxes": torch.tensor([[0.5, 0.5, s, s] for _ in range(2) for s in sizes])}
+
+
+def _step(gm, crit, opt, imgs, batch):
+    opt.zero_grad()
+    loss, _ = crit(gm(imgs), batch)
+    loss.sum().backward()
+    opt.step()
+    return float(loss.sum().detach())
+
+
+def test_resume_gives_identical_next_step_loss(tmp_path):
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    from fxqat.models import load_model
+
+    torch.manual_seed(0)
+    det = load_model("yolov8n.yaml", nc=10)
+    det.args = get_cfg()
+    crit = v8DetectionLoss(det)
+    imgs, batch = signs_like_images(2, 128, seed=1), _batch()
+    gm = fxqat.prepare_qat(det, example_inputs=(imgs,))
+    gm.train()
+    opt = torch.optim.SGD(gm.parameters(), lr=0.01, momentum=0.9)
+    for _ in range(2):
+        _step(gm, crit, opt, imgs, batch)
+    fxqat.freeze_bn(gm)
+    path = save_checkpoint(tmp_path / "last.pt", gm, optimizer=opt.state_dict(), epoch=1)
+    expected = _step(gm, crit, opt, imgs, batch)
+
+    gm2, ck = load_checkpoint(path, with_extra=True)
+    gm2.train()
+    opt2 = torch.optim.SGD(gm2.parameters(), lr=0.01, momentum=0.9)
+    opt2.load_state_dict(ck["optimizer"])
+    assert all(m.bn_frozen for m in gm2.modules() if hasattr(m, "bn_frozen"))
+    assert _step(gm2, crit, opt2, imgs, batch) == expected  # tolerance: exact (same ops, same state)
+
+
+def test_atomic_write_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    gm = fxqat.prepare_qat("yolov8n.yaml", nc=10)
+    path = save_checkpoint(tmp_path / "last.pt", gm, epoch=1)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def dying_save(obj, f, *a, **k):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, gm, epoch=2)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+    assert torch.load(path, weights_only=True)["epoch"] == 1
+    assert os.access(path, os.R_OK)
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "x.pt"
+    bad.write_bytes(b"nope")
+    with pytest.raises(fxqat.ModelLoadError, match="not an fxqat QAT checkpoint"):
+        load_checkpoint(bad)
