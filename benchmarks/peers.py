@@ -27,3 +27,65 @@ def plain_torch_ao_int8(model, engine: str, calib: list[torch.Tensor]):
         for x in calib:
             prepared(x)
     return convert_fx(prepared)
+
+
+def export_fp32_onnx(model, path, imgsz: int):
+    """FP32 ONNX of the decoded-output model (what Ultralytics' own ONNX export contains)."""
+    import warnings as _w
+
+    gm = fxqat.trace(copy.deepcopy(model), "eval")
+    gm.get_submodule("model.22.decode").export = True
+    with _w.catch_warnings(), torch.no_grad():
+        _w.simplefilter("ignore")
+        torch.onnx.export(gm, (torch.zeros(1, 3, imgsz, imgsz),), str(path), opset_version=17,
+                          input_names=["images"], output_names=["output0"], dynamo=False)
+    return path
+
+
+class _Reader:
+    def __init__(self, images):
+        self.it = iter([{"images": x[None].numpy()} for x in images])
+
+    def get_next(self):
+        return next(self.it, None)
+
+
+def ort_quantize_static(fp32_path, out_path, images):
+    """ONNX Runtime's own PTQ: QDQ format, per-channel weights, UINT8 activations, MinMax calibration."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    pre = str(out_path).replace(".onnx", "_pre.onnx")
+    quant_pre_process(str(fp32_path), pre)
+    quantize_static(pre, str(out_path), _Reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax)
+    return out_path
+
+
+def nncf_ptq(fp32_path, out_xml, images):
+    """NNCF PTQ on the OpenVINO model, MIXED preset, head arithmetic and DFL ignored (as Ultralytics does)."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(fp32_path))
+    ignored = nncf.IgnoredScope(patterns=[r".*/decode/.*"], types=["Sigmoid"], validate=False)
+    ds = nncf.Dataset([x[None].numpy() for x in images])
+    q = nncf.quantize(model, ds, preset=nncf.QuantizationPreset.MIXED, ignored_scope=ignored,
+                      subset_size=len(images))
+    ov.save_model(q, str(out_xml))
+    return out_xml
+
+
+def openvino_runner(path, threads: int):
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(str(path), "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"})
+    req = compiled.create_infer_request()
+
+    def run(x):
+        return req.infer({0: x.numpy()})
+
+    return run

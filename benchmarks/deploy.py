@@ -1,0 +1,227 @@
+"""The deployment suite: one table, every row measured in the same run, ratios against torch FP32.
+
+Rows (yolov8n, 640, batch 1, 2 threads): torch FP32; ONNX Runtime FP32 and its INT8 PTQ (quantize_static, QDQ,
+per-channel); OpenVINO FP32 and NNCF INT8 (MIXED preset, head arithmetic ignored); plain torch.ao INT8 (onednn);
+fxqat INT8 torch; fxqat QDQ on ONNX Runtime and on OpenVINO. Columns: median latency over interleaved rounds,
+model file size, peak memory (RSS high-water mark of a child process that loads the model and runs 5 inferences).
+Also: prepare time and QAT step time / memory vs an FP32 training step. Peers that are not installed are skipped
+with a note.
+
+    python -m benchmarks [--imgsz 640] [--rounds 5] [--fp32 best.pt] [--data data.yaml]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import multiprocessing as mp
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("YOLO_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+import fxqat  # noqa: E402
+from fxqat.evaluate import OnnxRunner  # noqa: E402
+from fxqat.models import load_model  # noqa: E402
+
+from .common import save, table, timeit  # noqa: E402
+from .peers import (  # noqa: E402
+    export_fp32_onnx,
+    nncf_ptq,
+    openvino_runner,
+    ort_quantize_static,
+    plain_torch_ao_int8,
+)
+
+
+def _calib_images(data, imgsz: int, n: int = 16) -> torch.Tensor:
+    if data:
+        from fxqat.data.images import image_files, load_images
+
+        return load_images(image_files(data, "train")[:n], imgsz)
+    from fxqat.data.signs import SignsConfig, make_image
+
+    imgs = [torch.from_numpy(make_image(i, 0, "calib", SignsConfig(imgsz=imgsz))[0]) for i in range(n)]
+    return torch.stack(imgs).permute(0, 3, 1, 2).float() / 255
+
+
+def _size_mb(*paths) -> float:
+    return sum(Path(p).stat().st_size for p in paths if p and Path(p).exists()) / 1e6
+
+
+def _child_peak(builder_spec, q):
+    kind, arg, threads, imgsz = builder_spec
+    torch.set_num_threads(threads)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn = _load_runner(kind, arg, threads)
+    x = torch.rand(1, 3, imgsz, imgsz)
+    with torch.no_grad():
+        for _ in range(5):
+            fn(x)
+    q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, base))
+
+
+def _load_runner(kind, arg, threads):
+    if kind == "torch":
+        return torch.load(arg, weights_only=False)
+    if kind == "ort":
+        return OnnxRunner(arg, threads=threads)
+    if kind == "openvino":
+        return openvino_runner(arg, threads)
+    raise ValueError(kind)
+
+
+def peak_memory_mb(kind, arg, threads, imgsz) -> float:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child_peak, args=((kind, arg, threads, imgsz), q))
+    p.start()
+    p.join(300)
+    if p.exitcode != 0 or q.empty():
+        return float("nan")
+    peak, _ = q.get()
+    return peak / 1024
+
+
+def build(args, work: Path) -> tuple[dict, list[str]]:
+    """{row: (runner, kind, artifact path)} and notes for skipped peers."""
+    notes: list[str] = []
+    model = load_model(args.fp32 or "yolov8n.yaml", nc=None if args.fp32 else 10).eval()
+    calib = _calib_images(args.data, args.imgsz)
+    rows: dict[str, tuple] = {}
+    fp32_pt = work / "fp32_model.pt"
+    torch.save(model, fp32_pt)
+    rows["torch FP32"] = (model, "torch", fp32_pt)
+    fp32_onnx = export_fp32_onnx(model, work / "fp32.onnx", args.imgsz)
+    rows["ONNX Runtime FP32"] = (OnnxRunner(fp32_onnx, threads=args.threads), "ort", fp32_onnx)
+    ort_int8 = ort_quantize_static(fp32_onnx, work / "ort_int8.onnx", calib)
+    rows["ONNX Runtime INT8 (quantize_static)"] = (OnnxRunner(ort_int8, threads=args.threads), "ort", ort_int8)
+    has_ov = importlib.util.find_spec("openvino") is not None
+    if has_ov:
+        rows["OpenVINO FP32"] = (openvino_runner(fp32_onnx, args.threads), "openvino", fp32_onnx)
+        if importlib.util.find_spec("nncf") is not None:
+            xml = nncf_ptq(fp32_onnx, work / "nncf_int8.xml", calib)
+            rows["OpenVINO NNCF INT8 (PTQ)"] = (openvino_runner(xml, args.threads), "openvino", xml)
+        else:
+            notes.append("NNCF not installed: NNCF INT8 row skipped (pip install nncf)")
+    else:
+        notes.append("OpenVINO not installed: OpenVINO rows skipped (pip install openvino nncf)")
+    ao = plain_torch_ao_int8(model, "onednn", list(calib[:8, None]))
+    rows["plain torch.ao INT8 (onednn)"] = (ao, None, None)
+    qat = fxqat.prepare_qat(model)
+    fxqat.calibrate(qat, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
+    qat.eval()
+    int8 = fxqat.convert(qat)
+    int8_pt = work / "fxqat_int8.pt"
+    torch.save(int8, int8_pt)
+    rows["fxqat INT8 torch"] = (int8, "torch", int8_pt)
+    qdq = fxqat.export_onnx(qat, work / "fxqat_qdq.onnx", imgsz=args.imgsz)
+    rows["fxqat QDQ on ONNX Runtime"] = (OnnxRunner(qdq, threads=args.threads), "ort", qdq)
+    if has_ov:
+        rows["fxqat QDQ on OpenVINO"] = (openvino_runner(qdq, args.threads), "openvino", qdq)
+    return rows, notes
+
+
+def _train_child(mode: str, model_spec: str, imgsz: int, batch: int, steps: int, threads: int, q) -> None:
+    from ultralytics.cfg import get_cfg
+    from ultralytics.utils.loss import v8DetectionLoss
+
+    torch.set_num_threads(threads)
+    det = load_model(model_spec, nc=10)
+    det.args = get_cfg()
+    crit = v8DetectionLoss(det)
+    x = torch.rand(batch, 3, imgsz, imgsz)
+    sizes = [0.1, 0.3, 0.6]
+    tgt = {"batch_idx": torch.tensor([float(i) for i in range(batch) for _ in sizes]),
+           "cls": torch.tensor([[float(k)] for _ in range(batch) for k in range(3)]),
+           "bboxes": torch.tensor([[0.5, 0.5, s, s] for _ in range(batch) for s in sizes])}
+    m = det if mode == "FP32" else fxqat.prepare_qat(det, example_inputs=(x,))
+    m.train()
+    opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+    def step():
+        opt.zero_grad()
+        loss, _ = crit(m(x), tgt)
+        loss.sum().backward()
+        opt.step()
+
+    step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    q.put(((time.perf_counter() - t) / steps, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def qat_step(model_spec: str, imgsz: int, batch: int = 8, steps: int = 3, threads: int = 2) -> dict:
+    """Training-step time and peak RSS, each in its own process: FP32 DetectionModel vs fxqat QAT graph."""
+    ctx = mp.get_context("spawn")
+    out = {}
+    for mode in ("FP32", "fxqat QAT"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_train_child, args=(mode, model_spec, imgsz, batch, steps, threads, q))
+        p.start()
+        p.join(900)
+        dt, rss = q.get() if not q.empty() else (float("nan"), float("nan"))
+        out[mode] = {"step_s": dt, "peak_rss_mb": rss}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--imgsz", type=int, default=640)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--fp32", default=None, help="FP32 Ultralytics .pt (default: yolov8n.yaml, random weights)")
+    ap.add_argument("--data", default=None, help="data YAML for calibration images (default: generated signs)")
+    ap.add_argument("--no-memory", action="store_true")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    work = Path(tempfile.mkdtemp(prefix="fxqat_bench_"))
+    rows, notes = build(a, work)
+    x = torch.rand(1, 3, a.imgsz, a.imgsz)
+    times = {k: [] for k in rows}
+    with torch.no_grad():
+        for _ in range(a.rounds):
+            for name, (fn, _, _) in rows.items():
+                if "torch.ao" in name:
+                    torch.backends.quantized.engine = "onednn"
+                times[name].append(timeit(lambda fn=fn: fn(x), warmup=2, reps=5))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fp32 = med["torch FP32"]
+    out = []
+    for name, (fn, kind, path) in rows.items():
+        size = _size_mb(path, str(path).replace(".xml", ".bin") if path and str(path).endswith(".xml") else None)
+        mem = float("nan") if a.no_memory or kind is None else peak_memory_mb(kind, str(path), a.threads, a.imgsz)
+        out.append({"model": name, "ms": med[name], "speedup_vs_fp32": fp32 / med[name], "size_mb": size,
+                    "peak_rss_mb": mem})
+    print(f"yolov8n {a.imgsz}x{a.imgsz}, batch 1, {a.threads} threads; median of {a.rounds} interleaved rounds")
+    print(table(out, ["model", "ms", "speedup_vs_fp32", "size_mb", "peak_rss_mb"]))
+    by = {r["model"]: r["ms"] for r in out}
+    if "OpenVINO NNCF INT8 (PTQ)" in by and "fxqat QDQ on OpenVINO" in by:
+        print(f"OpenVINO: fxqat QDQ / NNCF PTQ = {by['fxqat QDQ on OpenVINO'] / by['OpenVINO NNCF INT8 (PTQ)']:.2f} "
+              "(target <= 1.0)")
+    print(f"ONNX Runtime: fxqat QDQ / quantize_static = "
+          f"{by['fxqat QDQ on ONNX Runtime'] / by['ONNX Runtime INT8 (quantize_static)']:.2f} (target <= 1.0)")
+    t = time.perf_counter()
+    fxqat.prepare_qat(load_model("yolov8n.yaml"))
+    prep = time.perf_counter() - t
+    steps = qat_step("yolov8n.yaml", imgsz=320, threads=a.threads)
+    ratio = steps["fxqat QAT"]["step_s"] / steps["FP32"]["step_s"]
+    mem_ratio = steps["fxqat QAT"]["peak_rss_mb"] / steps["FP32"]["peak_rss_mb"]
+    print(f"prepare_qat yolov8n: {prep:.2f} s; QAT step / FP32 step (320, batch 8): {ratio:.2f}x time, "
+          f"{mem_ratio:.2f}x peak RSS (target <= 1.3x)")
+    for n in notes:
+        print("note:", n)
+    print("saved", save("deploy", out, {"imgsz": a.imgsz, "threads": a.threads, "notes": notes,
+                                         "prepare_s": prep, "qat_step": steps}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m benchmarks``: the deployment suite (see benchmarks/deploy.py)."""
+
+from benchmarks.deploy import main
+
+main()
