@@ -25,7 +25,7 @@ import torch.nn as nn
 from .graph.meta import info
 from .graph.patterns import op_kind
 from .modules.conv_bn_act import ConvBnAct
-from .modules.int8 import Dequantize, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize
+from .modules.int8 import Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize
 from .quant.fake_quant import FakeQuant
 
 BACKENDS = ("onednn", "x86")
@@ -42,7 +42,8 @@ def _grid(fq: FakeQuant) -> tuple[float, int] | None:
     return scale, zp
 
 
-def _int8_conv(m: ConvBnAct, xq: tuple[float, int], out: tuple[float, int] | None) -> Int8ConvBnAct:
+def _int8_conv(m: ConvBnAct, xq: tuple[float, int], out: tuple[float, int] | None,
+               act: str | None = None) -> Int8ConvBnAct:
     with torch.no_grad():
         w, b = m.folded()
         fq = m.weight_fq
@@ -57,7 +58,7 @@ def _int8_conv(m: ConvBnAct, xq: tuple[float, int], out: tuple[float, int] | Non
                          fq.qmin, fq.qmax)
         if bool((zp != 0).any()):
             raise ValueError("INT8 conversion needs symmetric weights (zero_point 0); set weight symmetric: true")
-        return Int8ConvBnAct(wq.to(torch.int8), scale, b.detach(), m.conv, xq, out, m.act_kind)
+        return Int8ConvBnAct(wq.to(torch.int8), scale, b.detach(), m.conv, xq, out, act or m.act_kind)
 
 
 def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModule:
@@ -124,8 +125,14 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
             x = n.args[0]
             out_fq = fq_of(n)
             out = _grid(out_fq) if out_fq is not None else None
-            if m.weight_fq is not None and dom.get(x) is not None and (out_fq is None or out is not None):
-                env[n] = g.call_module(add_module(n.target, _int8_conv(m, dom[x], out)), (env[x],))
+            pre = _grid(m.preact_fq) if m.preact_fq is not None else None
+            if m.weight_fq is not None and dom.get(x) is not None and (out_fq is None or out is not None) and \
+                    (m.preact_fq is None or pre is not None):
+                if pre is None:
+                    env[n] = g.call_module(add_module(n.target, _int8_conv(m, dom[x], out)), (env[x],))
+                else:  # conv to the pre-activation grid, then the activation between two grids
+                    c = g.call_module(add_module(n.target, _int8_conv(m, dom[x], pre, act="none")), (env[x],))
+                    env[n] = g.call_module(add_module(f"{n.target}_act", Int8Act(pre, out, m.act)), (c,))
                 dom[n] = out
             else:
                 env[n] = g.call_module(add_module(n.target, m), (as_float(x),))

@@ -41,16 +41,19 @@ class ExportConv(nn.Module):
         self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         self.weight_fq = copy.deepcopy(m.weight_fq)
-        if self.weight_fq is not None:
-            self.weight_fq.observe_enabled = False
-            self.weight_fq.always_observe = False
+        self.preact_fq = copy.deepcopy(m.preact_fq)
+        for fq in (self.weight_fq, self.preact_fq):
+            if fq is not None:
+                fq.observe_enabled = False
+                fq.always_observe = False
         c = m.conv
         self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
         self.act = m.act
 
     def forward(self, x):
         w = self.weight_fq(self.weight) if self.weight_fq is not None else self.weight
-        return self.act(F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups))
+        y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.act(self.preact_fq(y) if self.preact_fq is not None else y)
 
 
 def export_graph(qat_model: fx.GraphModule) -> fx.GraphModule:

@@ -25,6 +25,7 @@ class ConvBnAct(nn.Module):
         self.conv, self.bn = conv, bn
         self.act = act if act is not None else nn.Identity()
         self.weight_fq = None
+        self.preact_fq = None
         self.bn_frozen = False
         if weight_spec is not None:
             self.set_weight_spec(weight_spec)
@@ -35,6 +36,13 @@ class ConvBnAct(nn.Module):
             return
         self.weight_fq = FakeQuant(spec, channels=self.conv.out_channels if spec.per_channel is not None else None)
         self.weight_fq.always_observe = True
+
+    def set_preact_spec(self, spec: QuantSpec | None) -> None:
+        """Quantize the conv(+BN) output before the activation too (None: don't)."""
+        self.preact_fq = FakeQuant(spec) if spec is not None and self.act_kind != "none" else None
+
+    def _act(self, y: torch.Tensor) -> torch.Tensor:
+        return self.act(self.preact_fq(y) if self.preact_fq is not None else y)
 
     @property
     def act_kind(self) -> str:
@@ -68,13 +76,13 @@ class ConvBnAct(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is None or not self.training or self.bn_frozen:
             w, b = self.folded()
-            return self.act(self._conv(x, self._qw(w), b))
+            return self._act(self._conv(x, self._qw(w), b))
         f = self._bn_factor()
         y = self._conv(x, self._qw(self.conv.weight * f.reshape(-1, 1, 1, 1)), None)
         y = y / f.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:
             y = y + self.conv.bias.reshape(1, -1, 1, 1)
-        return self.act(self.bn(y))
+        return self._act(self.bn(y))
 
     def extra_repr(self) -> str:
         return f"act={self.act_kind}, bn={'frozen' if self.bn_frozen else ('yes' if self.bn is not None else 'no')}"

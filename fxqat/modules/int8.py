@@ -130,3 +130,15 @@ class Int8MaxPool(nn.Module):
         # max commutes with the (monotone) dequantization, so pooling the integer codes is exact
         return F.max_pool2d(x.to(torch.float16 if x.is_cuda else torch.float32), self.k, self.s, self.p).to(
             torch.uint8)
+
+
+class Int8Act(nn.Module):
+    """Activation between two grids (used with pre-activation quantization): dequantize → act → quantize."""
+
+    def __init__(self, x: tuple[float, int], out: tuple[float, int] | None, act: nn.Module):
+        super().__init__()
+        self.x, self.out, self.act = x, out, act
+
+    def forward(self, q):
+        y = self.act((q.to(torch.float32) - self.x[1]) * self.x[0])
+        return y.contiguous() if self.out is None else _quantize(y, *self.out)

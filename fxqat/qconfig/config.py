@@ -73,6 +73,7 @@ class QConfig:
     weight: QuantSpec = WEIGHT_INT8
     activation: QuantSpec = ACT_UINT8
     input: QuantSpec = IMAGE_INPUT  # the image input, [0, 1]: fixed scale 1/255
+    preact: QuantSpec | None = None  # also quantize conv outputs before SiLU (for ONNX Runtime's QLinearConv)
     rules: tuple[Rule, ...] = DEFAULT_RULES
     source: str = "<default>"
     strict: bool = True  # a rule that matches no node is an error
@@ -99,7 +100,8 @@ class QConfig:
                     w = None if rule.weight == FLOAT else (w or self.weight).with_(**rule.weight)
                 if rule.activation is not None:
                     a = None if rule.activation == FLOAT else (a or self.activation).with_(**rule.activation)
-        return NodeQSpec(weight=w, output=a, source=src)
+        pre = self.preact if (kind == "conv" and w is not None and a is not None) else None
+        return NodeQSpec(weight=w, output=a, source=src, preact=pre)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ..errors import QConfigError
 from ..quant.spec import ACT_UINT8, IMAGE_INPUT, WEIGHT_INT8, QuantSpec
 from .config import DEFAULT_RULES, FLOAT, LEVELS, SPEC_KEYS, QConfig, Rule
 
-TOP_KEYS = ("version", "weight", "activation", "input", "default_rules", "rules", "description")
+TOP_KEYS = ("version", "weight", "activation", "input", "preact", "default_rules", "rules", "description")
 RULE_KEYS = ("match", "weight", "activation", "skip", "note")
 VERSIONS = (1,)
 
@@ -144,6 +144,7 @@ def qconfig_from_mapping(d, source: str = "<dict>") -> QConfig:
     weight = _spec(d["weight"], WEIGHT_INT8, source, "weight") if "weight" in d else WEIGHT_INT8
     act = _spec(d["activation"], ACT_UINT8, source, "activation") if "activation" in d else ACT_UINT8
     inp = _spec(d["input"], IMAGE_INPUT, source, "input") if "input" in d else IMAGE_INPUT
+    pre = None if d.get("preact") in (None, False, FLOAT) else _spec(d["preact"], ACT_UINT8, source, "preact")
     rules_raw = d.get("rules") or []
     if not isinstance(rules_raw, list):
         raise QConfigError(f"{_where(source, d, 'rules')}: rules must be a list")
@@ -151,7 +152,7 @@ def qconfig_from_mapping(d, source: str = "<dict>") -> QConfig:
     if not isinstance(defaults, bool):
         raise QConfigError(f"{_where(source, d, 'default_rules')}: default_rules must be true or false")
     rules = (DEFAULT_RULES if defaults else ()) + tuple(_rule(r, source, i) for i, r in enumerate(rules_raw))
-    return QConfig(weight=weight, activation=act, input=inp, rules=rules, source=source)
+    return QConfig(weight=weight, activation=act, input=inp, preact=pre, rules=rules, source=source)
 
 
 def load_qconfig(path_or_text) -> QConfig:
@@ -199,6 +200,7 @@ def dump_qconfig(qc: QConfig, extra_rules: list[dict] | None = None, header: str
                 item[k] = v
         rules.append(item)
     doc = {"version": 1, "weight": spec(qc.weight), "activation": spec(qc.activation), "input": spec(qc.input),
+           "preact": spec(qc.preact) if qc.preact is not None else None,
            "default_rules": any(r in DEFAULT_RULES for r in qc.rules), "rules": rules + list(extra_rules or [])}
     return header + yaml.safe_dump(doc, sort_keys=False)
 

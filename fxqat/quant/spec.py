@@ -64,6 +64,7 @@ class NodeQSpec:
     weight: QuantSpec | None = None
     output: QuantSpec | None = None
     shared: bool = False
+    preact: QuantSpec | None = None  # conv output before its activation (ONNX Runtime's QLinearConv needs it)
     source: str = "default"  # which rule set it (for reports)
 
     def label(self) -> str:
