@@ -13,11 +13,12 @@ from .convert import convert  # noqa: E402
 from .errors import FxqatError, ModelLoadError, QConfigError, TraceError  # noqa: E402
 from .graph.draw import draw  # noqa: E402
 from .graph.summary import summary  # noqa: E402
+from .modules.blocks import blocks  # noqa: E402
 from .passes.pipeline import freeze_bn, prepare_qat  # noqa: E402
 from .qconfig import load_qconfig  # noqa: E402
 from .tracing import trace  # noqa: E402
 
-__all__ = ["trace", "summary", "draw", "prepare_qat", "calibrate", "convert", "freeze_bn", "load_qconfig",
+__all__ = ["trace", "summary", "draw", "prepare_qat", "calibrate", "convert", "freeze_bn", "load_qconfig", "blocks",
            "FxqatError", "ModelLoadError", "QConfigError", "TraceError"]
 __version__ = "0.1.0"
 

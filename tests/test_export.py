@@ -82,3 +82,18 @@ def test_openvino_parity(exported):
     with torch.no_grad():
         ref = gm(x)[0]
     assert ((ref[:, 4:] - out[:, 4:]).abs() <= 2 / 255).float().mean() >= 0.999
+
+
+def test_onnxruntime_preset_quantizes_conv_outputs(tmp_path):
+    gm = fxqat.prepare_qat(liven(load_model("yolov8n.yaml", nc=10)), "onnxruntime.yaml")
+    fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(2)], progress=False)
+    gm.eval()
+    path = fxqat.export_onnx(gm, tmp_path / "ort.onnx", imgsz=320)
+    r = qdq_report(path)
+    assert r["by_op"]["Conv→Q"] == 57  # DQ → Conv → Q: ONNX Runtime's QLinearConv pattern
+    x = signs_like_images(1, 320, seed=3)
+    with torch.no_grad():
+        ref = gm(x)[0]
+    for out in (OnnxRunner(path)(x), fxqat.convert(gm)(x)):
+        assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
+        assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999

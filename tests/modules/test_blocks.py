@@ -1,0 +1,21 @@
+import fxqat
+from fxqat.modules import QATBottleneckCSP, QATCSPLayer, QATDetectionHead, QATSPPF
+
+
+def test_blocks_found_with_their_convs_and_grids():
+    gm = fxqat.prepare_qat("yolov8n.yaml", nc=10)
+    bs = fxqat.blocks(gm)
+    kinds = [type(b) for b in bs]
+    assert kinds.count(QATCSPLayer) == 8 and kinds.count(QATBottleneckCSP) == 10
+    assert kinds.count(QATSPPF) == 1 and kinds.count(QATDetectionHead) == 1
+    c2f = next(b for b in bs if isinstance(b, QATCSPLayer) and b.path == "model.4")
+    assert set(c2f.convs()) == {"model.4.cv1", "model.4.cv2", "model.4.m.0.cv1", "model.4.m.0.cv2",
+                                "model.4.m.1.cv1", "model.4.m.1.cv2"}
+    head = fxqat.blocks(gm, "QATDetectionHead")[0]
+    assert len(head.convs()) == 18 and len(head.last_convs()) == 6
+    head.freeze_bn()
+    assert all(m.bn_frozen for m in head.convs().values())
+    assert not any(m.bn_frozen for m in c2f.convs().values())
+    sppf = fxqat.blocks(gm, "QATSPPF")[0]
+    sppf.set_observers(False)
+    assert not any(q.observe_enabled for q in sppf.quantizers().values())
