@@ -97,3 +97,20 @@ def test_onnxruntime_preset_quantizes_conv_outputs(tmp_path):
     for out in (OnnxRunner(path)(x), fxqat.convert(gm)(x)):
         assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
         assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed (optional extra)")
+def test_openvino_ir(exported, tmp_path):
+    import openvino as ov
+
+    from fxqat.deploy import to_openvino
+
+    gm, path = exported
+    xml = to_openvino(path, tmp_path / "m.xml")
+    assert xml.exists() and xml.with_suffix(".bin").exists()
+    compiled = ov.Core().compile_model(str(xml), "CPU")
+    x = signs_like_images(1, 320, seed=4)
+    out = torch.from_numpy(compiled(x.numpy())[0])
+    with torch.no_grad():
+        ref = gm(x)[0]
+    assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
