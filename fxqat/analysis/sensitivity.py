@@ -157,3 +157,18 @@ def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tu
         r["score"] = max(r["gain"], 0.0) + r["alone_nsr"] / max(total, 1e-20) * 0.5
     summary = {"head_sqnr_db": sqnr_db(ref, full), "head_nsr": total, "units": len(units)}
     return out, summary
+
+
+@torch.no_grad()
+def head_sqnr(gm: fx.GraphModule, images: torch.Tensor) -> float:
+    """Head-output SQNR (dB) of ``gm`` as configured vs the same graph with every quantizer off."""
+    gm.eval()
+    head = [n for n in gm.graph.nodes if info(n).role in ("detect.box_last", "detect.cls_last")]
+    runner = Runner(gm, head)
+    fqs = [m for m in gm.modules() if isinstance(m, FakeQuant)]
+    states = [m.fake_quant_enabled for m in fqs]
+    _set(fqs, False)
+    ref = runner.run_from(images)
+    for m, s in zip(fqs, states):
+        m.fake_quant_enabled = s
+    return sqnr_db(ref, runner.run_from(images))

@@ -19,12 +19,16 @@ def test_analyze_writes_report_and_usable_qconfig(tmp_path):
     assert len(data["layers"]) == 63
     assert (tmp_path / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     qc = fxqat.load_qconfig(tmp_path / "critical_qconfig.yaml")
-    skipped = [r.pattern for r in qc.rules if r.skip]
-    assert skipped == rep.critical(3)
+    raised = [r.pattern for r in qc.rules if r.where != "<default>"]
+    assert raised == rep.critical(3)
     gm = fxqat.prepare_qat(model, qc)  # the generated file feeds back into prepare_qat
-    for name in skipped:
+    for name in raised:
         node = next(n for n in gm.graph.nodes if n.name == name)
         assert gm.get_submodule(node.target).weight_fq is None
+        fq = next(u for u in node.users if u.op == "call_module" and u.target.startswith("quant."))
+        assert gm.get_submodule(fq.target).spec.bits == 16
+    # raising the critical layers improves the head-output SQNR (measured on the same images)
+    assert rep.summary["head_sqnr_db_critical_raised"] > rep.summary["head_sqnr_db"]
     dot = fxqat.draw(gm, tmp_path / "s.dot", color_by="sensitivity", sensitivity=tmp_path / "sensitivity.json")
     assert "sensitivity" in dot.read_text()
     assert "first_conv" in {r["role"] for r in rep.layers}
