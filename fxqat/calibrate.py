@@ -45,6 +45,16 @@ def calibrate(model: nn.Module, data: Iterable | str, batches: int | None = 32, 
     model.eval()
     for fq in fqs:
         fq.calibrating = True
+    # Moving-average observers average per-batch ranges with a 1 % step meant for long QAT runs; over a short
+    # calibration that under-estimates ranges (clipping). During calibration they take the cumulative mean instead.
+    saved = {fq: fq.observer.averaging_constant for fq in fqs if hasattr(fq.observer, "averaging_constant")}
+    calls = {fq: 0 for fq in saved}
+
+    def _hook(fq, args):
+        calls[fq] += 1
+        fq.observer.averaging_constant = 1.0 / calls[fq]
+
+    handles = [fq.register_forward_pre_hook(_hook) for fq in saved]
     try:
         it = _batches(data, imgsz, batch)
         for i, x in enumerate(tqdm(it, total=batches, desc="calibrate", disable=not progress, unit="batch")):
@@ -52,6 +62,10 @@ def calibrate(model: nn.Module, data: Iterable | str, batches: int | None = 32, 
                 break
             model(x.to(device))
     finally:
+        for h in handles:
+            h.remove()
+        for fq, c in saved.items():
+            fq.observer.averaging_constant = c
         for fq in fqs:
             fq.calibrating = False
     return model
