@@ -74,7 +74,7 @@ def nncf_ptq(fp32_path, out_xml, images):
     ds = nncf.Dataset([x[None].numpy() for x in images])
     q = nncf.quantize(model, ds, preset=nncf.QuantizationPreset.MIXED, ignored_scope=ignored,
                       subset_size=len(images))
-    ov.save_model(q, str(out_xml))
+    ov.save_model(q, str(out_xml), compress_to_fp16=False)
     return out_xml
 
 

@@ -16,5 +16,5 @@ def to_openvino(onnx_path, out_xml=None) -> Path:
                          ) from None
     onnx_path = Path(onnx_path)
     out_xml = Path(out_xml) if out_xml else onnx_path.with_suffix(".xml")
-    ov.save_model(ov.convert_model(str(onnx_path)), str(out_xml))
+    ov.save_model(ov.convert_model(str(onnx_path)), str(out_xml), compress_to_fp16=False)
     return out_xml
