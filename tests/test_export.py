@@ -76,12 +76,14 @@ def test_openvino_parity(exported):
     import openvino as ov
 
     gm, path = exported
-    compiled = ov.Core().compile_model(str(path), "CPU")
+    # f32 for the float parts (decode): on bf16-capable CPUs OpenVINO would otherwise round boxes to bf16
+    compiled = ov.Core().compile_model(str(path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     x = signs_like_images(1, 320, seed=9)
     out = torch.from_numpy(compiled(x.numpy())[0])
     with torch.no_grad():
         ref = gm(x)[0]
-    assert ((ref[:, 4:] - out[:, 4:]).abs() <= 2 / 255).float().mean() >= 0.999
+    assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
+    assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
 
 
 def test_onnxruntime_preset_quantizes_conv_outputs(tmp_path):
@@ -108,7 +110,7 @@ def test_openvino_ir(exported, tmp_path):
     gm, path = exported
     xml = to_openvino(path, tmp_path / "m.xml")
     assert xml.exists() and xml.with_suffix(".bin").exists()
-    compiled = ov.Core().compile_model(str(xml), "CPU")
+    compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     x = signs_like_images(1, 320, seed=4)
     out = torch.from_numpy(compiled(x.numpy())[0])
     with torch.no_grad():
