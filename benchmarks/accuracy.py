@@ -52,6 +52,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=16, help="calibration batches for PTQ")
     ap.add_argument("--qconfig", default=None)
+    ap.add_argument("--lr0", default="1e-3", help="comma-separated fxqat QAT learning rates to compare")
     ap.add_argument("--skip-ultralytics", action="store_true")
     ap.add_argument("--project", default=None)
     a = ap.parse_args(argv)
@@ -73,16 +74,19 @@ def main(argv=None):
     add("fxqat PTQ (INT8 torch)", evaluate(fxqat.convert(ptq), a.data, imgsz=a.imgsz, batch=a.batch, names=meta[0],
                                            stride=meta[1]))
 
-    t = time.perf_counter()
-    _, best = train_qat(a.fp32, a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, qconfig=a.qconfig,
-                        project=project, name="fxqat_qat", workers=2, calib_batches=a.calib, verbose=False)
-    qat_s = time.perf_counter() - t
-    qat = load_checkpoint(best)
-    add(f"fxqat QAT {a.epochs} ep (fake-quant)", evaluate(qat, a.data, imgsz=a.imgsz, batch=a.batch), train_s=qat_s)
-    add(f"fxqat QAT {a.epochs} ep (INT8 torch)", evaluate(fxqat.convert(qat), a.data, imgsz=a.imgsz, batch=a.batch,
-                                                         names=meta[0], stride=meta[1]))
-    onnx_path = fxqat.export_onnx(qat, Path(project) / "fxqat_qat.onnx", imgsz=a.imgsz)
-    add(f"fxqat QAT {a.epochs} ep (QDQ ONNX, ORT)", evaluate(str(onnx_path), a.data, imgsz=a.imgsz, batch=a.batch))
+    for lr in [float(v) for v in a.lr0.split(",")]:
+        t = time.perf_counter()
+        _, best = train_qat(a.fp32, a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, qconfig=a.qconfig,
+                            project=project, name=f"fxqat_qat_lr{lr:g}", workers=2, calib_batches=a.calib,
+                            verbose=False, lr0=lr)
+        qat_s = time.perf_counter() - t
+        qat = load_checkpoint(best)
+        tag = f"fxqat QAT {a.epochs} ep lr0={lr:g}"
+        add(f"{tag} (fake-quant)", evaluate(qat, a.data, imgsz=a.imgsz, batch=a.batch), train_s=qat_s)
+        add(f"{tag} (INT8 torch)", evaluate(fxqat.convert(qat), a.data, imgsz=a.imgsz, batch=a.batch,
+                                            names=meta[0], stride=meta[1]))
+        onnx_path = fxqat.export_onnx(qat, Path(project) / f"fxqat_qat_lr{lr:g}.onnx", imgsz=a.imgsz)
+        add(f"{tag} (QDQ ONNX, ORT)", evaluate(str(onnx_path), a.data, imgsz=a.imgsz, batch=a.batch))
 
     calib = load_images(image_files(a.data, "train")[: a.calib * 2], a.imgsz)
     fp32_onnx = export_fp32_onnx(fp32, Path(project) / "fp32.onnx", a.imgsz)
