@@ -94,7 +94,8 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int = 0) -> 
     cfg = QUICK if quick else DEFAULT
     out = Path(project).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    threads = min(2, os.cpu_count() or 1)
+    torch.set_num_threads(threads)
     t0 = time.perf_counter()
     n = 8
     _step(1, n, f"synthetic traffic signs: {cfg.train} train / {cfg.val} val images at {cfg.imgsz} px")
@@ -131,7 +132,8 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int = 0) -> 
     maps = {k: evaluate(m, data, imgsz=cfg.imgsz, batch=cfg.batch, names=meta[0], stride=meta[1])
             for k, m in forms.items()}
 
-    _step(7, n, f"latency at {cfg.imgsz} px, batch 1, {torch.get_num_threads()} threads (one run)")
+    torch.set_num_threads(threads)  # Ultralytics' trainer changes it
+    _step(7, n, f"latency at {cfg.imgsz} px, batch 1, {threads} threads (one run)")
     x = torch.rand(1, 3, cfg.imgsz, cfg.imgsz)
     ort = OnnxRunner(onnx_path, threads=torch.get_num_threads())
     lat = {"FP32": _latency(fp32, x), "PTQ INT8": _latency(ptq_int8, x), "QAT INT8": _latency(qat_int8, x),
