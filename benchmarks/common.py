@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -30,15 +28,10 @@ def machine() -> dict:
 
 
 def timeit(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    """Median wall time of ``fn()`` in milliseconds (fxqat's own timer)."""
+    from fxqat.bench import _time
+
+    return _time(fn, warmup=warmup, reps=reps)
 
 
 def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:

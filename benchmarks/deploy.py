@@ -13,7 +13,6 @@ with a note.
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import multiprocessing as mp
 import os
@@ -207,7 +206,7 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in times.items()}
     fp32 = med["torch FP32"]
     out = []
-    for name, (fn, kind, path) in rows.items():
+    for name, (_, kind, path) in rows.items():
         size = _size_mb(path, str(path).replace(".xml", ".bin") if path and str(path).endswith(".xml") else None)
         mem = float("nan") if a.no_memory or kind is None else peak_memory_mb(kind, str(path), a.threads, a.imgsz)
         out.append({"model": name, "ms": med[name], "speedup_vs_fp32": fp32 / med[name], "size_mb": size,

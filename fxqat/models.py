@@ -68,7 +68,7 @@ def _from_checkpoint(path: Path) -> nn.Module:
     except Exception as e:
         raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
     if isinstance(ckpt, dict) and "fxqat" in ckpt:
-        raise ModelLoadError(f"{path}: is an fxqat QAT checkpoint; load it with fxqat.load_qat instead")
+        raise ModelLoadError(f"{path}: is an fxqat QAT checkpoint; load it with fxqat.checkpoint.load_checkpoint")
     model = None
     if isinstance(ckpt, dict):
         model = ckpt.get("ema") or ckpt.get("model")

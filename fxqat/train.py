@@ -86,7 +86,7 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
         s = src_mods.get(name)
         if isinstance(m, FakeQuant) and isinstance(s, FakeQuant):
             with torch.no_grad():
-                for (k, v), (_, sv) in zip(m.state_dict().items(), s.state_dict().items()):
+                for v, sv in zip(m.state_dict().values(), s.state_dict().values()):
                     v.copy_(sv)
             m.observe_enabled, m.fake_quant_enabled = s.observe_enabled, s.fake_quant_enabled
         elif hasattr(m, "bn_frozen") and s is not None:
