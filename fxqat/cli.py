@@ -88,7 +88,8 @@ def parse_args(argv: list[str], cmd: Command, name: str) -> dict:
         out[key] = val
     for key in cmd.positionals:
         if key not in out:
-            raise UsageError(f"fxqat {name}: missing {key.upper()}; usage: fxqat {name} {' '.join(p.upper() for p in cmd.positionals)} [key=value ...]")
+            usage_line = f"fxqat {name} {' '.join(p.upper() for p in cmd.positionals)} [key=value ...]"
+            raise UsageError(f"fxqat {name}: missing {key.upper()}; usage: {usage_line}")
     return out
 
 
