@@ -157,7 +157,7 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
             dom[n] = grids.pop()
         elif kind == "decode":  # the deployed model returns decoded predictions only; feats: shapes only
             m = copy.deepcopy(src.get_submodule(n.target))
-            m.export = True
+            m.export, m.fast_dfl = True, True
             boxes, scores, feats = n.args
             env[n] = g.call_module(add_module(n.target, m), (as_float(boxes), as_float(scores),
                                                               [env[f] for f in feats]))
