@@ -52,7 +52,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=16, help="calibration batches for PTQ")
     ap.add_argument("--qconfig", default=None)
-    ap.add_argument("--lr0", default="1e-3", help="comma-separated fxqat QAT learning rates to compare")
+    ap.add_argument("--lr0", default="1e-4", help="comma-separated fxqat QAT learning rates to compare")
     ap.add_argument("--skip-ultralytics", action="store_true")
     ap.add_argument("--project", default=None)
     a = ap.parse_args(argv)

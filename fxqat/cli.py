@@ -143,7 +143,7 @@ COMMANDS: dict[str, Command] = {
         "qconfig": Arg(str, None, "qconfig YAML (see qconfigs/)"),
         "freeze_bn": Arg(int, None, "epoch from which BN statistics are frozen (default: half)"),
         "freeze_observers": Arg(int, None, "epoch from which quantizer ranges are frozen (default: last)"),
-        "lr0": Arg(float, None, "initial learning rate (default 1e-3)"),
+        "lr0": Arg(float, None, "initial learning rate (default 1e-4)"),
         "resume": Arg(str, None, "an fxqat last.pt to resume from"),
     }),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {

@@ -5,9 +5,10 @@ wrapped in :class:`QATDetectionModel` (an Ultralytics ``DetectionModel`` whose f
 :class:`QATTrainer`, which adds fxqat checkpoints (atomic, no pickled classes), quantizer-aware EMA and the
 BN / observer freeze schedule.
 
-Default QAT recipe (a fine-tuning recipe for a converged model, see README): SGD, lr0 1e-3 flat for the first half
-then linear decay to 1e-4, no warmup, no mosaic, BN statistics frozen after half the epochs, observers frozen for
-the last epoch.
+Default QAT recipe (a fine-tuning recipe for a converged model, chosen by measurement — see README): SGD, lr0 1e-4
+(the learning rate Ultralytics' FP32 schedule ends on) decaying linearly to 1e-5, no warmup, no mosaic, BN statistics
+frozen after half the epochs, observers frozen for the last epoch. On a converged yolov8n (signs, 320 px) one QAT
+epoch at lr0 1e-4 kept mAP50-95 within 0.1 pt of FP32, while lr0 1e-3 lost 0.9 pt.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from .quant.fake_quant import FakeQuant, set_observers
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-QAT_DEFAULTS = dict(optimizer="SGD", lr0=1e-3, lrf=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=0.0,
+QAT_DEFAULTS = dict(optimizer="SGD", lr0=1e-4, lrf=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=0.0,
                     warmup_bias_lr=0.0, mosaic=0.0, close_mosaic=0, cos_lr=False, plots=False, amp=False,
                     patience=1000, cls_pw=0.0)
 
