@@ -24,15 +24,14 @@ def _time(fn, warmup=2, reps=5) -> float:
 def forms(model, imgsz: int, threads: int) -> dict:
     """{label: callable} for an fxqat checkpoint (INT8 torch, QDQ ONNX) or an FP32 model (+ fxqat PTQ INT8)."""
     import fxqat
-    from fxqat.checkpoint import load_checkpoint
+    from fxqat.checkpoint import is_checkpoint, load_checkpoint
     from fxqat.evaluate import OnnxRunner
     from fxqat.export import export_onnx
     from fxqat.models import load_model
 
     p = Path(str(model))
-    ck = torch.load(p, map_location="cpu", weights_only=False) if p.suffix == ".pt" else None
     out = {}
-    if isinstance(ck, dict) and ck.get("fxqat"):
+    if is_checkpoint(p):
         qat = load_checkpoint(p)
     else:
         fp32 = load_model(model).eval()

@@ -98,6 +98,18 @@ def rebuild(ckpt: dict) -> fx.GraphModule:
     return gm
 
 
+def is_checkpoint(path) -> bool:
+    """True if ``path`` is an fxqat QAT checkpoint (read with weights_only=True; Ultralytics .pt files are not)."""
+    path = Path(path)
+    if path.suffix != ".pt" or not path.is_file():
+        return False
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - pickled classes (an Ultralytics checkpoint) or not a checkpoint at all
+        return False
+    return isinstance(ckpt, dict) and ckpt.get("fxqat") == FORMAT
+
+
 def load_checkpoint(path, with_extra: bool = False):
     """The QAT GraphModule saved at ``path`` (and the whole checkpoint dict when ``with_extra``)."""
     path = Path(path)

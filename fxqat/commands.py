@@ -42,7 +42,7 @@ def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn
 
 def _rows_for(model, fp32, imgsz, onnx: bool):
     """(label, model-form) pairs to evaluate side by side."""
-    from .checkpoint import load_checkpoint
+    from .checkpoint import is_checkpoint, load_checkpoint
 
     rows = []
     if fp32:
@@ -50,10 +50,7 @@ def _rows_for(model, fp32, imgsz, onnx: bool):
     p = Path(str(model))
     if p.suffix == ".onnx":
         return rows + [("QDQ ONNX (ORT)", str(p))]
-    import torch
-
-    ck = torch.load(p, map_location="cpu", weights_only=False) if p.suffix == ".pt" else None
-    if isinstance(ck, dict) and ck.get("fxqat"):
+    if is_checkpoint(p):
         import fxqat
 
         gm = load_checkpoint(p)

@@ -79,21 +79,10 @@ def as_predictor(model, names=None, stride=None) -> Predictor:
         stride = stride if stride is not None else json.loads(meta.get("stride", "[8, 16, 32]"))
         return Predictor(OnnxRunner(model), names, stride, "onnx")
     if isinstance(model, (str, Path)):
-        p = Path(model)
-        if p.suffix == ".pt":
-            ck = torch.load(p, map_location="cpu", weights_only=False)
-            if isinstance(ck, dict) and ck.get("fxqat"):
-                from .checkpoint import rebuild
+        from .checkpoint import is_checkpoint, load_checkpoint
+        from .models import load_model
 
-                model = rebuild(ck)
-            else:
-                from .models import load_model
-
-                model = load_model(p)
-        else:
-            from .models import load_model
-
-            model = load_model(p)
+        model = load_checkpoint(model) if is_checkpoint(model) else load_model(Path(model))
     if isinstance(model, fx.GraphModule):
         meta = getattr(model, "meta", {})
         model.eval()
