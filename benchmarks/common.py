@@ -34,6 +34,13 @@ def timeit(fn, warmup: int = 3, reps: int = 10) -> float:
     return _time(fn, warmup=warmup, reps=reps)
 
 
+def interleaved_medians(fns, x, rounds, engines=None):
+    """Median ms per row over interleaved rounds (fxqat's own helper)."""
+    from fxqat.bench import interleaved_medians as _im
+
+    return _im(fns, x, rounds, engines)
+
+
 def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)

@@ -17,7 +17,6 @@ import importlib.util
 import multiprocessing as mp
 import os
 import resource
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -27,10 +26,11 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import torch  # noqa: E402
 
 import fxqat  # noqa: E402
+from fxqat.data.toy import toy_batch  # noqa: E402
 from fxqat.evaluate import OnnxRunner  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 
-from .common import save, table, timeit  # noqa: E402
+from .common import interleaved_medians, save, table  # noqa: E402
 from .peers import (  # noqa: E402
     export_fp32_onnx,
     nncf_ptq,
@@ -147,11 +147,7 @@ def _train_child(mode: str, model_spec: str, imgsz: int, batch: int, steps: int,
     det = load_model(model_spec, nc=10)
     det.args = get_cfg()
     crit = v8DetectionLoss(det)
-    x = torch.rand(batch, 3, imgsz, imgsz)
-    sizes = [0.1, 0.3, 0.6]
-    tgt = {"batch_idx": torch.tensor([float(i) for i in range(batch) for _ in sizes]),
-           "cls": torch.tensor([[float(k)] for _ in range(batch) for k in range(3)]),
-           "bboxes": torch.tensor([[0.5, 0.5, s, s] for _ in range(batch) for s in sizes])}
+    x, tgt = toy_batch(batch, imgsz, seed=0)
     m = det if mode == "FP32" else fxqat.prepare_qat(det, example_inputs=(x,))
     m.train()
     opt = torch.optim.SGD(m.parameters(), lr=1e-3)
@@ -195,15 +191,8 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     work = Path(tempfile.mkdtemp(prefix="fxqat_bench_"))
     rows, notes = build(a, work)
-    x = torch.rand(1, 3, a.imgsz, a.imgsz)
-    times = {k: [] for k in rows}
-    with torch.no_grad():
-        for _ in range(a.rounds):
-            for name, (fn, _, _) in rows.items():
-                if "torch.ao" in name:
-                    torch.backends.quantized.engine = "onednn"
-                times[name].append(timeit(lambda fn=fn: fn(x), warmup=2, reps=5))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({k: fn for k, (fn, _, _) in rows.items()}, torch.rand(1, 3, a.imgsz, a.imgsz), a.rounds,
+                              engines={k: "onednn" for k in rows if "torch.ao" in k})
     fp32 = med["torch FP32"]
     out = []
     for name, (_, kind, path) in rows.items():

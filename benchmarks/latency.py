@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -20,7 +19,7 @@ import torch  # noqa: E402
 import fxqat  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 
-from .common import save, table, timeit  # noqa: E402
+from .common import interleaved_medians, save, table  # noqa: E402
 from .peers import plain_torch_ao_int8  # noqa: E402
 
 
@@ -44,15 +43,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = build_rows(a.imgsz)
-    x = torch.rand(1, 3, a.imgsz, a.imgsz)
-    times = {k: [] for k in rows}
-    with torch.no_grad():
-        for _ in range(a.rounds):
-            for name, (m, engine) in rows.items():
-                if engine:
-                    torch.backends.quantized.engine = engine
-                times[name].append(timeit(lambda m=m: m(x), warmup=2, reps=5))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = interleaved_medians({k: m for k, (m, _) in rows.items()}, torch.rand(1, 3, a.imgsz, a.imgsz), a.rounds,
+                              engines={k: e for k, (_, e) in rows.items()})
     fp32 = med["torch FP32 eager"]
     best_plain = min(v for k, v in med.items() if k.startswith("plain"))
     out = [{"model": k, "ms": v, "vs_fp32": fp32 / v, "vs_best_plain_ao": v / best_plain} for k, v in med.items()]

@@ -21,6 +21,21 @@ def _time(fn, warmup=2, reps=5) -> float:
     return statistics.median(ts)
 
 
+def interleaved_medians(fns: dict, x: torch.Tensor, rounds: int, engines: dict | None = None) -> dict[str, float]:
+    """Median ms of each ``fns[name](x)`` over ``rounds`` interleaved rounds, so machine noise hits every row alike.
+
+    ``engines``: optional {name: torch.ao quantized engine} set before that row runs.
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                if engines and engines.get(name):
+                    torch.backends.quantized.engine = engines[name]
+                times[name].append(_time(lambda fn=fn: fn(x)))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def forms(model, imgsz: int, threads: int) -> dict:
     """{label: callable} for an fxqat checkpoint (INT8 torch, QDQ ONNX) or an FP32 model (+ fxqat PTQ INT8)."""
     import fxqat
@@ -48,13 +63,8 @@ def forms(model, imgsz: int, threads: int) -> dict:
 def bench_model(model, imgsz: int = 640, threads: int = 2, rounds: int = 3) -> list[dict]:
     torch.set_num_threads(threads)
     fs = forms(model, imgsz, threads)
-    x = torch.rand(1, 3, imgsz, imgsz)
-    times = {k: [] for k in fs}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for k, f in fs.items():
-                times[k].append(_time(lambda f=f: f(x)))
-    rows = [{"form": k, "ms": statistics.median(v)} for k, v in times.items()]
+    med = interleaved_medians(fs, torch.rand(1, 3, imgsz, imgsz), rounds)
+    rows = [{"form": k, "ms": v} for k, v in med.items()]
     base = rows[0]["ms"]
     print(f"{Path(str(model)).name} @ {imgsz}, batch 1, {threads} threads, median of {rounds} rounds")
     for r in rows:

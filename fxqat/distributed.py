@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from .data.toy import toy_batch
 from .quant.fake_quant import FakeQuant
 
 
@@ -54,17 +55,6 @@ def sync_quant_state(model: nn.Module) -> None:
             m.running_var /= world
 
 
-def _toy_batch(batch: int, imgsz: int, seed: int):
-    """A deterministic per-rank batch of sign-like images with boxes of three sizes."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.rand(batch, 3, imgsz, imgsz, generator=g)
-    sizes = [0.1, 0.3, 0.6]
-    tgt = {"batch_idx": torch.tensor([float(i) for i in range(batch) for _ in sizes]),
-           "cls": torch.randint(0, 10, (batch * len(sizes), 1), generator=g).float(),
-           "bboxes": torch.tensor([[0.5, 0.5, s, s] for _ in range(batch) for s in sizes])}
-    return x, tgt
-
-
 def ddp_qat(rank: int, world: int, model: str = "yolov8n.yaml", steps: int = 3, imgsz: int = 64, batch: int = 2,
             out: str | None = None, port: int = 29531) -> dict:
     """One rank of a DDP QAT run (gloo, CPU). Returns this rank's final state_dict (and saves it to ``out``)."""
@@ -82,14 +72,14 @@ def ddp_qat(rank: int, world: int, model: str = "yolov8n.yaml", steps: int = 3, 
         det = load_model(model, nc=10)
         det.args = get_cfg()
         crit = v8DetectionLoss(det)
-        x0, _ = _toy_batch(batch, imgsz, seed=100 + rank)
+        x0, _ = toy_batch(batch, imgsz, seed=100 + rank)
         gm = prepare_qat(det, example_inputs=(x0,))
         sync_quant_state(gm)
         gm.train()
         ddp = nn.parallel.DistributedDataParallel(gm, broadcast_buffers=False)
         opt = torch.optim.SGD(ddp.parameters(), lr=1e-3, momentum=0.9)
         for step in range(steps):
-            x, tgt = _toy_batch(batch, imgsz, seed=1000 * rank + step)  # each rank sees different data
+            x, tgt = toy_batch(batch, imgsz, seed=1000 * rank + step)  # each rank sees different data
             opt.zero_grad()
             loss, _ = crit(ddp(x), tgt)
             loss.sum().backward()
