@@ -67,6 +67,7 @@ def export_graph(qat_model: fx.GraphModule) -> fx.GraphModule:
             gm.add_submodule(n.target, ExportConv(gm.get_submodule(n.target)))
         elif kind == "decode":
             gm.get_submodule(n.target).export = True
+            gm.get_submodule(n.target).fast_dfl = True
         elif kind in ("cat", "pool", "resize", "split") and QCLASS in info(n).extra and n.op != "call_method":
             path = info(n).extra[QCLASS]
             users = [u for u in n.users if op_kind(gm, u) != "quant"]
@@ -118,6 +119,21 @@ def _fold_weight_quantizers(model) -> None:
         g.initializer.remove(next(i for i in g.initializer if i.name == name))
 
 
+def _scalar_qparams(model) -> None:
+    """Per-tensor scales / zero points as scalars, not shape-[1] tensors: ONNX Runtime fuses DQ, DQ → Add → Q into
+    QLinearAdd only with scalar qparams (and TensorRT expects scalars for per-tensor quantization)."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    qp = {i for n in g.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") for i in n.input[1:]}
+    for t in g.initializer:
+        if t.name in qp and list(t.dims) == [1]:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).reshape(()), t.name))
+    for n in g.node:
+        if n.op_type == "Constant" and n.output[0] in qp and list(n.attribute[0].t.dims) == [1]:
+            n.attribute[0].t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(n.attribute[0].t).reshape(())))
+
+
 def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = False, opset: int = 17,
                 batch: int = 1) -> Path:
     """Write a QDQ ONNX model of ``qat_model`` to ``path`` and return the path (checked with onnx.checker)."""
@@ -135,6 +151,7 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
                           dynamo=False, do_constant_folding=True)
     model = onnx.load(str(path))
     _fold_weight_quantizers(model)
+    _scalar_qparams(model)
     meta = getattr(qat_model, "meta", {})
     for k, v in {"names": json.dumps({int(a): b for a, b in meta.get("names", {}).items()}),
                  "stride": json.dumps([int(s) for s in meta.get("stride", torch.tensor([8, 16, 32])).tolist()]),

@@ -95,7 +95,7 @@ class DetectDecode(nn.Module):
         self.register_buffer("stride", detect.stride.detach().clone().float(), persistent=True)
         self.xywh = not getattr(detect, "xyxy", False)
         self.export = bool(getattr(detect, "export", False))
-        self.fast_dfl = False  # convert() turns this on: softmax + einsum instead of transpose + 1x1 conv (5x faster)
+        self.fast_dfl = False  # convert()/export turn this on: softmax over the bins' own axis + a 1x16 matmul
         self._shape = None
         self._anchors = self._strides = None
 
@@ -115,8 +115,9 @@ class DetectDecode(nn.Module):
             return self.dfl(boxes)  # Ultralytics' own DFL: bit-exact with eager
         b, _, a = boxes.shape
         c1 = self.reg_max
-        proj = self.dfl.conv.weight.reshape(c1).to(boxes.dtype)
-        return torch.einsum("bkna,n->bka", boxes.view(b, 4, c1, a).softmax(2), proj)
+        proj = self.dfl.conv.weight.reshape(1, 1, 1, c1).to(boxes.dtype)
+        # no transpose: torch 0.5 ms -> 0.44, ONNX Runtime 7.1 ms (Ultralytics' transpose + softmax(1)) -> 0.9 ms
+        return (proj @ boxes.view(b, 4, c1, a).softmax(2)).view(b, 4, a)
 
     def forward(self, boxes, scores, feats):
         raw = {"boxes": boxes, "scores": scores, "feats": feats}

@@ -1,4 +1,5 @@
 import importlib.util
+from collections import Counter
 
 import onnx
 import pytest
@@ -35,7 +36,7 @@ def test_checker_and_qdq_structure(exported):
     producers = {o: n for n in model.graph.node for o in n.output}
     quantized = [c for c in convs if producers.get(c.input[1]) is not None
                  and producers[c.input[1]].op_type == "DequantizeLinear"]
-    assert len(quantized) == len(convs) - 1  # every conv but DFL's fixed 0..15 conv reads int8 weights
+    assert len(quantized) == len(convs)  # every conv reads int8 weights (DFL's fixed 0..15 projection is a MatMul)
     inits = {i.name: i for i in model.graph.initializer}
     for c in quantized:
         w_dq = producers[c.input[1]]
@@ -93,6 +94,17 @@ def test_onnxruntime_preset_quantizes_conv_outputs(tmp_path):
     path = fxqat.export_onnx(gm, tmp_path / "ort.onnx", imgsz=320)
     r = qdq_report(path)
     assert r["by_op"]["Conv→Q"] == 57  # DQ → Conv → Q: ONNX Runtime's QLinearConv pattern
+    assert r["by_op"]["Sigmoid→Q"] == 57  # SiLU = x * q(sigmoid(x))
+    # what ONNX Runtime's own optimizer makes of it: every conv block and residual add runs on integer kernels
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "ort_opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+    assert (ops["QLinearConv"], ops["QLinearSigmoid"], ops["QLinearMul"], ops["QLinearAdd"]) == (57, 57, 57, 6), ops
+    assert ops["Sigmoid"] == 1 and ops["Conv"] == 6  # the class sigmoid and Detect's float-output last 1x1 convs
     x = signs_like_images(1, 320, seed=3)
     with torch.no_grad():
         ref = gm(x)[0]

@@ -18,6 +18,18 @@ from ..quant.fake_quant import FakeQuant
 from ..quant.spec import QuantSpec
 
 
+class SplitSiLU(nn.Module):
+    """SiLU as ``x * q(sigmoid(x))``: the sigmoid output on its own grid, so that ONNX Runtime runs the activation
+    as QLinearSigmoid + QLinearMul instead of dequantize → float SiLU → quantize."""
+
+    def __init__(self, sigmoid_fq: FakeQuant):
+        super().__init__()
+        self.sigmoid_fq = sigmoid_fq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.sigmoid_fq(torch.sigmoid(x))
+
+
 class ConvBnAct(nn.Module):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None,
                  weight_spec: QuantSpec | None = None):
@@ -37,16 +49,22 @@ class ConvBnAct(nn.Module):
         self.weight_fq = FakeQuant(spec, channels=self.conv.out_channels if spec.per_channel is not None else None)
         self.weight_fq.always_observe = True
 
-    def set_preact_spec(self, spec: QuantSpec | None) -> None:
-        """Quantize the conv(+BN) output before the activation too (None: don't)."""
+    def set_preact_spec(self, spec: QuantSpec | None, sigmoid: QuantSpec | None = None) -> None:
+        """Quantize the conv(+BN) output before the activation too (None: don't); with ``sigmoid``, SiLU becomes
+        :class:`SplitSiLU` with its sigmoid output quantized to that spec."""
         self.preact_fq = FakeQuant(spec) if spec is not None and self.act_kind != "none" else None
+        if isinstance(self.act, SplitSiLU) and (sigmoid is None or self.preact_fq is None):
+            self.act = nn.SiLU()
+        elif sigmoid is not None and self.preact_fq is not None and self.act_kind == "swish":
+            self.act = SplitSiLU(FakeQuant(sigmoid))
 
     def _act(self, y: torch.Tensor) -> torch.Tensor:
         return self.act(self.preact_fq(y) if self.preact_fq is not None else y)
 
     @property
     def act_kind(self) -> str:
-        return {"SiLU": "swish", "ReLU": "relu", "Identity": "none"}.get(type(self.act).__name__, "other")
+        kinds = {"SiLU": "swish", "SplitSiLU": "swish", "ReLU": "relu", "Identity": "none"}
+        return kinds.get(type(self.act).__name__, "other")
 
     def freeze_bn(self, frozen: bool = True) -> ConvBnAct:
         """Stop (or resume) BatchNorm statistics updates; frozen, training computes the folded conv exactly."""

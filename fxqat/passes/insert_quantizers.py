@@ -61,7 +61,7 @@ class InsertQuantizers(FxqatPass):
                 m = gm.get_submodule(n.target)
                 if hasattr(m, "set_weight_spec"):
                     m.set_weight_spec(qs[n].weight if qs[n] is not None else None)
-                    m.set_preact_spec(qs[n].preact if qs[n] is not None else None)
+                    m.set_preact_spec(*((qs[n].preact, qs[n].sigmoid) if qs[n] is not None else (None,)))
 
         on_grid = {n for n in nodes if kind[n] in ("conv", "add") and qs[n] is not None and qs[n].output is not None}
         for n in nodes:  # quantized consumers need quantized inputs

@@ -74,6 +74,7 @@ class QConfig:
     activation: QuantSpec = ACT_UINT8
     input: QuantSpec = IMAGE_INPUT  # the image input, [0, 1]: fixed scale 1/255
     preact: QuantSpec | None = None  # also quantize conv outputs before SiLU (for ONNX Runtime's QLinearConv)
+    sigmoid: QuantSpec | None = None  # with preact: SiLU as x * q(sigmoid(x)) (ONNX Runtime's QLinearSigmoid/Mul)
     rules: tuple[Rule, ...] = DEFAULT_RULES
     source: str = "<default>"
     strict: bool = True  # a rule that matches no node is an error
@@ -82,6 +83,9 @@ class QConfig:
         for name in ("weight", "activation", "input"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise QConfigError(f"{self.source}: {name} must be a QuantSpec")
+        if self.sigmoid is not None and self.preact is None:
+            raise QConfigError(f"{self.source}: sigmoid quantization needs preact (the sigmoid reads the "
+                               "pre-activation grid); set preact too, or remove sigmoid")
 
     def resolve(self, node: fx.Node, kind: str) -> NodeQSpec:
         """The NodeQSpec of a quantizable node (``kind``: "conv" or "add")."""
@@ -101,7 +105,7 @@ class QConfig:
                 if rule.activation is not None:
                     a = None if rule.activation == FLOAT else (a or self.activation).with_(**rule.activation)
         pre = self.preact if (kind == "conv" and w is not None and a is not None) else None
-        return NodeQSpec(weight=w, output=a, source=src, preact=pre)
+        return NodeQSpec(weight=w, output=a, source=src, preact=pre, sigmoid=self.sigmoid if pre is not None else None)
 
 
 @dataclass

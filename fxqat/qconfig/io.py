@@ -22,10 +22,10 @@ from pathlib import Path
 import yaml
 
 from ..errors import QConfigError
-from ..quant.spec import ACT_UINT8, IMAGE_INPUT, WEIGHT_INT8, QuantSpec
+from ..quant.spec import ACT_UINT8, IMAGE_INPUT, SIGMOID_UINT8, WEIGHT_INT8, QuantSpec
 from .config import DEFAULT_RULES, FLOAT, LEVELS, SPEC_KEYS, QConfig, Rule
 
-TOP_KEYS = ("version", "weight", "activation", "input", "preact", "default_rules", "rules", "description")
+TOP_KEYS = ("version", "weight", "activation", "input", "preact", "sigmoid", "default_rules", "rules", "description")
 RULE_KEYS = ("match", "weight", "activation", "skip", "note")
 VERSIONS = (1,)
 
@@ -89,6 +89,14 @@ def _spec(d, base: QuantSpec, source: str, name: str) -> QuantSpec:
         raise QConfigError(f"{_where(source, d)}: {name}: {e}") from None
 
 
+def _optional_spec(d: dict, key: str, base: QuantSpec, source: str) -> QuantSpec | None:
+    """``key: null/false/float`` → None, ``key: true`` → ``base``, a mapping → ``base`` with those fields."""
+    v = d.get(key)
+    if v is None or v is False or v == FLOAT:
+        return None
+    return base if v is True else _spec(v, base, source, key)
+
+
 def _tensor_rule(v, source, rule, key):
     if v is None or v is False or v == FLOAT:
         return FLOAT
@@ -144,7 +152,13 @@ def qconfig_from_mapping(d, source: str = "<dict>") -> QConfig:
     weight = _spec(d["weight"], WEIGHT_INT8, source, "weight") if "weight" in d else WEIGHT_INT8
     act = _spec(d["activation"], ACT_UINT8, source, "activation") if "activation" in d else ACT_UINT8
     inp = _spec(d["input"], IMAGE_INPUT, source, "input") if "input" in d else IMAGE_INPUT
-    pre = None if d.get("preact") in (None, False, FLOAT) else _spec(d["preact"], ACT_UINT8, source, "preact")
+    pre = _optional_spec(d, "preact", ACT_UINT8, source)
+    sig = _optional_spec(d, "sigmoid", SIGMOID_UINT8, source)
+    if sig is not None:  # the sigmoid's range is (0, 1): its grid is fixed by bits and signedness
+        sig = sig.with_(fixed=(1.0 / (sig.qmax - sig.qmin), sig.qmin))
+    if sig is not None and pre is None:
+        raise QConfigError(f"{_where(source, d, 'sigmoid')}: sigmoid quantization needs preact (the sigmoid reads "
+                           "the pre-activation grid); set preact too, or remove sigmoid")
     rules_raw = d.get("rules") or []
     if not isinstance(rules_raw, list):
         raise QConfigError(f"{_where(source, d, 'rules')}: rules must be a list")
@@ -152,7 +166,7 @@ def qconfig_from_mapping(d, source: str = "<dict>") -> QConfig:
     if not isinstance(defaults, bool):
         raise QConfigError(f"{_where(source, d, 'default_rules')}: default_rules must be true or false")
     rules = (DEFAULT_RULES if defaults else ()) + tuple(_rule(r, source, i) for i, r in enumerate(rules_raw))
-    return QConfig(weight=weight, activation=act, input=inp, preact=pre, rules=rules, source=source)
+    return QConfig(weight=weight, activation=act, input=inp, preact=pre, sigmoid=sig, rules=rules, source=source)
 
 
 def load_qconfig(path_or_text) -> QConfig:
@@ -201,6 +215,7 @@ def dump_qconfig(qc: QConfig, extra_rules: list[dict] | None = None, header: str
         rules.append(item)
     doc = {"version": 1, "weight": spec(qc.weight), "activation": spec(qc.activation), "input": spec(qc.input),
            "preact": spec(qc.preact) if qc.preact is not None else None,
+           "sigmoid": spec(qc.sigmoid) if qc.sigmoid is not None else None,
            "default_rules": any(r in DEFAULT_RULES for r in qc.rules), "rules": rules + list(extra_rules or [])}
     return header + yaml.safe_dump(doc, sort_keys=False)
 

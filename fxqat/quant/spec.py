@@ -51,6 +51,7 @@ WEIGHT_INT8 = QuantSpec(bits=8, symmetric=True, per_channel=0, observer="minmax"
 ACT_UINT8 = QuantSpec(bits=8, symmetric=False, observer="moving_average")
 ACT_INT8_SYM = QuantSpec(bits=8, symmetric=True, observer="moving_average")
 IMAGE_INPUT = QuantSpec(bits=8, symmetric=False, observer="minmax", fixed=(1.0 / 255.0, 0))
+SIGMOID_UINT8 = QuantSpec(bits=8, symmetric=False, observer="minmax", fixed=(1.0 / 255.0, 0))  # (0, 1) exactly
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class NodeQSpec:
     output: QuantSpec | None = None
     shared: bool = False
     preact: QuantSpec | None = None  # conv output before its activation (ONNX Runtime's QLinearConv needs it)
+    sigmoid: QuantSpec | None = None  # SiLU's sigmoid output (ONNX Runtime's QLinearSigmoid + QLinearMul)
     source: str = "default"  # which rule set it (for reports)
 
     def label(self) -> str:

@@ -5,7 +5,8 @@ import torch
 from ultralytics.nn.modules.conv import Conv
 
 from fxqat.modules import ConvBnAct
-from fxqat.quant.spec import WEIGHT_INT8
+from fxqat.modules.conv_bn_act import SplitSiLU
+from fxqat.quant.spec import ACT_UINT8, SIGMOID_UINT8, WEIGHT_INT8
 
 # tolerance: folding reorders float32 products (w*f then conv vs conv then *f): |err| <= 1e-4 on O(1) outputs
 
@@ -61,3 +62,21 @@ def test_weight_fake_quant_and_gradients():
     q = fused.weight_fq(w.detach())
     steps = (q / scale.view(-1, 1, 1, 1))  # per-channel symmetric: integer multiples of the scale
     assert torch.allclose(steps, steps.round(), atol=1e-3)
+
+
+def test_split_silu_quantizes_the_sigmoid_on_its_fixed_grid():
+    _, fused = _pair()
+    fused.set_preact_spec(ACT_UINT8, SIGMOID_UINT8)
+    assert isinstance(fused.act, SplitSiLU) and fused.act_kind == "swish"
+    fused.eval()
+    fused.preact_fq.observe(torch.linspace(-6, 6, 100))
+    x = torch.randn(2, 8, 16, 16)
+    y = fused(x)
+    w, b = fused.folded()
+    pre = fused.preact_fq(torch.nn.functional.conv2d(x, w, b, 2, 1))
+    s = torch.sigmoid(pre)
+    qs = torch.round(s * 255) / 255  # the fixed grid 1/255, zero point 0
+    assert torch.allclose(y, pre * qs, atol=1e-6)
+    assert (y - pre * s).abs().max() <= pre.abs().max() / 510 + 1e-6  # at most half a step of the sigmoid grid
+    fused.set_preact_spec(ACT_UINT8, None)  # back to a plain SiLU
+    assert isinstance(fused.act, torch.nn.SiLU)

@@ -52,6 +52,8 @@ def test_bad_value_and_rule_errors(tmp_path):
         "version: 1\nrules:\n  - match: {role: x}\n": ("sets nothing", ":3"),
         "version: 1\nweight: [1, 2\n": ("YAML syntax error", ":"),
         "version: 1\nversion: 1\n": ("duplicate key", ":2"),
+        "version: 1\nsigmoid: true\n": ("needs preact", ":2"),
+        "version: 1\npreact: true\nsigmoid: {bits: 8, fixed: 1}\n": ("unknown sigmoid key 'fixed'", ":3"),
     }
     for text, (frag, line) in cases.items():
         p = _write(tmp_path, text)
@@ -99,6 +101,15 @@ def test_dump_roundtrip():
     again = load_qconfig(dump_qconfig(qc))
     assert again.weight == qc.weight and again.activation == qc.activation
     assert [(r.level, r.pattern, r.weight) for r in again.rules] == [(r.level, r.pattern, r.weight) for r in qc.rules]
+
+
+def test_sigmoid_grid_is_fixed_by_bits_and_sign(tmp_path):
+    qc = load_qconfig(_write(tmp_path, "version: 1\npreact: true\nsigmoid: true\n"))
+    assert qc.sigmoid.fixed == (1 / 255, 0)  # (0, 1) onto 0..255
+    qc = load_qconfig(_write(tmp_path, "version: 1\npreact: true\nsigmoid: {symmetric: true}\n"))
+    assert qc.sigmoid.fixed == (1 / 255, -128)  # (0, 1) onto -128..127
+    again = load_qconfig(dump_qconfig(load_qconfig("onnxruntime.yaml")))
+    assert again.sigmoid == load_qconfig("onnxruntime.yaml").sigmoid and again.preact is not None
 
 
 def test_torch_ao_qconfig_mapping():
