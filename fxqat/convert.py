@@ -61,6 +61,13 @@ def _int8_conv(m: ConvBnAct, xq: tuple[float, int], out: tuple[float, int] | Non
         return Int8ConvBnAct(wq.to(torch.int8), scale, b.detach(), m.conv, xq, out, act or m.act_kind)
 
 
+def _reads_shape(n: fx.Node) -> bool:
+    """``x.shape``, ``x.size(...)``, ``x.dim()``: depends on the value's shape only."""
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1:
+        return n.args[1] in ("shape", "ndim")
+    return n.op == "call_method" and n.target in ("size", "dim")
+
+
 def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModule:
     """INT8 model computing what the QAT model computes in eval mode: the decoded predictions
     (B, 4 + nc, anchors), as Ultralytics returns them in export mode.
@@ -161,6 +168,9 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
             boxes, scores, feats = n.args
             env[n] = g.call_module(add_module(n.target, m), (as_float(boxes), as_float(scores),
                                                               [env[f] for f in feats]))
+            dom[n] = None
+        elif _reads_shape(n):  # a shape is the same on either grid: no dequantization just to read it
+            env[n] = g.create_node(n.op, n.target, fx.node.map_arg(n.args, lambda a: env[a]), n.kwargs, n.name)
             dom[n] = None
         else:
             args, kwargs = float_args(n)

@@ -92,6 +92,11 @@ class Int8ConvBnAct(nn.Module):
                                                           self.stride, self.padding, self.dilation, self.groups, None)
         return self._packed
 
+    def __getstate__(self):  # the packed weight is an opaque oneDNN tensor: rebuilt on first use, never pickled
+        state = super().__getstate__().copy()
+        state["_packed"] = None
+        return state
+
     def _apply(self, fn, *args, **kwargs):
         self._packed = None
         return super()._apply(fn, *args, **kwargs)

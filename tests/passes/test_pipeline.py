@@ -1,3 +1,4 @@
+import io
 import operator
 
 import pytest
@@ -7,6 +8,7 @@ import torch.nn as nn
 import fxqat
 from fxqat.graph.meta import info
 from fxqat.graph.patterns import op_kind
+from fxqat.modules.int8 import Dequantize
 from fxqat.quant.fake_quant import FakeQuant
 
 from ..conftest_helpers import liven, signs_like_images
@@ -100,6 +102,12 @@ def test_converted_matches_fake_quant(calibrated):
         # of a [0, 1] score for >= 99.9 %, boxes within 1 px for >= 99.9 %
         assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
         assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
+    # Detect's last convs emit float themselves: no feature map is dequantized (not even to read its batch size)
+    assert not [n for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), Dequantize)]
+    buf = io.BytesIO()  # saving after use drops the cached oneDNN weight packs, which cannot be pickled
+    torch.save(q, buf)
+    buf.seek(0)
+    assert torch.equal(torch.load(buf, weights_only=False)(x), out)
 
 
 def test_qat_trains_loss_decreases_and_gradients_reach_every_conv():
