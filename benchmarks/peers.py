@@ -34,7 +34,9 @@ def export_fp32_onnx(model, path, imgsz: int):
     import warnings as _w
 
     gm = fxqat.trace(copy.deepcopy(model), "eval")
-    gm.get_submodule("model.22.decode").export = True
+    decode = next(m for m in gm.modules() if isinstance(m, DetectDecode))
+    decode.export = True
+    decode.fast_dfl = True  # every ONNX row gets the same fast DFL form fxqat exports (ORT: 7.1 -> 0.9 ms)
     with _w.catch_warnings(), torch.no_grad():
         _w.simplefilter("ignore")
         torch.onnx.export(gm, (torch.zeros(1, 3, imgsz, imgsz),), str(path), opset_version=17,
@@ -51,15 +53,19 @@ class _Reader:
 
 
 def ort_quantize_static(fp32_path, out_path, images):
-    """ONNX Runtime's own PTQ: QDQ format, per-channel weights, UINT8 activations, MinMax calibration."""
+    """ONNX Runtime's own PTQ: QDQ format, per-channel weights, UINT8 activations, MinMax calibration. The decode
+    tail (DFL, dist2bbox, class sigmoid, output concat) is excluded, as NNCF's ignored scope does: quantizing the
+    concatenated pixel boxes and [0, 1] scores onto one uint8 grid zeroes every score (mAP 0)."""
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     pre = str(out_path).replace(".onnx", "_pre.onnx")
     quant_pre_process(str(fp32_path), pre)
+    decode = [n.name for n in onnx.load(pre).graph.node if "/decode/" in n.name]
     quantize_static(pre, str(out_path), _Reader(images), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax)
+                    calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=decode)
     return out_path
 
 
