@@ -108,7 +108,10 @@ def _fold_weight_quantizers(model) -> None:
             shape = [1] * w.ndim
             shape[axis] = -1
             info_ = np.iinfo(zp.dtype)
-            q = np.clip(np.rint(w / s.reshape(shape)) + zp.reshape(shape).astype(np.int32), info_.min, info_.max)
+            # x * float32(1 / scale), rounded half to even: the fake-quant kernels' arithmetic, not ONNX's x / scale
+            # (they differ on the .5 where per-channel symmetric scales put each channel's extreme weight)
+            inv = (np.float32(1.0) / s.astype(np.float32)).reshape(shape)
+            q = np.clip(np.rint(w.astype(np.float32) * inv) + zp.reshape(shape).astype(np.int32), info_.min, info_.max)
             g.initializer.append(numpy_helper.from_array(q.astype(zp.dtype), n.output[0]))
             continue
         keep.append(n)

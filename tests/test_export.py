@@ -43,6 +43,11 @@ def test_checker_and_qdq_structure(exported):
         assert inits[w_dq.input[0]].data_type == onnx.TensorProto.INT8  # weights stored as int8
         x_dq = producers[c.input[0]]
         assert x_dq.op_type == "DequantizeLinear"  # every quantized conv input comes from Q/DQ
+    gm = exported[0]
+    first = gm.get_submodule("model.0")  # the same int8 codes as the QAT model's weight quantizer
+    w_init = next(inits[producers[c.input[1]].input[0]] for c in quantized if c.name.startswith("/model.0/"))
+    codes = first.weight_fq.codes(first.folded()[0].detach())
+    assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(w_init).astype("int32")), codes)
     assert "QuantizeLinear" in format_report(r)
 
 

@@ -88,6 +88,7 @@ class Int8ConvBnAct(nn.Module):
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.x_scale, self.x_zp = float(x_qparams[0]), int(x_qparams[1])
         self.float_out = out_qparams is None
+        self.keep_layout = False  # float output: return it channels-last (its consumer reads that layout)
         self.o_scale, self.o_zp = (1.0, 0) if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
         self.attr = act if act in ("swish", "relu", "none") else "none"
         self.register_buffer("w_int8", w_int8.contiguous())
@@ -122,7 +123,7 @@ class Int8ConvBnAct(nn.Module):
             x, self.x_scale, self.x_zp, self.packed(x.shape), self.w_scale, self.w_zp,
             self.bias, self.stride, self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
             torch.float32 if self.float_out else None, self.attr, [], "")
-        return y.contiguous() if self.float_out else y
+        return y.contiguous() if self.float_out and not self.keep_layout else y
 
     def extra_repr(self):
         out = "float" if self.float_out else f"u8 s={self.o_scale:.4g} zp={self.o_zp}"

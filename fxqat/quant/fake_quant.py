@@ -69,6 +69,22 @@ class FakeQuant(nn.Module):
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scale.detach().clone(), self.zero_point.clone()
 
+    @torch.no_grad()
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer codes this quantizer gives ``x`` (int32), exactly as its forward rounds them.
+
+        The fake-quant kernels round ``x * (1 / scale)``; ``round(x / scale)`` differs where ``x / scale`` sits on
+        a .5 — which per-channel symmetric weights do by construction (scale = max|w| / 127.5): recomputing
+        codes by division flipped the extreme weight of some channels by one step (0.8 of an output step)."""
+        y = self.forward(x) if self.fake_quant_enabled and bool(self.initialized) else x
+        if self.ch_axis is None:
+            scale, zp = self.scale.reshape(()), self.zero_point.reshape(())
+        else:
+            shape = [1] * x.dim()
+            shape[self.ch_axis] = -1
+            scale, zp = self.scale.reshape(shape), self.zero_point.reshape(shape)
+        return (torch.round(y / scale) + zp).to(torch.int32)
+
 
 def fake_quants(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, FakeQuant)]

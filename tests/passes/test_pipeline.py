@@ -102,6 +102,14 @@ def test_converted_matches_fake_quant(calibrated):
         # of a [0, 1] score for >= 99.9 %, boxes within 1 px for >= 99.9 %
         assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
         assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
+    # every int8 weight is the code the QAT model's weight quantizer used (its extreme weights sit on a .5 step)
+    for n in gm.graph.nodes:
+        if op_kind(gm, n) == "conv" and n.op == "call_module" and gm.get_submodule(n.target).weight_fq is not None:
+            src, dst = gm.get_submodule(n.target), q.get_submodule(n.target.replace(".", "_"))
+            w = src.weight_fq(src.folded()[0].detach())
+            assert torch.equal(dst.w_int8.float() * dst.w_scale.view(-1, 1, 1, 1), w), n.name
+    # the head's float maps reach DetectDecode channels-last as (B, anchors, C), without NCHW copies
+    assert q.get_submodule("model_22_decode").bins_last
     # Detect's last convs emit float themselves: no feature map is dequantized (not even to read its batch size)
     assert not [n for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), Dequantize)]
     buf = io.BytesIO()  # saving after use drops the cached oneDNN weight packs, which cannot be pickled
