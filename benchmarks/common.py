@@ -49,7 +49,13 @@ def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     return path
 
 
+def _cell(v) -> str:
+    if v is None or (isinstance(v, float) and v != v):
+        return "—"  # not measured for this row (no file, no child process)
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
 def table(rows: list[dict], cols: list[str]) -> str:
-    cells = [cols] + [[(f"{r[c]:.3g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols] for r in rows]
+    cells = [cols] + [[_cell(r.get(c)) for c in cols] for r in rows]
     w = [max(len(x[i]) for x in cells) for i in range(len(cols))]
     return "\n".join("  ".join(v.ljust(k) for v, k in zip(row, w)) for row in cells)

@@ -196,7 +196,7 @@ def main(argv=None):
     fp32 = med["torch FP32"]
     out = []
     for name, (_, kind, path) in rows.items():
-        size = _size_mb(path, str(path).replace(".xml", ".bin") if path and str(path).endswith(".xml") else None)
+        size = _size_mb(path, str(path).replace(".xml", ".bin") if str(path).endswith(".xml") else None) if path else None
         mem = float("nan") if a.no_memory or kind is None else peak_memory_mb(kind, str(path), a.threads, a.imgsz)
         out.append({"model": name, "ms": med[name], "speedup_vs_fp32": fp32 / med[name], "size_mb": size,
                     "peak_rss_mb": mem})

@@ -80,7 +80,8 @@ def _bins_last_head(gm: fx.GraphModule) -> int:
                     (cat.kwargs.get("dim") == -1 or cat.args[1:] == (-1,))):
                 return None
             views = cat.args[0]
-            ok = all(v.op == "call_method" and v.target == "view" and len(v.users) == 1 and
+            ok = all(v.op == "call_method" and v.target == "view" and len(v.args) == 4 and v.args[3] == -1 and
+                     len(v.users) == 1 and
                      v.args[0].op == "call_module" and len(v.args[0].users) == 1 and
                      isinstance(gm.get_submodule(v.args[0].target), Int8ConvBnAct) and
                      gm.get_submodule(v.args[0].target).float_out for v in views)
