@@ -164,7 +164,9 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int = 0) -> 
     md = [f"# fxqat demo ({'quick' if quick else 'default'})", "", table, "",
           f"Data: {cfg.train} train / {cfg.val} val synthetic signs at {cfg.imgsz} px; FP32 {cfg.fp32_epochs} "
           f"epochs from scratch, QAT {cfg.qat_epochs} epoch(s). Latency: batch 1, {torch.get_num_threads()} threads, "
-          "median, all rows in this run.", "",
+          "median, all rows in this run. The QDQ ONNX row runs in ONNX Runtime with the default (TensorRT / "
+          "OpenVINO-style) placement, which ONNX Runtime does not fuse around SiLU; for ONNX Runtime deployment "
+          "train with `qconfig=onnxruntime.yaml` (see README, Quantization defaults).", "",
           f"Critical layers (analysis): {', '.join(critical) or 'n/a'}", "",
           f"![graph]({pictures['graph']})", f"![predictions]({pictures['predictions']})"]
     if "sensitivity" in pictures:
