@@ -38,6 +38,9 @@ class ExportConv(nn.Module):
             w, b = m.folded()
             if m.weight_fq is not None:
                 m.weight_fq.observe(w)
+                # stored on the grid: ONNX's round(w / scale) then gives exactly the QAT model's codes (rounding the
+                # float weight itself differs from the fake-quant kernels on each channel's extreme, a .5 step)
+                w = m.weight_fq.fake_quant(w)
         self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
         self.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
         self.weight_fq = copy.deepcopy(m.weight_fq)
@@ -108,10 +111,7 @@ def _fold_weight_quantizers(model) -> None:
             shape = [1] * w.ndim
             shape[axis] = -1
             info_ = np.iinfo(zp.dtype)
-            # x * float32(1 / scale), rounded half to even: the fake-quant kernels' arithmetic, not ONNX's x / scale
-            # (they differ on the .5 where per-channel symmetric scales put each channel's extreme weight)
-            inv = (np.float32(1.0) / s.astype(np.float32)).reshape(shape)
-            q = np.clip(np.rint(w.astype(np.float32) * inv) + zp.reshape(shape).astype(np.int32), info_.min, info_.max)
+            q = np.clip(np.rint(w / s.reshape(shape)) + zp.reshape(shape).astype(np.int32), info_.min, info_.max)
             g.initializer.append(numpy_helper.from_array(q.astype(zp.dtype), n.output[0]))
             continue
         keep.append(n)

@@ -97,13 +97,13 @@ class Int8ConvBnAct(nn.Module):
         self.register_buffer("bias", bias.float().contiguous())
         self._packed = None
 
-    def packed(self, x_shape=None):
+    def packed(self, x_shape):
         """The oneDNN weight pack, blocked for this input shape: packed without the shape, oneDNN picks a layout
         its convolution then re-orders on every call (19 convs of yolov8n at 640)."""
-        key = tuple(x_shape) if x_shape is not None else None
+        key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
             w = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_scale, self.x_zp, self.stride,
-                                               self.padding, self.dilation, self.groups, key and list(key))
+                                               self.padding, self.dilation, self.groups, list(key))
             self._packed = (key, w)
         return self._packed[1]
 

@@ -68,6 +68,10 @@ DEFAULT_RULES = (
 )
 
 
+SIGMOID_NEEDS_PREACT = ("sigmoid quantization needs preact (the sigmoid reads the pre-activation grid); set preact "
+                        "too, or remove sigmoid")
+
+
 @dataclass(frozen=True)
 class QConfig:
     weight: QuantSpec = WEIGHT_INT8
@@ -84,8 +88,7 @@ class QConfig:
             if not isinstance(getattr(self, name), QuantSpec):
                 raise QConfigError(f"{self.source}: {name} must be a QuantSpec")
         if self.sigmoid is not None and self.preact is None:
-            raise QConfigError(f"{self.source}: sigmoid quantization needs preact (the sigmoid reads the "
-                               "pre-activation grid); set preact too, or remove sigmoid")
+            raise QConfigError(f"{self.source}: {SIGMOID_NEEDS_PREACT}")
 
     def resolve(self, node: fx.Node, kind: str) -> NodeQSpec:
         """The NodeQSpec of a quantizable node (``kind``: "conv" or "add")."""

@@ -22,8 +22,8 @@ from pathlib import Path
 import yaml
 
 from ..errors import QConfigError
-from ..quant.spec import ACT_UINT8, IMAGE_INPUT, SIGMOID_UINT8, WEIGHT_INT8, QuantSpec
-from .config import DEFAULT_RULES, FLOAT, LEVELS, SPEC_KEYS, QConfig, Rule
+from ..quant.spec import ACT_UINT8, IMAGE_INPUT, SIGMOID_UINT8, WEIGHT_INT8, QuantSpec, sigmoid_grid
+from .config import DEFAULT_RULES, FLOAT, LEVELS, SIGMOID_NEEDS_PREACT, SPEC_KEYS, QConfig, Rule
 
 TOP_KEYS = ("version", "weight", "activation", "input", "preact", "sigmoid", "default_rules", "rules", "description")
 RULE_KEYS = ("match", "weight", "activation", "skip", "note")
@@ -154,11 +154,9 @@ def qconfig_from_mapping(d, source: str = "<dict>") -> QConfig:
     inp = _spec(d["input"], IMAGE_INPUT, source, "input") if "input" in d else IMAGE_INPUT
     pre = _optional_spec(d, "preact", ACT_UINT8, source)
     sig = _optional_spec(d, "sigmoid", SIGMOID_UINT8, source)
-    if sig is not None:  # the sigmoid's range is (0, 1): its grid is fixed by bits and signedness
-        sig = sig.with_(fixed=(1.0 / (sig.qmax - sig.qmin), sig.qmin))
+    sig = sigmoid_grid(sig) if sig is not None else None
     if sig is not None and pre is None:
-        raise QConfigError(f"{_where(source, d, 'sigmoid')}: sigmoid quantization needs preact (the sigmoid reads "
-                           "the pre-activation grid); set preact too, or remove sigmoid")
+        raise QConfigError(f"{_where(source, d, 'sigmoid')}: {SIGMOID_NEEDS_PREACT}")
     rules_raw = d.get("rules") or []
     if not isinstance(rules_raw, list):
         raise QConfigError(f"{_where(source, d, 'rules')}: rules must be a list")

@@ -57,6 +57,10 @@ class FakeQuant(nn.Module):
             self.observe(x)
         if not self.fake_quant_enabled or not bool(self.initialized):
             return x
+        return self.fake_quant(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize → dequantize ``x`` on the current grid, without observing."""
         if self.spec.learnable and self.ch_axis is None:
             grad_factor = 1.0 / (x.numel() * self.qmax) ** 0.5
             return torch._fake_quantize_learnable_per_tensor_affine(
@@ -76,7 +80,7 @@ class FakeQuant(nn.Module):
         The fake-quant kernels round ``x * (1 / scale)``; ``round(x / scale)`` differs where ``x / scale`` sits on
         a .5 — which per-channel symmetric weights do by construction (scale = max|w| / 127.5): recomputing
         codes by division flipped the extreme weight of some channels by one step (0.8 of an output step)."""
-        y = self.forward(x) if self.fake_quant_enabled and bool(self.initialized) else x
+        y = self.fake_quant(x)
         if self.ch_axis is None:
             scale, zp = self.scale.reshape(()), self.zero_point.reshape(())
         else:

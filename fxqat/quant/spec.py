@@ -51,7 +51,14 @@ WEIGHT_INT8 = QuantSpec(bits=8, symmetric=True, per_channel=0, observer="minmax"
 ACT_UINT8 = QuantSpec(bits=8, symmetric=False, observer="moving_average")
 ACT_INT8_SYM = QuantSpec(bits=8, symmetric=True, observer="moving_average")
 IMAGE_INPUT = QuantSpec(bits=8, symmetric=False, observer="minmax", fixed=(1.0 / 255.0, 0))
-SIGMOID_UINT8 = QuantSpec(bits=8, symmetric=False, observer="minmax", fixed=(1.0 / 255.0, 0))  # (0, 1) exactly
+
+
+def sigmoid_grid(spec: QuantSpec) -> QuantSpec:
+    """A sigmoid output's grid: fixed over (0, 1) by bits and signedness (8-bit unsigned: scale 1/255, zp 0)."""
+    return spec.with_(fixed=(1.0 / (spec.qmax - spec.qmin), spec.qmin))
+
+
+SIGMOID_UINT8 = sigmoid_grid(QuantSpec(bits=8, symmetric=False, observer="minmax"))
 
 
 @dataclass(frozen=True)
