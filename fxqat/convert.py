@@ -12,6 +12,7 @@ shared ops sit on their inputs' grid. Conversion walks it once, tracking each va
     uint8 value ─► float op     ==>  Dequantize ─► float op (DFL, decode, and the graph outputs)
 
 Classes whose spec is not 8-bit (e.g. 16-bit activations) stay float with their fake-quantizer (simulated).
+Last, the layout passes (``passes/int8_layout.py``) decide which tensors are copied and where.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from .graph.meta import info
 from .graph.patterns import op_kind
 from .modules.conv_bn_act import ConvBnAct
 from .modules.int8 import Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize
+from .passes.int8_layout import int8_layout_passes
+from .passes.pipeline import run_passes
 from .quant.fake_quant import FakeQuant
-from .tracing import DetectDecode
 
 BACKENDS = ("onednn", "x86")
 
@@ -59,50 +61,6 @@ def _int8_conv(m: ConvBnAct, xq: tuple[float, int], out: tuple[float, int] | Non
         if bool((zp != 0).any()):
             raise ValueError("INT8 conversion needs symmetric weights (zero_point 0); set weight symmetric: true")
         return Int8ConvBnAct(wq.to(torch.int8), scale, b.detach(), m.conv, xq, out, act or m.act_kind)
-
-
-def _hw_by_channels(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) → (B, H·W, C): a view of a channels-last map."""
-    return x.permute(0, 2, 3, 1).flatten(1, 2)
-
-
-def _bins_last_head(gm: fx.GraphModule) -> int:
-    """Feed DetectDecode the head's channels-last float maps as (B, anchors, C) instead of copying each to NCHW
-    for ``view(B, C, -1)`` + ``cat(-1)``; DFL's softmax then runs over the contiguous last axis (−0.9 ms at 640).
-    Applied only where the graph has exactly that shape; returns how many decode inputs were rewritten."""
-    done = 0
-    for dec in [n for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target),
-                                                                                     DetectDecode)]:
-        cats = dec.args[:2]
-
-        def convs_of(cat):
-            if not (cat.op == "call_function" and cat.target is torch.cat and len(cat.users) == 1 and
-                    (cat.kwargs.get("dim") == -1 or cat.args[1:] == (-1,))):
-                return None
-            views = cat.args[0]
-            ok = all(v.op == "call_method" and v.target == "view" and len(v.args) == 4 and v.args[3] == -1 and
-                     len(v.users) == 1 and
-                     v.args[0].op == "call_module" and len(v.args[0].users) == 1 and
-                     isinstance(gm.get_submodule(v.args[0].target), Int8ConvBnAct) and
-                     gm.get_submodule(v.args[0].target).float_out for v in views)
-            return views if ok else None
-
-        found = [convs_of(c) for c in cats]
-        if any(f is None for f in found):
-            continue
-        for cat, views in zip(cats, found):
-            for v in views:
-                gm.get_submodule(v.args[0].target).keep_layout = True
-                with gm.graph.inserting_before(v):
-                    flat = gm.graph.call_function(_hw_by_channels, (v.args[0],))
-                v.replace_all_uses_with(flat)
-                gm.graph.erase_node(v)
-            cat.args, cat.kwargs = (cat.args[0],), {"dim": 1}
-            done += 1
-        gm.get_submodule(dec.target).bins_last = True
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return done
 
 
 def _reads_shape(n: fx.Node) -> bool:
@@ -225,13 +183,12 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
             else:
                 env[n] = g.create_node(n.op, n.target, args, kwargs, n.name)
             dom[n] = None
-        if n in env and n.op not in ("placeholder", "output"):
-            env[n].meta["fxqat"] = copy.copy(info(n))
+        if n in env and n.op not in ("placeholder", "output") and "fxqat" not in env[n].meta:
+            env[n].meta["fxqat"] = copy.copy(info(n))  # a quantizer sharing its producer's node keeps its meta
     root = nn.Module()
     for path, m in mods.items():
         root.add_module(path, m)
-    out = fx.GraphModule(root, g, class_name="Int8YoloGraph")
-    _bins_last_head(out)
+    out = run_passes(fx.GraphModule(root, g, class_name="Int8YoloGraph"), int8_layout_passes())
     out.meta = {k: v for k, v in getattr(qat_model, "meta", {}).items() if k in ("names", "nc", "stride", "yaml")}
     out.eval()
     return out

@@ -33,11 +33,11 @@ warnings.filterwarnings("ignore", message=".*quantized tensor creation functions
 
 
 def _quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
-    """uint8 codes, channels-last. The float tensor is made channels-last first: for a 3-channel 640² image that
-    copy takes 0.5 ms, the same transpose on uint8 codes 2.7 ms."""
-    if x.dim() == 4:
-        x = x.contiguous(memory_format=CL)
-    return _codes(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8))
+    """uint8 codes, channels-last. An NCHW image is quantized as it lies, then the quint8 tensor is made
+    channels-last: for a 3-channel 640² image 0.09 + 0.28 ms, where a float channels-last copy first takes 0.5 ms
+    and the same transpose on uint8 (not quint8) codes 0.6 ms."""
+    q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+    return _codes(q.contiguous(memory_format=CL) if q.dim() == 4 else q)
 
 
 def _codes(q: torch.Tensor) -> torch.Tensor:
