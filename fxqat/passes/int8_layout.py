@@ -1,7 +1,7 @@
 """Layout passes on the converted INT8 graph (``fxqat.convert`` runs them last). None changes a value: each only
 decides which tensors are copied, and where. Measured on yolov8n 640, batch 1, 2 threads (README, INT8 conversion).
 
-    BinsLastHead     Detect's float maps reach DetectDecode channels-last as (B, anchors, C) views, not NCHW copies
+    BinsLastHead     Detect's float maps reach DetectDecode per level as channels-last views, not NCHW copies
     CatWholeChunks   cat(chunk(y)[0], chunk(y)[1], m…) ─► cat(y, m…): one dense read instead of two strided ones
     DenseSplitHalves a C2f split half feeding convs and residual adds is made dense once, not once per consumer
 """
@@ -52,9 +52,10 @@ def _cat_dim(n: fx.Node) -> int | None:
 
 
 class BinsLastHead(FxqatPass):
-    """Feed DetectDecode the head's channels-last float maps as (B, anchors, C) instead of copying each to NCHW
-    for ``view(B, C, -1)`` + ``cat(-1)``; DFL's softmax then runs over the contiguous last axis (−0.9 ms at 640).
-    Applied only where the graph has exactly that shape; ``self.rewritten`` counts the decode inputs rewritten."""
+    """Feed DetectDecode the head's channels-last float maps, per level, as (B, H·W, C) views instead of copying
+    each to NCHW for ``view(B, C, -1)`` + ``cat(-1)``: decoding then runs anchor-major, DFL's softmax over the
+    contiguous last axis (see ``DetectDecode._decode_bins_last``). Applied only where the graph has exactly that
+    shape; ``self.rewritten`` counts the decode inputs rewritten."""
 
     name = "bins_last_head"
 
@@ -64,16 +65,17 @@ class BinsLastHead(FxqatPass):
             found = [self._convs_of(gm, c) for c in dec.args[:2]]
             if any(f is None for f in found):
                 continue
-            for cat, views in zip(dec.args[:2], found):
+            levels = []
+            for views in found:
+                flats = []
                 for v in views:
                     _module(gm, v.args[0]).keep_layout = True
                     with gm.graph.inserting_before(v):
-                        flat = gm.graph.call_function(_hw_by_channels, (v.args[0],))
-                    flat.meta.update({k: x for k, x in v.args[0].meta.items() if k == "fxqat"})
-                    v.replace_all_uses_with(flat)
-                    gm.graph.erase_node(v)
-                cat.args, cat.kwargs = (cat.args[0],), {"dim": 1}
+                        flats.append(gm.graph.call_function(_hw_by_channels, (v.args[0],)))
+                    flats[-1].meta.update({k: x for k, x in v.args[0].meta.items() if k == "fxqat"})
+                levels.append(flats)
                 self.rewritten += 1
+            dec.args = (*levels, *dec.args[2:])  # the concats and views are now dead code
             _module(gm, dec).bins_last = True
 
     @staticmethod
