@@ -16,8 +16,18 @@ import warnings
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as _nn_module
 
 CL = torch.channels_last
+_QCONV = torch.ops.onednn.qconv2d_pointwise if hasattr(torch.ops, "onednn") else None
+
+
+def _hooked(m: nn.Module) -> bool:
+    """Whether ``nn.Module.__call__`` would do more than call ``forward``."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or
+                _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks or
+                _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks or
+                torch._C._get_tracing_state())
 
 
 def _check_onednn():
@@ -100,11 +110,18 @@ class Int8ConvBnAct(nn.Module):
     def packed(self, x_shape):
         """The oneDNN weight pack, blocked for this input shape: packed without the shape, oneDNN picks a layout
         its convolution then re-orders on every call (19 convs of yolov8n at 640)."""
+        return self._call_args(x_shape)[2]
+
+    def _call_args(self, x_shape) -> tuple:
+        """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape: the weight pack and
+        the buffers, read here and not on every call (nn.Module attribute lookups were ~10 µs of a ~30 µs call)."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
             w = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_scale, self.x_zp, self.stride,
                                                self.padding, self.dilation, self.groups, list(key))
-            self._packed = (key, w)
+            self._packed = (key, (self.x_scale, self.x_zp, w, self.w_scale, self.w_zp, self.bias, self.stride,
+                                  self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
+                                  torch.float32 if self.float_out else None, self.attr, [], ""))
         return self._packed[1]
 
     def __getstate__(self):  # the packed weight is an opaque oneDNN tensor: rebuilt on first use, never pickled
@@ -116,13 +133,17 @@ class Int8ConvBnAct(nn.Module):
         self._packed = None
         return super()._apply(fn, *args, **kwargs)
 
+    def __call__(self, x):
+        # nn.Module.__call__ costs ~6 µs a call (63 calls per yolov8n image) even without hooks; it still runs
+        # whenever a hook is registered, for tracing (torch.fx proxies, jit), and for tensor subclasses
+        if type(x) is not torch.Tensor or _hooked(self):
+            return super().__call__(x)
+        return self.forward(x)
+
     def forward(self, x):
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)  # e.g. a C2f split half (a strided channel slice)
-        y = torch.ops.onednn.qconv2d_pointwise(
-            x, self.x_scale, self.x_zp, self.packed(x.shape), self.w_scale, self.w_zp,
-            self.bias, self.stride, self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
-            torch.float32 if self.float_out else None, self.attr, [], "")
+        y = _QCONV(x, *self._call_args(x.shape))
         return y.contiguous() if self.float_out and not self.keep_layout else y
 
     def extra_repr(self):

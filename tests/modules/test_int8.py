@@ -62,3 +62,25 @@ def test_int8_conv_packs_for_the_input_shape_and_pickles_after_use(tmp_path):
     torch.save(m, tmp_path / "m.pt")
     again = torch.load(tmp_path / "m.pt", weights_only=False)
     assert again._packed is None and torch.equal(again(x), y)
+
+
+def test_int8_conv_call_honours_hooks_and_tracing():
+    conv = nn.Conv2d(8, 8, 1)
+    w = torch.randint(-100, 100, (8, 8, 1, 1), dtype=torch.int8, generator=torch.Generator().manual_seed(1))
+    m = Int8ConvBnAct(w, torch.full((8,), 0.002), torch.zeros(8), conv, (0.02, 128), (0.03, 100), "swish")
+    x = _u8(1, 8, 4, 4, seed=6)
+    y = m(x)  # the direct path: no hooks registered
+    seen = []
+    h = m.register_forward_hook(lambda mod, args, out: seen.append(out))
+    assert torch.equal(m(x), y) and len(seen) == 1 and torch.equal(seen[0], y)  # hooks still run
+    h.remove()
+
+
+    class Leaves(torch.fx.Tracer):  # as GraphModule's unpickling re-traces: every module a leaf
+        def is_leaf_module(self, mod, qualname):
+            return True
+
+    seq = nn.Sequential(m)
+    gm = torch.fx.GraphModule(seq, Leaves().trace(seq))  # torch.fx still intercepts the call: one call_module node
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
+    assert torch.equal(gm(x), y)
