@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
 CL = torch.channels_last
-_QCONV = torch.ops.onednn.qconv2d_pointwise if hasattr(torch.ops, "onednn") else None
+try:
+    _QCONV = torch.ops.onednn.qconv2d_pointwise
+except (AttributeError, RuntimeError):  # no oneDNN quantized conv in this build: Int8ConvBnAct says so when built
+    _QCONV = None
 
 
 def _hooked(m: nn.Module) -> bool:
