@@ -27,13 +27,6 @@ def machine() -> dict:
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
-def timeit(fn, warmup: int = 3, reps: int = 10) -> float:
-    """Median wall time of ``fn()`` in milliseconds (fxqat's own timer)."""
-    from fxqat.bench import _time
-
-    return _time(fn, warmup=warmup, reps=reps)
-
-
 def interleaved_medians(fns, x, rounds, engines=None):
     """Median ms per row over interleaved rounds (fxqat's own helper)."""
     from fxqat.bench import interleaved_medians as _im

@@ -110,14 +110,10 @@ class Int8ConvBnAct(nn.Module):
         self.register_buffer("bias", bias.float().contiguous())
         self._packed = None
 
-    def packed(self, x_shape):
-        """The oneDNN weight pack, blocked for this input shape: packed without the shape, oneDNN picks a layout
-        its convolution then re-orders on every call (19 convs of yolov8n at 640)."""
-        return self._call_args(x_shape)[2]
-
     def _call_args(self, x_shape) -> tuple:
-        """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape: the weight pack and
-        the buffers, read here and not on every call (nn.Module attribute lookups were ~10 µs of a ~30 µs call)."""
+        """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape (nn.Module attribute
+        lookups were ~10 µs of a ~30 µs call). The weight pack is blocked for that shape: packed without it, oneDNN
+        picks a layout its convolution then re-orders on every call (19 convs of yolov8n at 640)."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
             w = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_scale, self.x_zp, self.stride,

@@ -41,9 +41,9 @@ def _chunk_of(n: fx.Node) -> tuple[fx.Node, int, int, int] | None:
     if not (isinstance(c, fx.Node) and ((c.op == "call_method" and c.target == "chunk") or
                                         (c.op == "call_function" and c.target is torch.chunk))):
         return None
-    args = list(c.args) + [None] * 3
-    k, dim = c.kwargs.get("chunks", args[1]), c.kwargs.get("dim", args[2] if args[2] is not None else 0)
-    return (c.args[0], k, dim, n.args[1]) if isinstance(k, int) and isinstance(dim, int) else None
+    args = dict(zip(("input", "chunks", "dim"), c.args), **c.kwargs)
+    k, dim = args.get("chunks"), args.get("dim", 0)
+    return (args["input"], k, dim, n.args[1]) if isinstance(k, int) and isinstance(dim, int) else None
 
 
 def _cat_dim(n: fx.Node) -> int | None:
@@ -56,12 +56,11 @@ class BinsLastHead(FxqatPass):
     """Feed DetectDecode the head's channels-last float maps, per level, as (B, H·W, C) views instead of copying
     each to NCHW for ``view(B, C, -1)`` + ``cat(-1)``: decoding then runs anchor-major, DFL's softmax over the
     contiguous last axis (see ``DetectDecode._decode_bins_last``). Applied only where the graph has exactly that
-    shape; ``self.rewritten`` counts the decode inputs rewritten."""
+    shape."""
 
     name = "bins_last_head"
 
     def run(self, gm: fx.GraphModule) -> None:
-        self.rewritten = 0
         for dec in [n for n in gm.graph.nodes if isinstance(_module(gm, n), DetectDecode)]:
             found = [self._convs_of(gm, c) for c in dec.args[:2]]
             if any(f is None for f in found):
@@ -75,7 +74,6 @@ class BinsLastHead(FxqatPass):
                         flats.append(gm.graph.call_function(_hw_by_channels, (v.args[0],)))
                     flats[-1].meta.update({k: x for k, x in v.args[0].meta.items() if k == "fxqat"})
                 levels.append(flats)
-                self.rewritten += 1
             dec.args = (*levels, *dec.args[2:])  # the concats and views are now dead code
             _module(gm, dec).bins_last = True
 
