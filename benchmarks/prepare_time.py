@@ -15,7 +15,7 @@ import torch  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
-from fxqat.tracing import DetectDecode  # noqa: E402
+from fxqat.modules.decode import DetectDecode  # noqa: E402
 
 from .common import save, table  # noqa: E402
 

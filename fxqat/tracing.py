@@ -5,7 +5,7 @@ Why plain ``torch.fx.symbolic_trace`` fails on Ultralytics models, and what fxqa
 * ``DetectionModel.forward(x, *args, **kwargs)`` iterates a Proxy → we trace a small root module that replays
   ``_predict_once`` (the layer loop with its ``m.f`` / ``save`` wiring, all plain Python ints);
 * ``C2f`` does ``list(self.cv1(x).chunk(2, 1))``, ``C2PSA``/``Attention`` unpack tuples and shapes → the tracer
-  substitutes the *traceable forwards* declared in :data:`TRACEABLE_FORWARDS` (same ops, explicit indexing), per
+  substitutes the *traceable forwards* declared in :func:`traceable_forwards` (same ops, explicit indexing), per
   instance and only while tracing — Ultralytics classes are never patched, other models in the process are untouched;
 * ``Detect`` compares ``self.shape != shape`` and rebuilds anchors → the head's convs are traced, and the float tail
   (DFL softmax + 0..15 conv, anchors from feature-map shapes, dist2bbox, class sigmoid) becomes one leaf module,
@@ -28,7 +28,9 @@ from torch import fx, nn
 
 from .errors import TraceError
 from .graph.meta import META_KEY, NodeInfo
+from .graph.registry import module_kind
 from .models import load_model
+from .modules.decode import DetectDecode
 
 # --------------------------------------------------------------------------------------------- traceable forwards
 # Same arithmetic as Ultralytics' forwards (so traced == eager bit for bit), written without iterating Proxies.
@@ -69,91 +71,14 @@ def _detect_forward(self, x):
     return self.decode(boxes, scores, list(x))  # leaf: DetectDecode
 
 
-#: Ultralytics class name → traceable forward. Classes not listed are traced through their own forward.
-TRACEABLE_FORWARDS: dict[str, Callable] = {
-    "C2f": _c2f_forward,
-    "C3k2": _c2f_forward,
-    "C2fAttn": None,  # takes a guide tensor: not supported, reported with a clear error
-    "C2PSA": _c2psa_forward,
-    "Attention": _attention_forward,
-    "Detect": _detect_forward,
-}
+def traceable_forwards() -> dict[type, Callable | None]:
+    """Ultralytics class → traceable forward (None: refused with a clear error). Exact types: a subclass (e.g.
+    ``Segment`` of ``Detect``) is traced through its own forward unless listed itself."""
+    from ultralytics.nn.modules import C2PSA, C2f, C2fAttn, C3k2, Detect
+    from ultralytics.nn.modules.block import Attention
 
-
-class DetectDecode(nn.Module):
-    """The float tail of Ultralytics ``Detect``: DFL, anchors from feature-map shapes, dist2bbox, class sigmoid.
-
-    In training mode it returns the raw dict ``v8DetectionLoss`` consumes; in eval mode ``(y, raw)`` (or ``y`` when
-    ``export``), exactly like ``Detect``. Anchors are rebuilt whenever the feature-map shape changes, so one traced
-    graph serves every input size.
-    """
-
-    # convert() may set this and feed per-level lists of (B, H·W, C) maps: the head's channels-last float outputs,
-    # uncopied; decoding then runs anchor-major and transposes once at the end
-    bins_last = False
-
-    def __init__(self, detect: nn.Module):
-        super().__init__()
-        self.dfl = detect.dfl
-        self.nc, self.reg_max, self.nl = detect.nc, detect.reg_max, detect.nl
-        self.register_buffer("stride", detect.stride.detach().clone().float(), persistent=True)
-        self.xywh = not getattr(detect, "xyxy", False)
-        self.export = bool(getattr(detect, "export", False))
-        self.fast_dfl = False  # convert()/export turn this on: softmax over the bins' own axis + a 1x16 matmul
-        self._shape = None
-        self._anchors = self._strides = self._anchors_by_row = None
-
-    def anchors(self, feats, like: torch.Tensor):
-        """Anchor points (2, A) and strides (1, A) for these feature-map sizes (only their shapes are read), cached
-        per shape."""
-        from ultralytics.utils.tal import make_anchors
-
-        shape = feats[0].shape
-        if self._shape != shape or self._anchors.device != like.device or self._anchors.dtype != like.dtype:
-            dummies = [torch.empty((1, 1, *f.shape[2:]), dtype=like.dtype, device=like.device) for f in feats]
-            a, s = make_anchors(dummies, self.stride, 0.5)  # (A, 2), (A, 1)
-            self._anchors_by_row = a, s
-            self._anchors, self._strides = a.transpose(0, 1), s.transpose(0, 1)
-            self._shape = shape
-        return self._anchors, self._strides
-
-    def _dfl(self, boxes: torch.Tensor) -> torch.Tensor:
-        if not self.fast_dfl:
-            return self.dfl(boxes)  # Ultralytics' own DFL: bit-exact with eager
-        c1 = self.reg_max
-        b, _, a = boxes.shape
-        # no transpose: torch 0.5 ms -> 0.44, ONNX Runtime 7.1 ms (Ultralytics' transpose + softmax(1)) -> 0.9 ms
-        return (self._proj(boxes).view(1, 1, 1, c1) @ boxes.view(b, 4, c1, a).softmax(2)).view(b, 4, a)
-
-    def _proj(self, like: torch.Tensor) -> torch.Tensor:
-        return self.dfl.conv.weight.reshape(self.reg_max).to(like.dtype)
-
-    def _decode_bins_last(self, boxes: list, scores: list, feats) -> torch.Tensor:
-        """Per-level (B, H·W, 4·reg_max) and (B, H·W, nc) maps → (B, 4 + nc, A). Every step reads contiguous rows:
-        DFL's softmax per level (no 2 MB concat of the raw maps), dist2bbox on (B, A, 4), one transpose at the end.
-        2.1 → 0.7 ms at 640 against the channel-major decode of the same maps; the same values."""
-        from ultralytics.utils.tal import dist2bbox
-
-        self.anchors(feats, boxes[0])
-        anchors, strides = self._anchors_by_row
-        proj = self._proj(boxes[0])
-        dist = torch.cat([b.view(b.shape[0], -1, 4, self.reg_max).softmax(-1) @ proj for b in boxes], 1)
-        dbox = dist2bbox(dist, anchors.unsqueeze(0), xywh=self.xywh, dim=-1) * strides
-        return torch.cat((dbox, torch.cat(scores, 1).sigmoid()), -1).transpose(1, 2).contiguous()
-
-    def forward(self, boxes, scores, feats):
-        raw = {"boxes": boxes, "scores": scores, "feats": feats}
-        if self.training:
-            return raw
-        if self.bins_last:
-            y = self._decode_bins_last(boxes, scores, feats)
-        else:
-            from ultralytics.utils.tal import dist2bbox
-
-            anchors, strides = self.anchors(feats, boxes)
-            dbox = dist2bbox(self._dfl(boxes), anchors.unsqueeze(0), xywh=self.xywh, dim=1) * strides
-            y = torch.cat((dbox, scores.sigmoid()), 1)
-        return y if self.export else (y, raw)
+    return {C2f: _c2f_forward, C3k2: _c2f_forward, C2fAttn: None, C2PSA: _c2psa_forward,
+            Attention: _attention_forward, Detect: _detect_forward}
 
 
 class YoloRoot(nn.Module):
@@ -192,10 +117,10 @@ class YoloTracer(fx.Tracer):
         self.leaf_patterns = tuple(str(x) for x in leaf_modules if not isinstance(x, type))
         self.yolo_scope: list[tuple[str, str]] = []  # Ultralytics blocks being traced, outermost first
         self.path_stack: list[str] = [""]
-        self.call_site: dict[fx.Node, tuple[str, nn.Module]] = {}
+        self.forwards = traceable_forwards()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, DetectDecode) or type(m).__name__ == "DFL":
+        if module_kind(m) == "decode":  # DetectDecode, DFL
             return True
         if self.leaf_types and isinstance(m, self.leaf_types):
             return True
@@ -228,10 +153,10 @@ class YoloTracer(fx.Tracer):
             finally:
                 if pushed:
                     self.yolo_scope.pop()
-            self.call_site[proxy.node] = (site, m)
+            proxy.node.meta[META_KEY].extra["site"] = site  # read by the SplitSharedModules pass
             return proxy
-        if tname in TRACEABLE_FORWARDS:
-            fn = TRACEABLE_FORWARDS[tname]
+        if type(m) in self.forwards:
+            fn = self.forwards[type(m)]
             if fn is None:
                 raise TraceError(f"{site} ({tname}): not traceable by fxqat; declare it a leaf: "
                                  f"fxqat.trace(model, leaf_modules=['{site}']) or leaf_modules=['{tname}']")
@@ -264,36 +189,11 @@ class YoloTracer(fx.Tracer):
         return node
 
 
-def _split_shared_modules(gm: fx.GraphModule, call_site: dict) -> None:
-    """Give each call of a parameter-free module (the shared SiLU, SPPF's MaxPool) its own module instance."""
-    used: set[str] = set()
-    for node in gm.graph.nodes:
-        if node.op != "call_module" or node not in call_site:
-            continue
-        site, module = call_site[node]
-        has_state = any(True for _ in module.parameters()) or any(True for _ in module.buffers())
-        if has_state and site == node.target:
-            used.add(site)
-            continue
-        if has_state:  # shared module with parameters: keep it shared (tied weights), record the call site only
-            node.meta[META_KEY].module_path = site
-            continue
-        new, k = site, 0
-        while new in used:
-            k += 1
-            new = f"{site}_{k}"
-        used.add(new)
-        if new != node.target:
-            gm.add_submodule(new, copy.deepcopy(module))
-            node.target = new
-            node._rename(new.replace(".", "_"))
-        node.meta[META_KEY].module_path = new
-    gm.delete_all_unused_submodules()
-
-
 def _install_decode(model: nn.Module) -> None:
+    from ultralytics.nn.modules import Detect
+
     head = model.model[-1]
-    if type(head).__name__ == "Detect" and not hasattr(head, "decode"):
+    if type(head) is Detect and not hasattr(head, "decode"):
         head.decode = DetectDecode(head)
 
 
@@ -318,11 +218,11 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
     root.train(mode == "train")
     graph = tracer.trace(root)
     gm = fx.GraphModule(root, graph, class_name="YoloGraph")
-    _split_shared_modules(gm, tracer.call_site)
     for node in gm.graph.nodes:
         node.meta.setdefault(META_KEY, NodeInfo())
-    gm.graph.lint()
-    gm.recompile()
+    from .passes.pipeline import run_passes, trace_passes
+
+    gm = run_passes(gm, trace_passes(), "trace")
     gm.train(mode == "train")
     head = det.model[-1]
     gm.meta = {

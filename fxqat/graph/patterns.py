@@ -4,8 +4,9 @@ A pattern names the roles of the nodes inside one kind of Ultralytics block, by 
 to the block, plus the edges that must connect them. The matcher finds every block instance through the tracer's
 block meta (never through node names), checks the edges with networkx, and writes each node's role into
 ``node.meta["fxqat"].role``. Roles are what qconfig rules and the critical-layer analysis refer to
-(``c2f.concat``, ``sppf.pool``, ``detect.box_last``, ...). The quantizer-sharing rules follow from op kinds
-(see ``passes/insert_quantizers.py``); patterns name the pieces and the QAT replacement each block becomes.
+(``c2f.concat``, ``sppf.pool``, ``detect.box_last``, ...). Op kinds come from ``graph/registry.py``; which kinds
+keep their input's grid is registry data too (read by ``passes/annotate.py``). Patterns name the pieces and the QAT
+replacement each block becomes.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 import torch.fx as fx
-import torch.nn as nn
 
 from .meta import info
+from .registry import op_kind
 
 
 @dataclass(frozen=True)
@@ -78,42 +79,6 @@ UPSAMPLE = Pattern("upsample", ("Upsample",), (Role("upsample", "resize"),))
 
 PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, CONCAT, UPSAMPLE)
 ROLES: tuple[str, ...] = ("first_conv", "conv") + tuple(r.name for p in PATTERNS for r in p.roles)
-
-
-def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """conv | cat | add | pool | resize | split | decode | quant | io | other."""
-    import operator
-
-    import torch
-
-    if node.op in ("placeholder", "output"):
-        return "io"
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        name = type(m).__name__
-        if name in ("ConvBnAct", "Conv2d"):
-            return "conv"
-        if isinstance(m, nn.MaxPool2d):
-            return "pool"
-        if isinstance(m, nn.Upsample):
-            return "resize" if m.mode == "nearest" else "other"
-        if name in ("DetectDecode", "DFL"):
-            return "decode"
-        if name == "FakeQuant":
-            return "quant"
-        return "other"
-    if node.op == "call_function":
-        if node.target in (torch.cat, torch.concat):
-            return "cat"
-        if node.target in (operator.add, torch.add):
-            return "add" if all(isinstance(a, fx.Node) for a in node.args[:2]) else "other"
-        if node.target is operator.getitem and isinstance(node.args[0], fx.Node) and \
-                op_kind(gm, node.args[0]) == "split":
-            return "split"
-        return "other"
-    if node.op == "call_method" and node.target in ("chunk", "split"):
-        return "split"
-    return "other"
 
 
 @dataclass

@@ -30,6 +30,9 @@ class SplitSiLU(nn.Module):
         return x * self.sigmoid_fq(torch.sigmoid(x))
 
 
+ACT_KINDS = {nn.SiLU: "swish", SplitSiLU: "swish", nn.ReLU: "relu", nn.Identity: "none"}
+
+
 class ConvBnAct(nn.Module):
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None,
                  weight_spec: QuantSpec | None = None):
@@ -46,7 +49,8 @@ class ConvBnAct(nn.Module):
         if spec is None:
             self.weight_fq = None
             return
-        self.weight_fq = FakeQuant(spec, channels=self.conv.out_channels if spec.per_channel is not None else None)
+        self.weight_fq = FakeQuant(spec, channels=self.conv.weight.shape[spec.per_channel] if spec.per_channel is not None
+                                   else None)
         self.weight_fq.always_observe = True
 
     def set_preact_spec(self, spec: QuantSpec | None, sigmoid: QuantSpec | None = None) -> None:
@@ -63,8 +67,8 @@ class ConvBnAct(nn.Module):
 
     @property
     def act_kind(self) -> str:
-        kinds = {"SiLU": "swish", "SplitSiLU": "swish", "ReLU": "relu", "Identity": "none"}
-        return kinds.get(type(self.act).__name__, "other")
+        """The activation as oneDNN's post-op names it: swish | relu | none | other."""
+        return next((k for cls, k in ACT_KINDS.items() if isinstance(self.act, cls)), "other")
 
     def freeze_bn(self, frozen: bool = True) -> ConvBnAct:
         """Stop (or resume) BatchNorm statistics updates; frozen, training computes the folded conv exactly."""
@@ -83,6 +87,37 @@ class ConvBnAct(nn.Module):
         f = self._bn_factor()
         b = torch.zeros_like(self.bn.running_mean) if b is None else b
         return w * f.reshape(-1, 1, 1, 1), self.bn.bias + (b - self.bn.running_mean) * f
+
+    @torch.no_grad()
+    def _deploy_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(folded weight, folded bias) with the weight quantizer's grid set from the folded weight, as the QAT
+        forward in eval sets it (the one place convert and export fold BN)."""
+        w, b = self.folded()
+        if self.weight_fq is not None:
+            self.weight_fq.observe(w)
+        return w, b.detach()
+
+    @torch.no_grad()
+    def weight_codes(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int32 codes, per-output-channel float scales, folded bias): what an INT8 kernel needs. The codes are the
+        ones the fake-quantizer rounds to (``FakeQuant.codes``), not ``round(w / scale)``, which differs on .5."""
+        w, b = self._deploy_weight()
+        fq = self.weight_fq
+        scale = fq.scale.detach().reshape(-1).float()
+        if scale.numel() == 1:
+            scale = scale.expand(w.shape[0]).contiguous()
+        if bool((fq.zero_point != 0).any()):
+            from ..errors import ConvertError
+
+            raise ConvertError("INT8 conversion needs symmetric weights (zero_point 0); set weight symmetric: true")
+        return fq.codes(w), scale, b
+
+    @torch.no_grad()
+    def deploy_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(folded weight on the weight quantizer's grid, folded bias): the constants a QDQ export stores. ONNX's
+        round(w / scale) of a value already on the grid gives exactly the QAT model's codes."""
+        w, b = self._deploy_weight()
+        return (self.weight_fq.fake_quant(w) if self.weight_fq is not None else w).detach(), b
 
     def _qw(self, w: torch.Tensor) -> torch.Tensor:
         return self.weight_fq(w) if self.weight_fq is not None else w
