@@ -19,8 +19,9 @@ import torch
 import torch.fx as fx
 
 from ..graph.meta import info
-from ..graph.patterns import op_kind
+from ..graph.registry import op_kind
 from ..modules.conv_bn_act import ConvBnAct
+from ..passes.insert_quantizers import grid_of
 from ..quant.fake_quant import FakeQuant
 
 
@@ -87,7 +88,7 @@ def find_units(gm: fx.GraphModule) -> list[Unit]:
         if n.op != "call_module" or not isinstance(gm.get_submodule(n.target), ConvBnAct):
             continue
         m = gm.get_submodule(n.target)
-        path = info(n).extra.get("quantizer")
+        path = grid_of(n)
         act = gm.get_submodule(path) if path else None
         if m.weight_fq is None and act is None:
             continue

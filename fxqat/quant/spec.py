@@ -63,15 +63,19 @@ SIGMOID_UINT8 = sigmoid_grid(QuantSpec(bits=8, symmetric=False, observer="minmax
 
 @dataclass(frozen=True)
 class NodeQSpec:
-    """What the insertion pass reads from ``node.meta["fxqat"].qspec``.
+    """The per-node quantization decision, ``node.meta["fxqat"].qspec``: written by ``AnnotateQConfig``, read by
+    quantizer insertion, INT8 lowering and the ONNX export (and nothing else decides).
 
-    ``weight``: spec of the node's weights (convs) or None; ``output``: spec of its output activation, or None to
-    leave the output float. ``shared``: the node's output lies on its input's grid (concat, maxpool, upsample, split).
+    ``weight``: spec of the node's weights (convs) or None; ``output``: spec of the grid its output lies on, or None
+    to leave the output float. ``grid``: name of the node that owns that grid (torchao's SharedQuantizationSpec
+    idea): the node itself, or the first producer of its sharing class. ``shared``: the output lies on its input's
+    grid with no quantizer of its own (concat, maxpool, nearest upsample, split).
     """
 
     weight: QuantSpec | None = None
     output: QuantSpec | None = None
     shared: bool = False
+    grid: str | None = None
     preact: QuantSpec | None = None  # conv output before its activation (ONNX Runtime's QLinearConv needs it)
     sigmoid: QuantSpec | None = None  # SiLU's sigmoid output (ONNX Runtime's QLinearSigmoid + QLinearMul)
     source: str = "default"  # which rule set it (for reports)

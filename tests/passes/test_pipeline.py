@@ -7,7 +7,7 @@ import torch.nn as nn
 
 import fxqat
 from fxqat.graph.meta import info
-from fxqat.graph.patterns import op_kind
+from fxqat.graph.registry import op_kind
 from fxqat.modules.int8 import Dequantize
 from fxqat.quant.fake_quant import FakeQuant
 
