@@ -69,6 +69,30 @@ class QATBlock:
             if q.spec.fixed is None:
                 q.observe_enabled = enabled
 
+    def nodes_with_role(self, role: str) -> list[fx.Node]:
+        names = set(self.nodes.get(role, []))
+        return [n for n in self.gm.graph.nodes if n.name in names]
+
+    def grid(self, role: str) -> FakeQuant | None:
+        """The activation quantizer whose grid the (first) node of ``role`` lies on (None: float)."""
+        from ..passes.insert_quantizers import grid_of
+
+        ns = self.nodes_with_role(role)
+        path = grid_of(ns[0]) if ns else None
+        return self.gm.get_submodule(path) if path else None
+
+    def summary(self) -> str:
+        """One line per node of the block that has a role: role, node, module path, precision and grid."""
+        from ..graph.summary import precision_label
+        from ..passes.insert_quantizers import grid_of
+
+        rows = [f"{type(self).__name__} {self.path}"]
+        for role in self.nodes:
+            for n in self.nodes_with_role(role):
+                rows.append(f"  {role:<18} {n.name:<22} {info(n).module_path:<20} {precision_label(n) or 'float':<12} "
+                            f"{grid_of(n) or '-'}")
+        return "\n".join(rows)
+
     def __str__(self) -> str:
         q = self.quantizers()
         acts = sorted({k for k, v in q.items() if v.ch_axis is None})
@@ -79,13 +103,25 @@ class QATBlock:
 class QATCSPLayer(QATBlock):
     """C2f / C3k2: cv1 → split → bottlenecks → concat (one grid for all its inputs) → cv2."""
 
+    def concat_grid(self) -> FakeQuant | None:
+        """The one quantizer every input of the block's concat uses."""
+        return self.grid("c2f.concat")
+
 
 class QATBottleneckCSP(QATBlock):
     """Bottleneck: cv1 → cv2 (→ + x, output quantized once)."""
 
+    def add_grid(self) -> FakeQuant | None:
+        """The residual add's output quantizer (None without a shortcut, or when the add stays float)."""
+        return self.grid("bottleneck.add")
+
 
 class QATSPPF(QATBlock):
     """SPPF: cv1 → 3 max-pools on cv1's grid → concat → cv2."""
+
+    def pool_grid(self) -> FakeQuant | None:
+        """The quantizer cv1's output, the three pools and the concat share."""
+        return self.grid("sppf.pool")
 
 
 class QATDetectionHead(QATBlock):

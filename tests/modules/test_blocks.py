@@ -19,3 +19,17 @@ def test_blocks_found_with_their_convs_and_grids():
     sppf = fxqat.blocks(gm, "QATSPPF")[0]
     sppf.set_observers(False)
     assert not any(q.observe_enabled for q in sppf.quantizers().values())
+
+
+def test_block_grids_and_summary_read_the_annotation():
+    gm = fxqat.prepare_qat("yolov8n.yaml", nc=10)
+    c2f = next(b for b in fxqat.blocks(gm, "QATCSPLayer") if b.path == "model.4")
+    # the concat's grid is the one its inputs (cv1's split halves and both bottleneck adds) all use
+    assert c2f.concat_grid() is gm.get_submodule("quant.model_4_cv1")
+    sppf = fxqat.blocks(gm, "QATSPPF")[0]
+    assert sppf.pool_grid() is gm.get_submodule("quant.model_9_cv1")
+    adds = [b.add_grid() for b in fxqat.blocks(gm, "QATBottleneckCSP")]
+    assert sum(a is not None for a in adds) == 6  # backbone bottlenecks have shortcuts, neck ones do not
+    text = sppf.summary()
+    assert "sppf.pool" in text and "quant.model_9_cv1" in text and "shared" in text
+    assert fxqat.blocks(gm, "QATDetectionHead")[0].grid("detect.box_last") is None  # float output
