@@ -21,3 +21,8 @@ class QConfigError(FxqatError):
 
 class BackendError(FxqatError):
     """The quantization backend (torch.ao.quantization) is missing or lacks an operator fxqat needs."""
+
+
+class ConvertError(FxqatError):
+    """A QAT model cannot be converted or exported as asked (uninitialized quantizers, an op kind without an INT8
+    lowering rule); the message names the nodes or quantizers and what to do."""

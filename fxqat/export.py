@@ -19,72 +19,20 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.fx as fx
-import torch.nn as nn
-import torch.nn.functional as F
 
-from .graph.meta import info
-from .graph.patterns import op_kind
-from .modules.conv_bn_act import ConvBnAct
-from .passes.insert_quantizers import QCLASS
-from .quant.fake_quant import FakeQuant
-
-
-class ExportConv(nn.Module):
-    """Conv with BN folded into constant weights, weight fake-quantized, activation applied."""
-
-    def __init__(self, m: ConvBnAct):
-        super().__init__()
-        with torch.no_grad():
-            w, b = m.folded()
-            if m.weight_fq is not None:
-                m.weight_fq.observe(w)
-                # stored on the grid: ONNX's round(w / scale) then gives exactly the QAT model's codes (rounding the
-                # float weight itself differs from the fake-quant kernels on each channel's extreme, a .5 step)
-                w = m.weight_fq.fake_quant(w)
-        self.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
-        self.bias = nn.Parameter(b.detach().clone(), requires_grad=False)
-        self.weight_fq = copy.deepcopy(m.weight_fq)
-        self.preact_fq = copy.deepcopy(m.preact_fq)
-        for fq in (self.weight_fq, self.preact_fq):
-            if fq is not None:
-                fq.observe_enabled = False
-                fq.always_observe = False
-        c = m.conv
-        self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
-        self.act = m.act
-
-    def forward(self, x):
-        w = self.weight_fq(self.weight) if self.weight_fq is not None else self.weight
-        y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-        return self.act(self.preact_fq(y) if self.preact_fq is not None else y)
+from .convert import check_initialized
+from .passes.base import run_passes
+from .passes.pipeline import export_passes, onnx_passes
 
 
 def export_graph(qat_model: fx.GraphModule) -> fx.GraphModule:
-    """The graph that is exported: folded convs, re-quantization after shared ops, decode in export mode."""
+    """The graph that is exported: the export pass list (folded convs, decode in export mode, re-quantization
+    after shared ops) run on a copy of ``qat_model``."""
     gm = copy.deepcopy(qat_model).cpu().eval()
-    for fq in (m for m in gm.modules() if isinstance(m, FakeQuant)):
-        fq.observe_enabled = False
-    for n in list(gm.graph.nodes):
-        kind = op_kind(gm, n)
-        if kind == "conv" and isinstance(gm.get_submodule(n.target), ConvBnAct):
-            gm.add_submodule(n.target, ExportConv(gm.get_submodule(n.target)))
-        elif kind == "decode":
-            gm.get_submodule(n.target).export = True
-            gm.get_submodule(n.target).fast_dfl = True
-        elif kind in ("cat", "pool", "resize", "split") and QCLASS in info(n).extra and n.op != "call_method":
-            path = info(n).extra[QCLASS]
-            users = [u for u in n.users if op_kind(gm, u) != "quant"]
-            if not users:
-                continue
-            with gm.graph.inserting_after(n):
-                fq = gm.graph.call_module(path, (n,))
-            n.replace_all_uses_with(fq, delete_user_cb=lambda u, fq=fq: u is not fq)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
+    return run_passes(gm, export_passes(), "export")
 
 
-def _fold_weight_quantizers(model) -> None:
+def fold_weight_quantizers(model) -> None:
     """QuantizeLinear(constant float weight) → an int8 initializer feeding DequantizeLinear directly."""
     from onnx import numpy_helper
 
@@ -122,7 +70,7 @@ def _fold_weight_quantizers(model) -> None:
         g.initializer.remove(next(i for i in g.initializer if i.name == name))
 
 
-def _scalar_qparams(model) -> None:
+def scalar_qparams(model) -> None:
     """Per-tensor scales / zero points as scalars, not shape-[1] tensors: ONNX Runtime fuses DQ, DQ → Add → Q into
     QLinearAdd only with scalar qparams (and TensorRT expects scalars for per-tensor quantization)."""
     from onnx import numpy_helper
@@ -145,6 +93,7 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
+    check_initialized(qat_model, "export")
     gm = export_graph(qat_model)
     x = torch.zeros(batch, 3, h, w)
     with warnings.catch_warnings(), torch.no_grad():
@@ -153,8 +102,8 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
                           dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load(str(path))
-    _fold_weight_quantizers(model)
-    _scalar_qparams(model)
+    for rewrite in onnx_passes():
+        rewrite(model)
     meta = getattr(qat_model, "meta", {})
     for k, v in {"names": json.dumps({int(a): b for a, b in meta.get("names", {}).items()}),
                  "stride": json.dumps([int(s) for s in meta.get("stride", torch.tensor([8, 16, 32])).tolist()]),

@@ -11,6 +11,7 @@ Concat, nearest Upsample and chunk run unchanged on uint8 tensors: their inputs 
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -94,14 +95,17 @@ class Int8ConvBnAct(nn.Module):
     """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call."""
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
-                 x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str):
+                 x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str, *,
+                 keep_layout: bool = False):
+        """``keep_layout``: a float output stays channels-last (set by ``BinsLastHead`` where the consumer reads
+        that layout); otherwise it is made NCHW-contiguous."""
         super().__init__()
         _check_onednn()
         self.stride, self.padding = list(conv.stride), list(conv.padding)
         self.dilation, self.groups = list(conv.dilation), conv.groups
         self.x_scale, self.x_zp = float(x_qparams[0]), int(x_qparams[1])
         self.float_out = out_qparams is None
-        self.keep_layout = False  # float output: return it channels-last (its consumer reads that layout)
+        self.keep_layout = bool(keep_layout)
         self.o_scale, self.o_zp = (1.0, 0) if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
         self.attr = act if act in ("swish", "relu", "none") else "none"
         self.register_buffer("w_int8", w_int8.contiguous())
@@ -122,6 +126,12 @@ class Int8ConvBnAct(nn.Module):
                                   self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
                                   torch.float32 if self.float_out else None, self.attr, [], ""))
         return self._packed[1]
+
+    def with_options(self, *, keep_layout: bool) -> Int8ConvBnAct:
+        """A copy with another ``keep_layout`` (what a layout pass installs in this module's place)."""
+        new = copy.deepcopy(self)
+        new.keep_layout = bool(keep_layout)
+        return new
 
     def __getstate__(self):  # the packed weight is an opaque oneDNN tensor: rebuilt on first use, never pickled
         state = super().__getstate__().copy()

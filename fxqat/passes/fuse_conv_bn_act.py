@@ -37,7 +37,8 @@ class FuseConvBnAct(FxqatPass):
         left = [n.name for n in gm.graph.nodes if _module(gm, n, (nn.Conv2d, nn.BatchNorm2d))]
         assert not left, f"unfused conv/bn nodes remain: {left[:5]}"
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule) -> bool:
+        changed = False
         for node in list(gm.graph.nodes):
             conv = _module(gm, node, nn.Conv2d)
             if conv is None or info(node).block == "DFL":
@@ -52,6 +53,7 @@ class FuseConvBnAct(FxqatPass):
             path = node.target.rsplit(".", 1)[0] if node.target.endswith(".conv") and bn is not None else node.target
             meta = info(node)
             fused = ConvBnAct(conv, bn, act)
+            changed = True
             if len(chain) == 1:  # a bare conv (Detect's last 1x1): swap the module, keep the node and its name
                 gm.add_submodule(node.target, fused)
                 continue
@@ -64,3 +66,4 @@ class FuseConvBnAct(FxqatPass):
             new.meta["fxqat"] = meta
             meta.module_path = path
             new._rename(path.replace(".", "_"))
+        return changed

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..modules.int8 import CL, Int8Add, Int8ConvBnAct
-from ..tracing import DetectDecode
+from ..modules.decode import DetectDecode
 from .base import FxqatPass
 
 
@@ -60,7 +60,8 @@ class BinsLastHead(FxqatPass):
 
     name = "bins_last_head"
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule) -> bool:
+        changed = False
         for dec in [n for n in gm.graph.nodes if isinstance(_module(gm, n), DetectDecode)]:
             found = [self._convs_of(gm, c) for c in dec.args[:2]]
             if any(f is None for f in found):
@@ -69,13 +70,16 @@ class BinsLastHead(FxqatPass):
             for views in found:
                 flats = []
                 for v in views:
-                    _module(gm, v.args[0]).keep_layout = True
+                    conv = v.args[0]
+                    gm.add_submodule(conv.target, _module(gm, conv).with_options(keep_layout=True))
                     with gm.graph.inserting_before(v):
                         flats.append(gm.graph.call_function(_hw_by_channels, (v.args[0],)))
                     flats[-1].meta.update({k: x for k, x in v.args[0].meta.items() if k == "fxqat"})
                 levels.append(flats)
             dec.args = (*levels, *dec.args[2:])  # the concats and views are now dead code
-            _module(gm, dec).bins_last = True
+            gm.add_submodule(dec.target, _module(gm, dec).with_options(bins_last=True))
+            changed = True
+        return changed
 
     @staticmethod
     def _convs_of(gm, cat: fx.Node):
@@ -97,7 +101,8 @@ class CatWholeChunks(FxqatPass):
 
     name = "cat_whole_chunks"
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule) -> bool:
+        changed = False
         for n in list(gm.graph.nodes):
             dim = _cat_dim(n)
             if dim is None:
@@ -115,6 +120,8 @@ class CatWholeChunks(FxqatPass):
                     i += 1
             if len(out) < len(parts):
                 n.args = (out,) + tuple(n.args[1:])
+                changed = True
+        return changed
 
 
 class DenseSplitHalves(FxqatPass):
@@ -123,7 +130,8 @@ class DenseSplitHalves(FxqatPass):
 
     name = "dense_split_halves"
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule) -> bool:
+        changed = False
         for n in list(gm.graph.nodes):
             c = _chunk_of(n)
             if c is None or c[2] != 1:
@@ -136,7 +144,6 @@ class DenseSplitHalves(FxqatPass):
             d.meta.update({k: v for k, v in n.meta.items() if k == "fxqat"})
             for u in dense_users:
                 u.replace_input_with(n, d)
+            changed = True
+        return changed
 
-
-def int8_layout_passes() -> list[FxqatPass]:
-    return [BinsLastHead(), CatWholeChunks(), DenseSplitHalves()]

@@ -15,8 +15,9 @@ class MatchPatterns(FxqatPass):
         super().__init__()
         self.patterns = patterns
 
-    def run(self, gm: fx.GraphModule) -> None:
+    def run(self, gm: fx.GraphModule) -> bool:
         gm.meta["patterns"] = match_patterns(gm, self.patterns)
+        return False  # roles only: the graph is unchanged
 
     def ensures(self, gm: fx.GraphModule) -> None:
         found = {m.pattern for m in gm.meta["patterns"]}

@@ -1,10 +1,19 @@
-"""The QAT pipeline, top to bottom. ``prepare_qat`` is all of fxqat's graph preparation in one place.
+"""fxqat's pipeline in one place: four ordered lists of small named passes, each pass in its own small file.
 
-    trace ─► FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers ─► QAT GraphModule
+    trace    YoloTracer ─► SplitSharedModules
+    prepare  FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers          = the QAT GraphModule
+    convert  LowerInt8 ─► BinsLastHead ─► CatWholeChunks ─► DenseSplitHalves                = the INT8 GraphModule
+    export   FoldConvsForExport ─► DecodeForExport ─► RequantizeSharedOps ─► (torch.onnx) ─►
+             FoldWeightQuantizers ─► ScalarQParams ─► ultralytics metadata                  = the QDQ ONNX file
+
+``AnnotateQConfig`` decides every node's quantization (``node.meta["fxqat"].qspec``: weight spec, output spec, the
+grid it shares); every later pass reads that record. Each pass is a torch.fx ``PassBase``: requires → call →
+ensures run once; a failing pass is named; only a pass that changed the graph recompiles it.
 
 Seed names: ``prepare_yolov8_for_qat`` = :func:`prepare_qat`; ``fuse_yolov8_model_modules`` = FuseConvBnAct;
 ``convert_yolov8_modules_to_qat`` = MatchPatterns (+ the roles' rules); ``insert_fake_quantize_nodes`` =
-InsertQuantizers; ``apply_special_quantization`` = AnnotateQConfig with a qconfig from ``fxqat.analyze``.
+InsertQuantizers; ``apply_special_quantization`` = AnnotateQConfig with a qconfig from ``fxqat.analyze``;
+``convert_yolov8_to_quantized`` = the convert list.
 """
 
 from __future__ import annotations
@@ -13,24 +22,40 @@ import torch
 import torch.fx as fx
 
 from ..qconfig import as_qconfig
-from ..tracing import trace
 from .annotate import AnnotateQConfig
+from .base import FxqatPass, run_passes
 from .fuse_conv_bn_act import FuseConvBnAct
 from .insert_quantizers import InsertQuantizers
 from .match import MatchPatterns
+from .split_shared_modules import SplitSharedModules
 
 
-def qat_passes(qconfig) -> list:
-    """The ordered pass list (each a torch.fx PassBase with requires → call → ensures)."""
-    return [FuseConvBnAct(), MatchPatterns(), AnnotateQConfig(qconfig), InsertQuantizers(qconfig)]
+def trace_passes() -> list[FxqatPass]:
+    return [SplitSharedModules()]
 
 
-def run_passes(gm: fx.GraphModule, passes) -> fx.GraphModule:
-    for p in passes:
-        p.requires(gm)
-        gm = p(gm).graph_module
-        p.ensures(gm)
-    return gm
+def prepare_passes(qconfig) -> list[FxqatPass]:
+    return [FuseConvBnAct(), MatchPatterns(), AnnotateQConfig(qconfig), InsertQuantizers()]
+
+
+def convert_passes() -> list[FxqatPass]:
+    from .int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves
+    from .lower_int8 import LowerInt8
+
+    return [LowerInt8(), BinsLastHead(), CatWholeChunks(), DenseSplitHalves()]
+
+
+def export_passes() -> list[FxqatPass]:
+    from .export_qdq import DecodeForExport, FoldConvsForExport, RequantizeSharedOps
+
+    return [FoldConvsForExport(), DecodeForExport(), RequantizeSharedOps()]
+
+
+def onnx_passes() -> list:
+    """Rewrites of the exported ``onnx.ModelProto``, in order (functions ``model -> None``)."""
+    from ..export import fold_weight_quantizers, scalar_qparams
+
+    return [fold_weight_quantizers, scalar_qparams]
 
 
 def prepare_qat(model, qconfig=None, example_inputs=None, *, nc: int | None = None,
@@ -40,15 +65,22 @@ def prepare_qat(model, qconfig=None, example_inputs=None, *, nc: int | None = No
     Args:
         model: anything :func:`fxqat.trace` accepts, or a GraphModule fxqat traced.
         qconfig: None (defaults: INT8 per-channel symmetric weights, UINT8 per-tensor activations, Detect's last
-            convs with float output), a YAML path, a dict, a ``fxqat.qconfig.QConfig`` or a torch.ao QConfigMapping.
+            convs with float output), a YAML path or preset name, a dict, a ``fxqat.qconfig.QConfig`` or a torch.ao
+            QConfigMapping.
         example_inputs: optional ``(tensor,)``; when given, one forward pass initializes every quantizer
             (like a one-batch calibration), so the model is ready for training or evaluation at once.
+        nc, leaf_modules: as for :func:`fxqat.trace`; recorded in ``gm.meta["prepare_args"]`` (and in checkpoints).
     """
+    from ..tracing import trace
+
     qc = as_qconfig(qconfig)
-    gm = model if isinstance(model, fx.GraphModule) and "names" in getattr(model, "meta", {}) else \
-        trace(model, "train", leaf_modules=leaf_modules, nc=nc)
-    gm = run_passes(gm, qat_passes(qc))
+    traced = isinstance(model, fx.GraphModule) and "names" in getattr(model, "meta", {})
+    gm = model if traced else trace(model, "train", leaf_modules=leaf_modules, nc=nc)
+    gm = run_passes(gm, prepare_passes(qc), "prepare")
     gm.meta["qconfig"] = qc
+    if not traced:
+        gm.meta["prepare_args"] = {"leaf_modules": [x if isinstance(x, str) else x.__name__ for x in leaf_modules],
+                                   "nc": nc}
     gm.train()
     if example_inputs is not None:
         from ..calibrate import calibrate

@@ -10,7 +10,8 @@ import torch.fx as fx
 import fxqat
 from fxqat.modules.int8 import Int8Add, Int8ConvBnAct
 from fxqat.passes.int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves, _chunk_of
-from fxqat.passes.pipeline import run_passes
+from fxqat.passes.base import run_passes
+from fxqat.passes.lower_int8 import LowerInt8
 
 from ..conftest_helpers import liven, signs_like_images
 
@@ -28,7 +29,7 @@ def qat():
 def raw_int8(qat):
     """The converted graph before any layout pass."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(sys.modules["fxqat.convert"], "int8_layout_passes", lambda: [])
+        mp.setattr(sys.modules["fxqat.convert"], "convert_passes", lambda: [LowerInt8()])
         return fxqat.convert(qat)
 
 
