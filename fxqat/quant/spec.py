@@ -8,6 +8,12 @@ from ..errors import QConfigError
 from .backend import OBSERVERS
 
 
+def short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters (+ '…'): error messages quote user values, never whole documents."""
+    r = repr(value)
+    return r if len(r) <= limit else r[:limit] + "…"
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     bits: int = 8
@@ -16,21 +22,25 @@ class QuantSpec:
     observer: str = "moving_average"
     learnable: bool = False  # LSQ-style trainable scale
     fixed: tuple[float, int] | None = None  # fixed (scale, zero_point), e.g. [0, 1] images: (1/255, 0)
+    percentile: float = 99.99  # observer "percentile": clip at this percentile of |x| (of x at 100 - p and p)
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or isinstance(self.bits, bool) or not 2 <= self.bits <= 16:
-            raise QConfigError(f"bits={self.bits!r}: must be an integer from 2 to 16")
-        if self.observer not in OBSERVERS:
-            raise QConfigError(f"observer={self.observer!r}: valid choices are {', '.join(OBSERVERS)}")
+            raise QConfigError(f"bits={short(self.bits)}: must be an integer from 2 to 16")
+        if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
+            raise QConfigError(f"observer={short(self.observer)}: valid choices are {', '.join(OBSERVERS)}")
         if self.per_channel is not None and (not isinstance(self.per_channel, int) or isinstance(
                 self.per_channel, bool) or self.per_channel < 0):
-            raise QConfigError(f"per_channel={self.per_channel!r}: a channel axis (0, 1, ...) or null")
+            raise QConfigError(f"per_channel={short(self.per_channel)}: a channel axis (0, 1, ...) or null")
         if self.per_channel is not None and self.observer in ("histogram", "percentile", "mse"):
             raise QConfigError(f"observer={self.observer!r} is per-tensor only; use minmax or moving_average "
                                "with per_channel")
+        if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or \
+                not 90 <= self.percentile <= 100:
+            raise QConfigError(f"percentile={short(self.percentile)}: a number from 90 to 100")
         for name in ("symmetric", "learnable"):
             if not isinstance(getattr(self, name), bool):
-                raise QConfigError(f"{name}={getattr(self, name)!r}: must be true or false")
+                raise QConfigError(f"{name}={short(getattr(self, name))}: must be true or false")
 
     @property
     def qmin(self) -> int:
