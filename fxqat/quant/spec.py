@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from ..errors import QConfigError
@@ -29,6 +30,9 @@ class QuantSpec:
             raise QConfigError(f"bits={short(self.bits)}: must be an integer from 2 to 16")
         if not isinstance(self.observer, str) or self.observer not in OBSERVERS:
             raise QConfigError(f"observer={short(self.observer)}: valid choices are {', '.join(OBSERVERS)}")
+        for name in ("symmetric", "learnable"):
+            if not isinstance(getattr(self, name), bool):
+                raise QConfigError(f"{name}={short(getattr(self, name))}: must be true or false")
         if self.per_channel is not None and (not isinstance(self.per_channel, int) or isinstance(
                 self.per_channel, bool) or self.per_channel < 0):
             raise QConfigError(f"per_channel={short(self.per_channel)}: a channel axis (0, 1, ...) or null")
@@ -38,9 +42,16 @@ class QuantSpec:
         if isinstance(self.percentile, bool) or not isinstance(self.percentile, (int, float)) or \
                 not 90 <= self.percentile <= 100:
             raise QConfigError(f"percentile={short(self.percentile)}: a number from 90 to 100")
-        for name in ("symmetric", "learnable"):
-            if not isinstance(getattr(self, name), bool):
-                raise QConfigError(f"{name}={short(getattr(self, name))}: must be true or false")
+        if self.fixed is not None:
+            f = self.fixed
+            ok = isinstance(f, tuple) and len(f) == 2 and isinstance(f[0], (int, float)) and \
+                not isinstance(f[0], bool) and math.isfinite(f[0]) and f[0] > 0 and isinstance(f[1], int) and \
+                not isinstance(f[1], bool)
+            if not ok:
+                raise QConfigError(f"fixed={short(f)}: a [scale, zero_point] pair, scale > 0, zero_point an integer")
+            if not self.qmin <= f[1] <= self.qmax:
+                raise QConfigError(f"fixed={short(f)}: zero_point outside the {self.label()} grid "
+                                   f"[{self.qmin}, {self.qmax}]")
 
     @property
     def qmin(self) -> int:
@@ -60,7 +71,14 @@ class QuantSpec:
 WEIGHT_INT8 = QuantSpec(bits=8, symmetric=True, per_channel=0, observer="minmax")
 ACT_UINT8 = QuantSpec(bits=8, symmetric=False, observer="moving_average")
 ACT_INT8_SYM = QuantSpec(bits=8, symmetric=True, observer="moving_average")
-IMAGE_INPUT = QuantSpec(bits=8, symmetric=False, observer="minmax", fixed=(1.0 / 255.0, 0))
+
+
+def image_grid(spec: QuantSpec) -> QuantSpec:
+    """The image input's grid: [0, 1] fixed onto 0..qmax (8-bit unsigned: scale 1/255; signed: 1/127, zp 0)."""
+    return spec.with_(fixed=(1.0 / spec.qmax, 0))
+
+
+IMAGE_INPUT = image_grid(QuantSpec(bits=8, symmetric=False, observer="minmax"))
 
 
 def sigmoid_grid(spec: QuantSpec) -> QuantSpec:
