@@ -67,7 +67,8 @@ Where = Callable[[object], str]
 
 
 def _suggest(value: str, choices) -> str:
-    close = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
+    same_case = [c for c in choices if c.lower() == str(value).lower()]
+    close = same_case or difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
