@@ -110,3 +110,44 @@ def test_codes_and_onnx_use_the_learned_scale():
     consts += [numpy_helper.to_array(n.attribute[0].t) for n in model.graph.node if n.op_type == "Constant"]
     assert any(c.shape == (2,) and c.dtype.kind == "f" and abs(c - [0.01, 0.02]).max() < 1e-9 for c in consts)
     assert {n.op_type for n in model.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+
+
+def _tensors(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    items = out.values() if isinstance(out, dict) else out
+    return [t for o in items for t in _tensors(o)]
+
+
+def test_learnable_scales_train_in_a_prepared_yolov8n():
+    """Every learnable scale of a QAT yolov8n (per-channel weights, per-tensor activations) gets a non-zero gradient
+    and changes in one optimizer step; the EMA copy (fxqat.train) takes the learned values."""
+    import copy
+
+    import fxqat
+    from fxqat.train import _sync_quant_state
+
+    gm = fxqat.prepare_qat("yolov8n.yaml", {"weight": {"learnable": True}, "activation": {"learnable": True}})
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    fxqat.calibrate(gm, [x], progress=False)
+    fqs = {p: m for p, m in gm.named_modules() if isinstance(m, FakeQuant) and m.spec.fixed is None}
+    assert len(fqs) > 100 and all(m.spec.learnable and bool(m.initialized) for m in fqs.values())
+    assert sum(m.ch_axis is not None for m in fqs.values()) == 63  # every conv's weight quantizer: per-channel
+    scales = [m.scale for m in fqs.values()]
+    params = {id(p) for p in gm.parameters()}
+    assert all(id(s) in params for s in scales)
+    before = [s.detach().clone() for s in scales]
+    gm.train()
+    sum(o.float().square().mean() for o in _tensors(gm(x))).backward()
+    no_grad = [p for p, m in fqs.items() if m.scale.grad is None or not bool((m.scale.grad != 0).any())]
+    assert no_grad == []
+    torch.optim.SGD(scales, lr=1e-3).step()
+    unchanged = [p for (p, m), b in zip(fqs.items(), before) if torch.equal(m.scale.detach(), b)]
+    assert unchanged == []
+    ema = copy.deepcopy(gm)
+    with torch.no_grad():
+        for s in scales:
+            s.mul_(1.5)
+    _sync_quant_state(ema, gm)
+    ema_fqs = dict(ema.named_modules())
+    assert all(torch.equal(ema_fqs[p].scale, m.scale) for p, m in fqs.items())
