@@ -86,13 +86,15 @@ class FakeQuant(nn.Module):
         scale = self.effective_scale()
         learn = self.spec.learnable and torch.is_grad_enabled() and self.scale.requires_grad \
             and not torch.onnx.is_in_onnx_export()
-        if learn:
-            zp = self.zero_point.float()
+        if learn:  # the LSQ kernels' backward takes float32 only: AMP's float16 activations go through float32
+            zp, xf = self.zero_point.float(), x.float()
             if self.ch_axis is None:
-                return torch._fake_quantize_learnable_per_tensor_affine(
-                    x, scale, zp, self.qmin, self.qmax, self.grad_factor(x))
-            return torch._fake_quantize_learnable_per_channel_affine(
-                x, scale, zp, self.ch_axis, self.qmin, self.qmax, self.grad_factor(x))
+                y = torch._fake_quantize_learnable_per_tensor_affine(
+                    xf, scale.float(), zp, self.qmin, self.qmax, self.grad_factor(x))
+            else:
+                y = torch._fake_quantize_learnable_per_channel_affine(
+                    xf, scale.float(), zp, self.ch_axis, self.qmin, self.qmax, self.grad_factor(x))
+            return y.to(x.dtype)
         scale = scale.detach()
         if self.ch_axis is not None:
             return torch.fake_quantize_per_channel_affine(x, scale, self.zero_point, self.ch_axis,

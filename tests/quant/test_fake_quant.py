@@ -82,6 +82,15 @@ def test_per_tensor_gradient_matches_lsq_formula():
     torch.testing.assert_close(fq.scale.grad, expected.reshape(1), rtol=1e-5, atol=1e-6)
 
 
+def test_learnable_scale_trains_on_float16_activations():
+    """Under CUDA AMP activations arrive as float16; the LSQ kernels' backward accepts float32 only."""
+    afq = FakeQuant(A_LSQ).train()
+    x = (torch.rand(64) * 4).half().requires_grad_()
+    y = afq(x)
+    y.float().sum().backward()
+    assert y.dtype == torch.float16 and afq.scale.grad is not None and x.grad.dtype == torch.float16
+
+
 def test_negative_learned_scale_is_used_as_positive():
     fq = _weight_fq(2)
     fq.scale.data = torch.tensor([-0.1, 0.0])  # an optimizer step overshot
