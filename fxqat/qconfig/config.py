@@ -99,7 +99,7 @@ class QConfig:
         """ONE QConfigError listing EVERY rule that matches no quantizable node (file:line each)."""
         bad = self.unmatched_rules(nodes, kind_of)
         if bad:
-            lines = "\n".join(f"  {r.describe()}" for r in bad)
+            lines = "\n".join(f"  {r.describe()} matches no quantizable node" for r in bad)
             raise QConfigError(f"{self.source}: {len(bad)} rule(s) match no quantizable node (convs and residual "
                                f"adds); see `fxqat trace MODEL` for node names, module paths and roles:\n{lines}")
 
