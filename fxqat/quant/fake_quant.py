@@ -47,10 +47,11 @@ class FakeQuant(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Update the observer and take its scale/zero-point. A learnable scale is initialized once from the observer,
-        then the optimizer owns it: later calls return at once (no observer work, the learned scale is kept), also for
-        weight quantizers that otherwise always follow the current weights."""
-        if self.spec.learnable and bool(self.initialized):
+        """Update the observer and take its scale/zero-point. A learnable scale is initialized from the observer (on
+        the first batch, or over every batch of :func:`fxqat.calibrate`), then the optimizer owns it: later calls
+        return at once (no observer work, the learned scale is kept), also for weight quantizers that otherwise always
+        follow the current weights."""
+        if self.spec.learnable and bool(self.initialized) and not self.calibrating:
             return
         self.observer(x.detach().float())
         scale, zp = self.observer.calculate_qparams()

@@ -47,6 +47,10 @@ def test_learnable_observer_runs_once():
     for _ in range(5):
         afq(torch.randn(64))
     assert len(calls) == 1  # initialized once, then the optimizer owns the scale (no observer work per step)
+    s0 = float(afq.scale)
+    afq.calibrating = True  # fxqat.calibrate: the initial scale comes from every calibration batch
+    afq(torch.full((64,), 9.0))
+    assert len(calls) == 2 and float(afq.scale) > s0
 
 
 def _lsq_grad(x, s, qmin, qmax, g, gf):
