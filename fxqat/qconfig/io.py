@@ -274,6 +274,8 @@ def _read_ref(ref: str) -> tuple[str, str]:
             raise QConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except OSError as e:
             raise QConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if path.exists():
+        raise QConfigError(f"{path}: not a file; give a qconfig YAML file or a preset name")
     names = preset_names()
     stem = re.sub(r"\.ya?ml$", "", path.name)
     bare = str(path.parent) == "." and not ref.startswith((".", "/", "~"))

@@ -54,6 +54,8 @@ def test_presets_load_by_name_and_a_file_on_disk_wins(tmp_path, monkeypatch):
     (tmp_path / "qconfigs").mkdir()
     (tmp_path / "qconfigs" / "onnxruntime.yaml").write_text(preset_text("onnxruntime"))
     assert load_qconfig("qconfigs/onnxruntime.yaml").preact is not None
+    with pytest.raises(QConfigError, match="not a file"):
+        load_qconfig(tmp_path / "qconfigs")
 
 
 def test_head_float_keeps_the_whole_detect_head_float():
