@@ -12,7 +12,10 @@
       - match: {name: model_9_cv1}
         skip: true
 
-Match keys (one per rule): block, role, module, name_glob, name.
+Match keys (one per rule): block, role, module, name_glob, name; roles and block types are checked at load time.
+Keys and values follow the one schema in ``schema.py``. A qconfig is given as a YAML file, a built-in preset's name
+(``fxqat/qconfigs/<name>.yaml``, package data read through importlib.resources; a file on disk of that name wins) or
+YAML text. Documents are bounded (MAX_BYTES, and aliases may not expand past MAX_NODES nodes).
 """
 
 from __future__ import annotations
