@@ -48,7 +48,15 @@ def test_checker_and_qdq_structure(exported):
     w_init = next(inits[producers[c.input[1]].input[0]] for c in quantized if c.name.startswith("/model.0/"))
     codes = first.weight_fq.codes(first.folded()[0].detach())
     assert torch.equal(torch.from_numpy(onnx.numpy_helper.to_array(w_init).astype("int32")), codes)
-    assert "QuantizeLinear" in format_report(r)
+    n_q = sum(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    n_dq = sum(n.op_type == "DequantizeLinear" for n in model.graph.node)
+    assert (r["quantize_linear"], r["dequantize_linear"]) == (n_q, n_dq) and n_q > len(convs) // 2
+    assert r["by_op"]["DQ→Conv"] == 2 * len(convs)  # each conv: a dequantized input and dequantized weights
+    assert sum(v for k, v in r["by_op"].items() if k.endswith("→Q")) == n_q
+    text = format_report(r).splitlines()
+    assert text[0] == f"QuantizeLinear {n_q}, DequantizeLinear {n_dq}"
+    assert f"  {'DQ→Conv':<28} {2 * len(convs)}" in text
+    assert "scale changes around Concat/MaxPool/Resize/Split: none" in text
 
 
 def test_onnx_runtime_matches_fake_quant(exported):

@@ -21,7 +21,8 @@ OP_COLORS = {  # op kind → fill color
     "pool": "#d4b9e8", "resize": "#e8d98f", "split": "#f2e6c9", "decode": "#d9d9d9", "quant": "#ffe066",
     "io": "#ffffff", "other": "#eeeeee", "layer": "#dde7f3",
 }
-PRECISION_COLORS = {"float": "#d9d9d9", "int8": "#6baed6", "int4": "#fd8d3c", "int16": "#74c476", "mixed": "#c994c7"}
+PRECISION_COLORS = {"float": "#d9d9d9", "int8": "#6baed6", "int4": "#fd8d3c", "int16": "#74c476",
+                    "other bits": "#9e9ac8", "mixed": "#c994c7"}
 
 
 def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
@@ -43,13 +44,30 @@ def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
     return "other"
 
 
-def _precision_class(label: str) -> str:
-    if not label or label == "float":
+def _bits_class(bits: int) -> str:
+    return f"int{bits}" if f"int{bits}" in PRECISION_COLORS else "other bits"
+
+
+def node_precision(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The precision class of one node: its weights' bits (convs), else its output's; a shared op (concat, pool,
+    resize, split) has its sharing class's grid — and is float when it lies on no quantizer grid (Detect's concats)."""
+    from ..passes.insert_quantizers import QCLASS
+
+    q = info(node).qspec
+    if q is None:
         return "float"
-    for bits in ("4", "16", "8"):
-        if f"{bits}" in label.split("/")[0]:
-            return f"int{bits}"
-    return "int8"
+    if hasattr(q, "bits"):  # a quantizer node: its QuantSpec
+        return _bits_class(q.bits)
+    if q.shared:
+        path = info(node).extra.get(QCLASS)
+        if not path:
+            return "float"
+        try:
+            return _bits_class(gm.get_submodule(path).spec.bits)
+        except AttributeError:
+            return "float"
+    spec = q.weight or q.output
+    return _bits_class(spec.bits) if spec is not None else "float"
 
 
 def _sens_color(v: float, vmax: float) -> str:
@@ -106,8 +124,7 @@ def to_dot(gm: fx.GraphModule, expand=None, color_by: str = "op", sensitivity: d
 
     def fill(nodes: list[fx.Node]) -> str:
         if color_by == "precision":
-            classes = {_precision_class(precision_label(n)) for n in nodes if n.op == "call_module"
-                       or precision_label(n)} or {"float"}
+            classes = {node_precision(n, gm) for n in nodes if n.op == "call_module" or precision_label(n)} or {"float"}
             return PRECISION_COLORS["mixed" if len(classes) > 1 else classes.pop()]
         if color_by == "sensitivity":
             v = max((sens.get(n.name, sens.get(info(n).module_path, 0.0)) for n in nodes), default=0.0)

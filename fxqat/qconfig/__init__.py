@@ -6,11 +6,12 @@ from pathlib import Path
 
 from ..errors import QConfigError
 from .config import DEFAULT_RULES, FLOAT, LEVELS, QConfig, Rule
-from .io import dump_qconfig, load_qconfig, qconfig_from_mapping
+from .io import dump_qconfig, load_qconfig, preset_names, qconfig_from_mapping
 
 
 def as_qconfig(qconfig) -> QConfig:
-    """None → defaults; a QConfig; a dict; a YAML path or text; or a torch.ao ``QConfigMapping``."""
+    """None → defaults; a QConfig; a dict; a YAML path, a built-in preset's name ("tensorrt") or YAML text; or a
+    torch.ao ``QConfigMapping``."""
     if qconfig is None:
         return QConfig()
     if isinstance(qconfig, QConfig):
@@ -23,8 +24,9 @@ def as_qconfig(qconfig) -> QConfig:
 
     if is_qconfig_mapping(qconfig):
         return from_qconfig_mapping(qconfig)
-    raise QConfigError(f"qconfig of type {type(qconfig).__name__}: give None, a dict, a YAML path, a QConfig or a "
-                       "torch.ao QConfigMapping")
+    raise QConfigError(f"qconfig of type {type(qconfig).__name__}: give None, a dict, a YAML path, a preset name "
+                       f"({', '.join(preset_names())}), a QConfig or a torch.ao QConfigMapping")
 
 
-__all__ = ["QConfig", "Rule", "LEVELS", "FLOAT", "DEFAULT_RULES", "as_qconfig", "load_qconfig", "dump_qconfig"]
+__all__ = ["QConfig", "Rule", "LEVELS", "FLOAT", "DEFAULT_RULES", "as_qconfig", "load_qconfig", "dump_qconfig",
+           "preset_names"]

@@ -8,16 +8,15 @@ lower levels resolved, or ``None`` = leave float) or ``skip: true`` (weights and
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch.fx as fx
 
 from ..errors import QConfigError
 from ..graph.meta import info
-from ..quant.spec import ACT_UINT8, IMAGE_INPUT, WEIGHT_INT8, NodeQSpec, QuantSpec
+from ..quant.spec import ACT_UINT8, IMAGE_INPUT, WEIGHT_INT8, NodeQSpec, QuantSpec, short
+from .schema import LEVELS, check_match, check_overrides
 
-LEVELS = ("block", "role", "module", "name_glob", "name")
-SPEC_KEYS = tuple(f.name for f in fields(QuantSpec) if f.name != "fixed")
 FLOAT = "float"  # marker: the rule sets this tensor to float
 
 
@@ -31,21 +30,19 @@ class Rule:
     where: str = ""  # "file:line" for error messages
 
     def __post_init__(self):
-        if self.level not in LEVELS:
-            raise QConfigError(f"{self.where or 'rule'}: match level {self.level!r}; valid choices: {', '.join(LEVELS)}")
-        for name in ("weight", "activation"):
+        where = self.where or "rule"
+        check_match(self.level, self.pattern, where)
+        for name, base in (("weight", WEIGHT_INT8), ("activation", ACT_UINT8)):
             v = getattr(self, name)
             if isinstance(v, dict):
-                bad = [k for k in v if k not in SPEC_KEYS]
-                if bad:
-                    raise QConfigError(f"{self.where or 'rule'}: unknown {name} key {bad[0]!r}; valid: "
-                                       f"{', '.join(SPEC_KEYS)}")
-                QuantSpec(**{**WEIGHT_INT8.__dict__, "fixed": None, **v})  # validates values
-            elif v not in (None, FLOAT):
-                raise QConfigError(f"{self.where or 'rule'}: {name} must be a mapping of "
-                                   f"{', '.join(SPEC_KEYS)} or 'float'")
+                check_overrides(v, name, base, lambda _k, w=where: w)
+            elif v is not None and v != FLOAT:
+                raise QConfigError(f"{where}: {name} must be a mapping of field overrides or 'float', not {short(v)}")
         if not isinstance(self.skip, bool):
-            raise QConfigError(f"{self.where or 'rule'}: skip must be true or false")
+            raise QConfigError(f"{where}: skip must be true or false")
+
+    def describe(self) -> str:
+        return f"{self.where}: rule match {{{self.level}: {self.pattern}}}"
 
     def matches(self, node: fx.Node) -> bool:
         i = info(node)
@@ -87,8 +84,24 @@ class QConfig:
         for name in ("weight", "activation", "input"):
             if not isinstance(getattr(self, name), QuantSpec):
                 raise QConfigError(f"{self.source}: {name} must be a QuantSpec")
+        if not isinstance(self.rules, tuple) or not all(isinstance(r, Rule) for r in self.rules):
+            raise QConfigError(f"{self.source}: rules must be a tuple of Rule")
         if self.sigmoid is not None and self.preact is None:
             raise QConfigError(f"{self.source}: {SIGMOID_NEEDS_PREACT}")
+
+    def unmatched_rules(self, nodes, kind_of=None) -> list[Rule]:
+        """The user's rules (not fxqat's built-in ones) that match none of ``nodes``; ``kind_of(node)`` (optional)
+        keeps only quantizable nodes ("conv", "add")."""
+        nodes = [n for n in nodes if kind_of is None or kind_of(n) in ("conv", "add")]
+        return [r for r in self.rules if r.where != "<default>" and not any(r.matches(n) for n in nodes)]
+
+    def check_rules(self, nodes, kind_of=None) -> None:
+        """ONE QConfigError listing EVERY rule that matches no quantizable node (file:line each)."""
+        bad = self.unmatched_rules(nodes, kind_of)
+        if bad:
+            lines = "\n".join(f"  {r.describe()} matches no quantizable node" for r in bad)
+            raise QConfigError(f"{self.source}: {len(bad)} rule(s) match no quantizable node (convs and residual "
+                               f"adds); see `fxqat trace MODEL` for node names, module paths and roles:\n{lines}")
 
     def resolve(self, node: fx.Node, kind: str) -> NodeQSpec:
         """The NodeQSpec of a quantizable node (``kind``: "conv" or "add")."""

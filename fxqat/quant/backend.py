@@ -16,6 +16,7 @@ try:
         warnings.simplefilter("ignore")
         from torch.ao.quantization import QConfig as AOQConfig
         from torch.ao.quantization import QConfigMapping
+        from torch.ao.quantization.fake_quantize import FakeQuantize, FusedMovingAvgObsFakeQuantize
         from torch.ao.quantization.observer import (
             HistogramObserver,
             MinMaxObserver,
@@ -30,12 +31,38 @@ except ImportError as e:  # pragma: no cover - depends on the installed torch
 
 import torch
 
+from .observers import MSEObserver, PercentileObserver
+
 OBSERVERS = ("minmax", "moving_average", "histogram", "percentile", "mse")
 
 
+# torch.ao observer classes → fxqat observer names (the torch.ao bridge maps by class, not by name). Subclasses
+# first: a MovingAverageMinMaxObserver is a MinMaxObserver.
+AO_OBSERVER_KINDS = (
+    (FusedMovingAvgObsFakeQuantize, "moving_average"),  # torch.ao's default QAT fake-quant
+    (MovingAveragePerChannelMinMaxObserver, "moving_average"),
+    (MovingAverageMinMaxObserver, "moving_average"),
+    (PerChannelMinMaxObserver, "minmax"),
+    (MinMaxObserver, "minmax"),
+    (HistogramObserver, "histogram"),
+)
+
+
+def ao_observer_kind(obj) -> str | None:
+    """fxqat's observer name for a torch.ao observer or fake-quantize instance (its activation_post_process for a
+    ``FakeQuantize``), or None when fxqat has no equivalent."""
+    if isinstance(obj, FakeQuantize) and not isinstance(obj, FusedMovingAvgObsFakeQuantize):
+        obj = obj.activation_post_process
+    for cls, kind in AO_OBSERVER_KINDS:
+        if isinstance(obj, cls):
+            return kind
+    return None
+
+
 def make_observer(kind: str, qmin: int, qmax: int, symmetric: bool, ch_axis: int | None,
-                  averaging_constant: float = 0.01):
-    """A torch.ao observer computing scale/zero-point for the integer range [qmin, qmax]."""
+                  averaging_constant: float = 0.01, percentile: float = 99.99):
+    """An observer computing scale/zero-point for the integer range [qmin, qmax] (torch.ao's, or fxqat's clipping
+    observers for ``percentile`` and ``mse``)."""
     dtype = torch.qint8 if qmin < 0 else torch.quint8
     if ch_axis is not None:
         qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
@@ -50,10 +77,13 @@ def make_observer(kind: str, qmin: int, qmax: int, symmetric: bool, ch_axis: int
     if kind == "moving_average":
         return MovingAverageMinMaxObserver(dtype=dtype, qscheme=qscheme, quant_min=qmin, quant_max=qmax,
                                            averaging_constant=averaging_constant)
-    if kind in ("histogram", "percentile", "mse"):
-        # torch.ao's HistogramObserver searches the clipping range minimizing the L2 quantization error.
+    if kind == "histogram":  # torch.ao's: searches the clipping range minimizing the L2 quantization error
         return HistogramObserver(dtype=dtype, qscheme=qscheme, quant_min=qmin, quant_max=qmax)
+    if kind == "percentile":
+        return PercentileObserver(qmin, qmax, symmetric, percentile)
+    if kind == "mse":
+        return MSEObserver(qmin, qmax, symmetric)
     raise BackendError(f"observer {kind!r}: valid choices are {', '.join(OBSERVERS)}")
 
 
-__all__ = ["AOQConfig", "QConfigMapping", "make_observer", "OBSERVERS"]
+__all__ = ["AOQConfig", "QConfigMapping", "make_observer", "ao_observer_kind", "OBSERVERS"]

@@ -13,6 +13,8 @@ import torch.nn as nn
 from .backend import make_observer
 from .spec import QuantSpec
 
+SCALE_EPS = 1e-8
+
 
 class FakeQuant(nn.Module):
     def __init__(self, spec: QuantSpec, channels: int | None = None):
@@ -21,7 +23,8 @@ class FakeQuant(nn.Module):
         self.qmin, self.qmax = spec.qmin, spec.qmax
         self.ch_axis = spec.per_channel
         n = channels if spec.per_channel is not None else 1
-        self.observer = make_observer(spec.observer, spec.qmin, spec.qmax, spec.symmetric, spec.per_channel)
+        self.observer = make_observer(spec.observer, spec.qmin, spec.qmax, spec.symmetric, spec.per_channel,
+                                      percentile=spec.percentile)
         scale = torch.ones(n)
         zp = torch.zeros(n, dtype=torch.int32)
         if spec.fixed is not None:
@@ -39,15 +42,20 @@ class FakeQuant(nn.Module):
         self.always_observe = False  # weight quantizers: the scale always follows the current weights
 
     def extra_repr(self) -> str:
-        return f"{self.spec.label()}, observer={self.spec.observer}, learnable={self.spec.learnable}"
+        obs = f"percentile({self.spec.percentile})" if self.spec.observer == "percentile" else self.spec.observer
+        return f"{self.spec.label()}, observer={obs}, learnable={self.spec.learnable}"
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
+        """Update the observer and take its scale/zero-point. A learnable scale is initialized from the observer (on
+        the first batch, or over every batch of :func:`fxqat.calibrate`), then the optimizer owns it: later calls
+        return at once (no observer work, the learned scale is kept), also for weight quantizers that otherwise always
+        follow the current weights."""
+        if self.spec.learnable and bool(self.initialized) and not self.calibrating:
+            return
         self.observer(x.detach().float())
         scale, zp = self.observer.calculate_qparams()
-        scale = scale.to(self.scale.device).reshape(-1).clamp_min(1e-8)
-        if self.spec.learnable and bool(self.initialized):
-            return  # a learnable scale is initialized once from the observer, then trained
+        scale = scale.to(self.scale.device).reshape(-1).clamp_min(SCALE_EPS)
         self.scale.data.copy_(scale.expand_as(self.scale) if scale.numel() == 1 else scale)
         self.zero_point.copy_(zp.to(self.zero_point).reshape(-1).expand_as(self.zero_point))
         self.initialized.fill_(True)
@@ -59,19 +67,44 @@ class FakeQuant(nn.Module):
             return x
         return self.fake_quant(x)
 
+    def effective_scale(self) -> torch.Tensor:
+        """The scale the forward pass uses: a learned scale is kept positive (``|s|``, at least 1e-8)."""
+        if self.spec.learnable:
+            return self.scale.abs().clamp_min(SCALE_EPS)
+        return self.scale
+
+    def grad_factor(self, x: torch.Tensor) -> float:
+        """LSQ's gradient scale 1 / sqrt(N * qmax), N = elements per scale (the tensor, or one channel)."""
+        n = x.numel() if self.ch_axis is None else x.numel() // max(x.shape[self.ch_axis], 1)
+        return 1.0 / (max(n, 1) * self.qmax) ** 0.5
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize → dequantize ``x`` on the current grid, without observing."""
-        if self.spec.learnable and self.ch_axis is None:
-            grad_factor = 1.0 / (x.numel() * self.qmax) ** 0.5
-            return torch._fake_quantize_learnable_per_tensor_affine(
-                x, self.scale, self.zero_point.float(), self.qmin, self.qmax, grad_factor)
+        """Quantize → dequantize ``x`` on the current grid, without observing.
+
+        A learnable scale trains through LSQ's kernels whenever autograd needs it; otherwise (eval without grad,
+        ONNX export, which has no symbolic for the LSQ ops) the plain kernels run on the same (learned) scale —
+        their forward values are identical."""
+        scale = self.effective_scale()
+        learn = self.spec.learnable and torch.is_grad_enabled() and self.scale.requires_grad \
+            and not torch.onnx.is_in_onnx_export()
+        if learn:  # the LSQ kernels' backward takes float32 only: AMP's float16 activations go through float32
+            zp, xf = self.zero_point.float(), x.float()
+            if self.ch_axis is None:
+                y = torch._fake_quantize_learnable_per_tensor_affine(
+                    xf, scale.float(), zp, self.qmin, self.qmax, self.grad_factor(x))
+            else:
+                y = torch._fake_quantize_learnable_per_channel_affine(
+                    xf, scale.float(), zp, self.ch_axis, self.qmin, self.qmax, self.grad_factor(x))
+            return y.to(x.dtype)
+        scale = scale.detach()
         if self.ch_axis is not None:
-            return torch.fake_quantize_per_channel_affine(x, self.scale.detach(), self.zero_point, self.ch_axis,
+            return torch.fake_quantize_per_channel_affine(x, scale, self.zero_point, self.ch_axis,
                                                           self.qmin, self.qmax)
-        return torch.fake_quantize_per_tensor_affine(x, self.scale.detach(), self.zero_point, self.qmin, self.qmax)
+        return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, self.qmin, self.qmax)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.scale.detach().clone(), self.zero_point.clone()
+        """(scale, zero_point) as the forward pass uses them (a learned scale: its positive value)."""
+        return self.effective_scale().detach().clone(), self.zero_point.clone()
 
     @torch.no_grad()
     def codes(self, x: torch.Tensor) -> torch.Tensor:
@@ -81,12 +114,13 @@ class FakeQuant(nn.Module):
         a .5 — which per-channel symmetric weights do by construction (scale = max|w| / 127.5): recomputing
         codes by division flipped the extreme weight of some channels by one step (0.8 of an output step)."""
         y = self.fake_quant(x)
+        scale = self.effective_scale().detach()
         if self.ch_axis is None:
-            scale, zp = self.scale.reshape(()), self.zero_point.reshape(())
+            scale, zp = scale.reshape(()), self.zero_point.reshape(())
         else:
             shape = [1] * x.dim()
             shape[self.ch_axis] = -1
-            scale, zp = self.scale.reshape(shape), self.zero_point.reshape(shape)
+            scale, zp = scale.reshape(shape), self.zero_point.reshape(shape)
         return (torch.round(y / scale) + zp).to(torch.int32)
 
 

@@ -1,3 +1,4 @@
+import re
 import shutil
 import xml.etree.ElementTree as ET
 
@@ -5,6 +6,7 @@ import pytest
 
 import fxqat
 from fxqat.errors import FxqatError
+from fxqat.graph.draw import OP_COLORS, PRECISION_COLORS
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz 'dot' not installed")
 
@@ -37,3 +39,32 @@ def test_bad_arguments(v8n_graph, tmp_path):
         fxqat.draw(v8n_graph, tmp_path / "g.dot", expand=["model.99"])
     with pytest.raises(FxqatError, match="valid choices are 'op'"):
         fxqat.draw(v8n_graph, tmp_path / "g.dot", color_by="rainbow")
+
+
+def _fills(dot_text: str) -> dict[str, str]:
+    """node id → fill colour in a .dot file written by fxqat.draw."""
+    return dict(re.findall(r'^\t+(\w+) \[label=".*?" fillcolor="(#[0-9a-f]{6})"', dot_text, re.M | re.S))
+
+
+def test_op_colours_of_specific_nodes(v8n_graph, tmp_path):
+    fills = _fills(fxqat.draw(v8n_graph, tmp_path / "o.dot", expand="all").read_text())
+    assert fills["model_0_conv"] == OP_COLORS["conv"] and fills["model_0_bn"] == OP_COLORS["bn"]
+    assert fills["model_0_act"] == OP_COLORS["act"] and fills["cat"] == OP_COLORS["concat"]
+    assert fills["model_9_m"] == OP_COLORS["pool"] and fills["model_10"] == OP_COLORS["resize"]
+    assert fills["x"] == OP_COLORS["io"]
+    collapsed = _fills(fxqat.draw(v8n_graph, tmp_path / "c.dot").read_text())
+    assert collapsed["layer2"] == OP_COLORS["layer"]
+
+
+def test_precision_colours_of_specific_nodes(tmp_path):
+    gm = fxqat.prepare_qat("yolov8n.yaml", "mixed_w4")
+    fills = _fills(fxqat.draw(gm, tmp_path / "p.dot", color_by="precision", expand="all").read_text())
+    C = PRECISION_COLORS
+    assert fills["model_2_cv1"] == fills["quant_model_2_cv1"] == C["int8"]  # INT8 conv and its quantizer
+    assert fills["model_4_cv1"] == fills["model_6_m_0_cv2"] == C["int4"]  # mixed_w4: 4-bit weights in layers 4-6
+    assert fills["cat"] == fills["chunk"] == C["int8"]  # C2f's split and concat lie on cv1's uint8 grid
+    assert fills["cat_13"] == fills["cat_14"] == C["float"]  # Detect's concats lie on no grid: float
+    assert fills["x"] == C["float"] and fills["quant_x"] == C["int8"]
+    assert fills["model_22_cv2_0_2"] == C["int8"]  # box_last: INT8 weights, float output
+    collapsed = _fills(fxqat.draw(gm, tmp_path / "c.dot", color_by="precision").read_text())
+    assert collapsed["layer0"] == C["int8"] and collapsed["layer4"] == collapsed["layer22"] == C["mixed"]
