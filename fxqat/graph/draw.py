@@ -10,10 +10,11 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from torch import fx
+from torch import fx, nn
 
 from ..errors import FxqatError
 from .meta import info
+from .registry import op_kind
 from .summary import _fmt_shape, _target_name, example_input, precision_label, propagate_shapes
 
 OP_COLORS = {  # op kind → fill color
@@ -25,23 +26,19 @@ PRECISION_COLORS = {"float": "#d9d9d9", "int8": "#6baed6", "int4": "#fd8d3c", "i
                     "other bits": "#9e9ac8", "mixed": "#c994c7"}
 
 
-def op_kind(node: fx.Node, gm: fx.GraphModule) -> str:
-    if node.op in ("placeholder", "output"):
-        return "io"
-    name = _target_name(node).lower()
-    if node.op == "call_module":
-        cls = type(gm.get_submodule(node.target)).__name__.lower()
-        for key, kind in (("fakequant", "quant"), ("quant", "quant"), ("conv", "conv"), ("batchnorm", "bn"),
-                          ("silu", "act"), ("relu", "act"), ("sigmoid", "act"), ("pool", "pool"),
-                          ("upsample", "resize"), ("decode", "decode"), ("dfl", "decode")):
-            if key in cls:
-                return kind
-        return "other"
-    for key, kind in (("cat", "concat"), ("add", "add"), ("chunk", "split"), ("split", "split"),
-                      ("getitem", "split"), ("interpolate", "resize"), ("pool", "pool"), ("quant", "quant")):
-        if key in name:
-            return kind
-    return "other"
+_ACTS = (nn.SiLU, nn.ReLU, nn.Sigmoid, nn.Hardswish, nn.LeakyReLU)
+
+
+def draw_kind(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The node's colour class: its registered op kind (``graph/registry.py``), with BatchNorm and activations of
+    unfused (traced) graphs told apart."""
+    kind = op_kind(gm, node)
+    if kind == "cat":
+        return "concat"
+    if kind == "other" and node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        return "bn" if isinstance(m, nn.BatchNorm2d) else "act" if isinstance(m, _ACTS) else "other"
+    return kind
 
 
 def _bits_class(bits: int) -> str:
@@ -51,21 +48,13 @@ def _bits_class(bits: int) -> str:
 def node_precision(node: fx.Node, gm: fx.GraphModule) -> str:
     """The precision class of one node: its weights' bits (convs), else its output's; a shared op (concat, pool,
     resize, split) has its sharing class's grid — and is float when it lies on no quantizer grid (Detect's concats)."""
-    from ..passes.insert_quantizers import QCLASS
-
     q = info(node).qspec
     if q is None:
         return "float"
     if hasattr(q, "bits"):  # a quantizer node: its QuantSpec
         return _bits_class(q.bits)
-    if q.shared:
-        path = info(node).extra.get(QCLASS)
-        if not path:
-            return "float"
-        try:
-            return _bits_class(gm.get_submodule(path).spec.bits)
-        except AttributeError:
-            return "float"
+    if q.shared:  # on its inputs' grid: the class spec the annotation recorded
+        return _bits_class(q.output.bits) if q.output is not None else "float"
     spec = q.weight or q.output
     return _bits_class(spec.bits) if spec is not None else "float"
 
@@ -129,7 +118,7 @@ def to_dot(gm: fx.GraphModule, expand=None, color_by: str = "op", sensitivity: d
         if color_by == "sensitivity":
             v = max((sens.get(n.name, sens.get(info(n).module_path, 0.0)) for n in nodes), default=0.0)
             return _sens_color(v, smax)
-        return OP_COLORS["layer"] if len(nodes) > 1 else OP_COLORS[op_kind(nodes[0], gm)]
+        return OP_COLORS["layer"] if len(nodes) > 1 else OP_COLORS[draw_kind(nodes[0], gm)]
 
     clusters: dict[int, object] = {}
     for gid, nodes in members.items():

@@ -21,7 +21,6 @@ from dataclasses import replace
 import networkx as nx
 import torch.fx as fx
 
-from ..errors import QConfigError
 from ..graph.meta import info
 from ..graph.registry import KINDS, op_kind
 from ..qconfig.config import QConfig
@@ -79,7 +78,8 @@ class AnnotateQConfig(FxqatPass):
         kind = {n: op_kind(gm, n) for n in nodes}
         qs: dict[fx.Node, NodeQSpec | None] = {n: qc.resolve(n, kind[n]) if KINDS[kind[n]].quantizable else None
                                                for n in nodes}
-        self.check_rules(qc, [n for n in nodes if KINDS[kind[n]].quantizable])
+        if qc.strict:  # every user rule must match a quantizable node: all unmatched ones in one error
+            qc.check_rules([n for n in nodes if KINDS[kind[n]].quantizable])
         for members in sharing_classes(nodes, kind, qs):
             producers = [m for m in members if not KINDS[kind[m]].shares_grid]
             if any(p.op == "placeholder" for p in producers):
@@ -97,14 +97,3 @@ class AnnotateQConfig(FxqatPass):
         for n in nodes:
             info(n).qspec = qs[n]
         return True
-
-    @staticmethod
-    def check_rules(qc: QConfig, quantizable: list[fx.Node]) -> None:
-        if not qc.strict:
-            return
-        unmatched = [r for r in qc.rules if r.where != "<default>" and not any(r.matches(n) for n in quantizable)]
-        if unmatched:
-            raise QConfigError("; ".join(f"{r.where}: rule match {{{r.level}: {r.pattern}}} matches no quantizable node"
-                                         for r in unmatched) +
-                               " (convs and residual adds); see `fxqat trace MODEL` for node names, module paths and"
-                               " roles")

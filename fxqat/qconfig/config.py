@@ -8,7 +8,7 @@ lower levels resolved, or ``None`` = leave float) or ``skip: true`` (weights and
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch.fx as fx
 
@@ -122,17 +122,3 @@ class QConfig:
                     a = None if rule.activation == FLOAT else (a or self.activation).with_(**rule.activation)
         pre = self.preact if (kind == "conv" and w is not None and a is not None) else None
         return NodeQSpec(weight=w, output=a, source=src, preact=pre, sigmoid=self.sigmoid if pre is not None else None)
-
-
-@dataclass
-class Resolution:
-    """Which rules matched which nodes (for validation and reports)."""
-
-    hits: dict[int, list[str]] = field(default_factory=dict)
-
-
-def from_dict(d: dict, source: str = "<dict>") -> QConfig:
-    """QConfig from a plain dict ``{weight: {...}, activation: {...}, rules: [{role: ..., activation: ...}]}``."""
-    from .io import qconfig_from_mapping
-
-    return qconfig_from_mapping(d, source)

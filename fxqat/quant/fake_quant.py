@@ -132,8 +132,3 @@ def set_observers(model: nn.Module, enabled: bool) -> None:
     for m in fake_quants(model):
         if m.spec.fixed is None:
             m.observe_enabled = enabled
-
-
-def set_fake_quant(model: nn.Module, enabled: bool) -> None:
-    for m in fake_quants(model):
-        m.fake_quant_enabled = enabled

@@ -70,7 +70,6 @@ class QuantSpec:
 
 WEIGHT_INT8 = QuantSpec(bits=8, symmetric=True, per_channel=0, observer="minmax")
 ACT_UINT8 = QuantSpec(bits=8, symmetric=False, observer="moving_average")
-ACT_INT8_SYM = QuantSpec(bits=8, symmetric=True, observer="moving_average")
 
 
 def image_grid(spec: QuantSpec) -> QuantSpec:

@@ -64,7 +64,7 @@ def test_precision_colours_of_specific_nodes(tmp_path):
     assert fills["model_4_cv1"] == fills["model_6_m_0_cv2"] == C["int4"]  # mixed_w4: 4-bit weights in layers 4-6
     assert fills["cat"] == fills["chunk"] == C["int8"]  # C2f's split and concat lie on cv1's uint8 grid
     assert fills["cat_13"] == fills["cat_14"] == C["float"]  # Detect's concats lie on no grid: float
-    assert fills["x"] == C["float"] and fills["quant_x"] == C["int8"]
+    assert fills["x"] == fills["quant_x"] == C["int8"]  # the image is annotated with the grid it is quantized to
     assert fills["model_22_cv2_0_2"] == C["int8"]  # box_last: INT8 weights, float output
     collapsed = _fills(fxqat.draw(gm, tmp_path / "c.dot", color_by="precision").read_text())
     assert collapsed["layer0"] == C["int8"] and collapsed["layer4"] == collapsed["layer22"] == C["mixed"]
