@@ -28,6 +28,8 @@ class Command:
     help: str
     positionals: tuple[str, ...] = ()
     args: dict[str, Arg] = field(default_factory=dict)
+    given_only: bool = False  # arguments not on the command line reach func as None (func applies the defaults)
+    positionals_optional_with: str | None = None  # an argument that makes the positionals optional
 
 
 class UsageError(Exception):
@@ -80,7 +82,7 @@ def parse_args(argv: list[str], cmd: Command, name: str) -> dict:
         if key in raw:
             out[key] = raw[key]
     for key, spec in cmd.args.items():
-        val = raw.get(key, spec.default)
+        val = raw.get(key, None if cmd.given_only else spec.default)
         if val is True and key in raw and spec.type is str:
             raise UsageError(f"fxqat {name}: --{key} needs a value ({key}=VALUE)")
         if isinstance(val, (str, bool)) and key in raw and spec.type is not str:
@@ -88,10 +90,12 @@ def parse_args(argv: list[str], cmd: Command, name: str) -> dict:
                 val = spec.type(val)
             except (TypeError, ValueError) as e:
                 raise UsageError(f"fxqat {name}: {key}={raw.get(key)!r} is not valid ({e})") from None
-            if spec.check is not None and (problem := spec.check(val)):
-                raise UsageError(f"fxqat {name}: {key}={raw.get(key)}: {problem}")
+        if key in raw and spec.check is not None and (problem := spec.check(val)):
+            raise UsageError(f"fxqat {name}: {key}={raw.get(key)}: {problem}")
         out[key] = val
     for key in cmd.positionals:
+        if key not in out and cmd.positionals_optional_with and out.get(cmd.positionals_optional_with):
+            out[key] = None
         if key not in out:
             usage_line = f"fxqat {name} {' '.join(p.upper() for p in cmd.positionals)} [key=value ...]"
             raise UsageError(f"fxqat {name}: missing {key.upper()}; usage: {usage_line}")
@@ -184,7 +188,7 @@ COMMANDS: dict[str, Command] = {
                                 _at_least(0)),
         "lr0": Arg(float, None, "initial learning rate (default 1e-4)", _positive_float),
         "resume": Arg(str, None, "an fxqat last.pt to resume from (restores every training argument)"),
-    }),
+    }, given_only=True, positionals_optional_with="resume"),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
         "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size", _stride_multiple),
         "batch": Arg(int, 16, "batch size", _at_least(1)),
