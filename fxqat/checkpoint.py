@@ -245,10 +245,9 @@ def digest(ckpt: dict) -> str:
             h.update(f"T{t.dtype}{tuple(obj.shape)}".encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
         elif isinstance(obj, dict):
-            h.update(f"D{len(obj)}".encode())
-            for k, v in obj.items():
-                if k == "digest" and obj is ckpt:
-                    continue
+            items = [(k, v) for k, v in obj.items() if not (obj is ckpt and k == "digest")]
+            h.update(f"D{len(items)}".encode())
+            for k, v in items:
                 h.update(f"K{k!r}".encode())
                 walk(v)
         elif isinstance(obj, (list, tuple)):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 
 import cv2
@@ -27,10 +28,17 @@ from ..errors import FxqatError
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".dng", ".mpo", ".heic", ".pfm", ".jp2")
 LOG = logging.getLogger("fxqat")
+
+
+class _Stderr(logging.Handler):
+    """One line per warning on the current sys.stderr (as Ultralytics' loader reports skipped images)."""
+
+    def emit(self, record):
+        sys.stderr.write(f"fxqat: {record.getMessage()}\n")
+
+
 if not LOG.handlers:
-    _h = logging.StreamHandler()
-    _h.setFormatter(logging.Formatter("fxqat: %(message)s"))
-    LOG.addHandler(_h)
+    LOG.addHandler(_Stderr(logging.WARNING))
     LOG.propagate = False
 
 
