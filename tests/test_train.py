@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from fxqat.checkpoint import load_checkpoint, save_checkpoint
 from fxqat.quant.fake_quant import FakeQuant
 
 from .conftest_helpers import signs_like_images
+
+QCONFIGS = Path(__file__).parents[1] / "qconfigs"
 
 
 def test_qat_through_ultralytics_trainer(tiny_qat_run):
@@ -32,7 +35,9 @@ def test_qat_through_ultralytics_trainer(tiny_qat_run):
 def test_checkpoint_is_weights_only_and_complete(tiny_qat_run):
     _, best = tiny_qat_run
     ck = torch.load(best, map_location="cpu", weights_only=True)  # no pickled classes needed
-    assert ck["fxqat"] == 1 and "qconfig" in ck and "state_dict" in ck
+    assert ck["fxqat"] == 2 and "qconfig" in ck and "state_dict" in ck and len(ck["digest"]) == 64
+    assert ck["prepare_args"] == {"leaf_modules": [], "nc": 10}
+    assert {"data", "epochs", "imgsz", "batch", "project", "name", "freeze_bn_epoch"} <= set(ck["run_args"])
     assert any(k.endswith("zero_point") for k in ck["state_dict"])
     assert any(k.endswith("observer.min_val") for k in ck["state_dict"])
 
@@ -147,7 +152,8 @@ def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_d
     for kw, fragment in (({"imgsz": 160}, "imgsz=160 conflicts with the checkpoint's imgsz=128"),
                          ({"epochs": 5}, "epochs=5 conflicts with the checkpoint's epochs=2"),
                          ({"data": str(tiny_data)}, "data="),
-                         ({"lr0": 0.01}, "lr0=0.01")):
+                         ({"lr0": 0.01}, "lr0=0.01"),
+                         ({"qconfig": str(QCONFIGS / "mixed_w4.yaml")}, "differs from the checkpoint's qconfig")):
         with pytest.raises(FxqatError, match=fragment):
             T.train_qat(resume=str(last), **kw)
     # data whose class count no longer matches the checkpoint's is refused
