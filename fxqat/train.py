@@ -292,9 +292,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     fo = run.get("freeze_observer_epoch")
     run["freeze_bn_epoch"] = fb if fb is not None else max(1, epochs // 2)
     run["freeze_observer_epoch"] = fo if fo is not None else max(1, epochs - 1)
-    over = dict(run.get("overrides") or overrides)
-    if resume:
-        over = overrides
+    over = dict(overrides)  # on resume: the interrupted run's overrides (+ the ones a resume may change)
     run["overrides"] = _scalars(over)
     args = dict(QAT_DEFAULTS)
     args.update(model="fxqat-qat.yaml", data=str(run["data"]), epochs=epochs, imgsz=run["imgsz"], batch=run["batch"],
@@ -323,14 +321,13 @@ def train_fp32(model, data: str, epochs: int = 10, imgsz: int = 320, batch: int 
     """Train an FP32 model with Ultralytics (plots off, offline) and return the path of its best.pt.
 
     A ``.pt`` is checked by fxqat's safe loader and then read by Ultralytics weights-only, unless ``trust``."""
-    from .data.images import read_data_yaml
-
-    read_data_yaml(data)
     import ultralytics.nn.tasks as tasks
     from ultralytics import YOLO
 
+    from .data.images import read_data_yaml
     from .models import load_model
 
+    read_data_yaml(data)
     guard = contextlib.nullcontext()
     if isinstance(model, (str, Path)):
         load_model(model, trust=trust)  # fxqat's checks: detection model, and a .pt read safely unless trusted

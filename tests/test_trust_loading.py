@@ -185,3 +185,35 @@ def test_subprocess_refusal_is_one_line(evil):
     r = subprocess.run([sys.executable, "-m", "fxqat.cli", "trace", str(path)], capture_output=True, text=True)
     assert r.returncode == 1 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "trust=true" in r.stderr and not marker.exists()
+
+
+class _Getattr:
+    def __init__(self, obj, name):
+        self.obj, self.name = obj, name
+
+    def __reduce__(self):
+        return (getattr, (self.obj, self.name))
+
+
+def test_getattr_is_restricted_to_module_class_attributes(tmp_path):
+    """Ultralytics pickles reference ``getattr(Detect, "forward")``; any other getattr could reach os.system."""
+    from ultralytics.nn.modules import Detect
+
+    from fxqat.checkpoint import load_file
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"fn": _Getattr(Detect, "forward")}, ok)
+    assert load_file(ok)["fn"] is Detect.forward
+    bad = tmp_path / "bad.pt"
+    torch.save({"fn": _Getattr(Detect, "__init__")}, bad)
+    with pytest.raises(ModelLoadError, match="getattr"):
+        load_file(bad)
+
+
+def test_legacy_format_pickle_is_refused_too(tmp_path):
+    marker = tmp_path / "PWNED"
+    path = tmp_path / "legacy.pt"
+    torch.save({"model": _Marker(marker)}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelLoadError) as e:
+        load_model(path)
+    assert "io.open" in str(e.value) and "trust=True" in str(e.value) and not marker.exists()
