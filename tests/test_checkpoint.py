@@ -58,26 +58,21 @@ def test_checkpoint_file_mode_follows_umask(tmp_path, small_gm):
     assert (path.stat().st_mode & 0o777) == 0o644
 
 
-def test_leaf_modules_are_recorded_and_reused(tmp_path):
-    leaf = "model.9"  # a module-path glob (SPPF)
-    gm = fxqat.prepare_qat("yolov8n.yaml", nc=3, leaf_modules=[leaf])
-    gm.meta.setdefault("prepare_args", {"leaf_modules": [leaf], "nc": 3})  # until prepare_qat records it itself
+def test_leaf_modules_are_recorded_as_strings_and_reused(tmp_path):
+    """A model prepared with leaf_modules (a type and a path glob) reloads into the same graph and outputs."""
+    from ultralytics.nn.modules import SPPF
+
+    leaves = [SPPF, "model.2"]
+    gm = fxqat.prepare_qat("yolov8n.yaml", nc=3, leaf_modules=leaves)
+    gm.meta.setdefault("prepare_args", {"leaf_modules": leaves, "nc": 3})  # until prepare_qat records it itself
     x = torch.rand(1, 3, 64, 64)
     fxqat.calibrate(gm, [x], progress=False)
     path = save_checkpoint(tmp_path / "leaf.pt", gm)
     ck = read_checkpoint(path)
-    assert ck["prepare_args"] == {"leaf_modules": [leaf], "nc": 3}
+    assert ck["prepare_args"] == {"leaf_modules": ["ultralytics.nn.modules.block.SPPF", "model.2"], "nc": 3}
     gm2 = load_checkpoint(path)
     assert gm2.state_dict().keys() == gm.state_dict().keys()
+    called = {n.target for n in gm2.graph.nodes if n.op == "call_module"}
+    assert {"model.2", "model.9"} <= called  # rebuilt with both leaves as single opaque nodes
     gm.eval(), gm2.eval()
     assert torch.equal(gm(x)[0], gm2(x)[0])  # tolerance: exact (same graph, same state)
-
-
-def test_leaf_type_is_recorded_as_a_string_and_resolved(tmp_path):
-    from ultralytics.nn.modules import SPPF
-
-    gm = fxqat.prepare_qat("yolov8n.yaml", nc=3, leaf_modules=[SPPF])
-    gm.meta.setdefault("prepare_args", {"leaf_modules": [SPPF], "nc": 3})
-    path = save_checkpoint(tmp_path / "leaf.pt", gm)
-    assert read_checkpoint(path)["prepare_args"]["leaf_modules"] == ["ultralytics.nn.modules.block.SPPF"]
-    assert load_checkpoint(path).state_dict().keys() == gm.state_dict().keys()
