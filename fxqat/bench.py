@@ -36,7 +36,7 @@ def interleaved_medians(fns: dict, x: torch.Tensor, rounds: int, engines: dict |
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def forms(model, imgsz: int, threads: int) -> dict:
+def forms(model, imgsz: int, threads: int, trust: bool | None = None) -> dict:
     """{label: callable} for an fxqat checkpoint (INT8 torch, QDQ ONNX) or an FP32 model (+ fxqat PTQ INT8)."""
     import fxqat
     from fxqat.checkpoint import is_checkpoint, load_checkpoint
@@ -49,7 +49,7 @@ def forms(model, imgsz: int, threads: int) -> dict:
     if is_checkpoint(p):
         qat = load_checkpoint(p)
     else:
-        fp32 = load_model(model).eval()
+        fp32 = load_model(model, trust=trust).eval()
         out["FP32 eager (torch)"] = fp32
         qat = fxqat.prepare_qat(fp32)
         fxqat.calibrate(qat, [torch.rand(1, 3, imgsz, imgsz) for _ in range(2)], progress=False)  # latency only
@@ -60,9 +60,10 @@ def forms(model, imgsz: int, threads: int) -> dict:
     return out
 
 
-def bench_model(model, imgsz: int = 640, threads: int = 2, rounds: int = 3) -> list[dict]:
+def bench_model(model, imgsz: int = 640, threads: int = 2, rounds: int = 3, trust: bool | None = None) -> list[dict]:
+    """``trust``: see :func:`fxqat.models.load_model` (fxqat checkpoints are always read weights-only)."""
     torch.set_num_threads(threads)
-    fs = forms(model, imgsz, threads)
+    fs = forms(model, imgsz, threads, trust)
     med = interleaved_medians(fs, torch.rand(1, 3, imgsz, imgsz), rounds)
     rows = [{"form": k, "ms": v} for k, v in med.items()]
     base = rows[0]["ms"]

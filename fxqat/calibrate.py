@@ -8,12 +8,13 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .errors import FxqatError
 from .quant.fake_quant import fake_quants
 
 
 def _batches(data, imgsz: int, batch: int):
     if isinstance(data, torch.Tensor):
-        yield data
+        yield data.float() / 255.0 if data.dtype == torch.uint8 else data
         return
     if isinstance(data, (str,)) or hasattr(data, "__fspath__"):
         from .data.images import iter_image_batches
@@ -60,6 +61,13 @@ def calibrate(model: nn.Module, data: Iterable | str, batches: int | None = 32, 
         for i, x in enumerate(tqdm(it, total=batches, desc="calibrate", disable=not progress, unit="batch")):
             if batches is not None and i >= batches:
                 break
+            if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim != 4:
+                raise FxqatError(f"calibrate: batch {i} is not a float image tensor (B, 3, H, W): "
+                                 f"{type(x).__name__} {tuple(getattr(x, 'shape', ()))}")
+            if not bool(torch.isfinite(x).all()):  # one NaN would poison every observer's range for good
+                bad = int((~torch.isfinite(x)).flatten(1).any(1).nonzero()[0])
+                raise FxqatError(f"calibrate: batch {i} holds NaN/Inf values (first in image {bad} of the batch); "
+                                 "observers would record unusable ranges")
             model(x.to(device))
     finally:
         for h in handles:

@@ -19,6 +19,7 @@ class Arg:
     type: Callable = str
     default: object = None
     help: str = ""
+    check: Callable | None = None  # value -> error text, or None when valid
 
 
 @dataclass
@@ -27,6 +28,8 @@ class Command:
     help: str
     positionals: tuple[str, ...] = ()
     args: dict[str, Arg] = field(default_factory=dict)
+    given_only: bool = False  # arguments not on the command line reach func as None (func applies the defaults)
+    positionals_optional_with: str | None = None  # an argument that makes the positionals optional
 
 
 class UsageError(Exception):
@@ -79,17 +82,26 @@ def parse_args(argv: list[str], cmd: Command, name: str) -> dict:
         if key in raw:
             out[key] = raw[key]
     for key, spec in cmd.args.items():
-        val = raw.get(key, spec.default)
+        val = raw.get(key, None if cmd.given_only else spec.default)
+        if val is True and key in raw and spec.type is str:
+            raise UsageError(f"fxqat {name}: --{key} needs a value ({key}=VALUE)")
         if isinstance(val, (str, bool)) and key in raw and spec.type is not str:
             try:
                 val = spec.type(val)
             except (TypeError, ValueError) as e:
                 raise UsageError(f"fxqat {name}: {key}={raw.get(key)!r} is not valid ({e})") from None
+        if key in raw and spec.check is not None and (problem := spec.check(val)):
+            raise UsageError(f"fxqat {name}: {key}={raw.get(key)}: {problem}")
         out[key] = val
     for key in cmd.positionals:
+        if key not in out and cmd.positionals_optional_with and out.get(cmd.positionals_optional_with):
+            out[key] = None
         if key not in out:
             usage_line = f"fxqat {name} {' '.join(p.upper() for p in cmd.positionals)} [key=value ...]"
             raise UsageError(f"fxqat {name}: missing {key.upper()}; usage: {usage_line}")
+    if name in NEEDS_DATA and not out.get("data") and not any(out.get(k) for k in NEEDS_DATA[name]):
+        raise UsageError(f"fxqat {name}: missing data=DATA.yaml (an Ultralytics data YAML; make one with: "
+                         "fxqat data signs OUT)")
     return out
 
 
@@ -97,7 +109,31 @@ def _imgsz(v):
     if isinstance(v, (int, tuple)):
         return v
     parts = [int(p) for p in str(v).replace("x", ",").split(",") if p]
+    if len(parts) not in (1, 2):
+        raise ValueError("give N or H,W")
     return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+STRIDE = 32  # the largest stride of every supported YOLO detector: input sizes must be multiples of it
+
+
+def _stride_multiple(v):
+    sizes = v if isinstance(v, tuple) else (v,)
+    if any(s < STRIDE or s % STRIDE for s in sizes):
+        return f"must be a positive multiple of {STRIDE} (the model's largest stride), e.g. 320 or 640"
+    return None
+
+
+def _at_least(n: int):
+    return lambda v: None if v >= n else f"must be at least {n}"
+
+
+def _one_of(*choices):
+    return lambda v: None if v in choices else f"valid choices: {', '.join(choices)}"
+
+
+def _positive_float(v):
+    return None if v > 0 and v != float("inf") else "must be a positive finite number"
 
 
 # ------------------------------------------------------------------------------------------------------ commands
@@ -110,13 +146,16 @@ def _lazy(name: str) -> Callable:
     return run
 
 
+_TRUST = Arg(_bool, None, "unpickle a .pt that needs classes beyond fxqat's allow-list: only files you trust "
+                          "(default: FXQAT_TRUST_PICKLE)")
 _TRAIN_COMMON = {
     "data": Arg(str, None, "Ultralytics data YAML (make one: fxqat data signs OUT)"),
-    "epochs": Arg(int, 3, "epochs"),
-    "imgsz": Arg(int, 320, "training image size"),
-    "batch": Arg(int, 16, "batch size"),
+    "epochs": Arg(int, 3, "epochs", _at_least(1)),
+    "imgsz": Arg(int, 320, "training image size", _stride_multiple),
+    "batch": Arg(int, 16, "batch size", _at_least(1)),
     "project": Arg(str, "runs/fxqat", "run folder root"),
-    "workers": Arg(int, 2, "dataloader workers"),
+    "workers": Arg(int, 2, "dataloader workers", _at_least(0)),
+    "trust": _TRUST,
 }
 
 COMMANDS: dict[str, Command] = {
@@ -125,45 +164,55 @@ COMMANDS: dict[str, Command] = {
                          "project": Arg(str, "runs/demo", "report folder"),
                          "seed": Arg(int, 0, "data seed")}),
     "data": Command(_lazy("cmd_data"), "generate the synthetic traffic-sign dataset (YOLO format)", ("kind", "out"), {
-        "train": Arg(int, 800, "training images"), "val": Arg(int, 200, "validation images"),
-        "imgsz": Arg(int, 320, "image size"), "seed": Arg(int, 0, "seed (deterministic)")}),
+        "train": Arg(int, 800, "training images", _at_least(1)), "val": Arg(int, 200, "validation images", _at_least(1)),
+        "imgsz": Arg(int, 320, "image size (a multiple of 32, at least 64)", _at_least(64)),
+        "seed": Arg(int, 0, "seed (deterministic)")}),
     "trace": Command(_lazy("cmd_trace"), "trace a YOLO model into an FX graph and print its summary", ("model",), {
-        "mode": Arg(str, "eval", "train | eval"),
-        "imgsz": Arg(_imgsz, 320, "input size for shapes, N or H,W"),
+        "mode": Arg(str, "eval", "train | eval", _one_of("train", "eval")),
+        "imgsz": Arg(_imgsz, 320, "input size for shapes, N or H,W", _stride_multiple),
         "draw": Arg(str, None, "write a drawing: .svg .png .dot .html"),
         "expand": Arg(str, None, "layers to open in the drawing: 'all' or comma-separated indices/paths"),
         "leaf": Arg(str, None, "comma-separated module types or path globs to keep as leaves"),
-        "nc": Arg(int, None, "number of classes when building from YAML"),
+        "nc": Arg(int, None, "number of classes when building from YAML", _at_least(1)),
         "out": Arg(str, None, "also write the summary table to this file"),
+        "trust": _TRUST,
     }),
     "train": Command(_lazy("cmd_train"), "train an FP32 model with Ultralytics (the QAT starting point)", ("model",),
-                     {**_TRAIN_COMMON, "epochs": Arg(int, 30, "epochs"), "name": Arg(str, "fp32", "run name")}),
+                     {**_TRAIN_COMMON, "epochs": Arg(int, 30, "epochs", _at_least(1)),
+                      "name": Arg(str, "fp32", "run name")}),
     "qat": Command(_lazy("cmd_qat"), "quantization-aware fine-tuning through the Ultralytics trainer", ("model",), {
         **_TRAIN_COMMON, "name": Arg(str, "qat", "run name"),
         "qconfig": Arg(str, None, "qconfig YAML (see qconfigs/)"),
-        "freeze_bn": Arg(int, None, "epoch from which BN statistics are frozen (default: half)"),
-        "freeze_observers": Arg(int, None, "epoch from which quantizer ranges are frozen (default: last)"),
-        "lr0": Arg(float, None, "initial learning rate (default 1e-4)"),
-        "resume": Arg(str, None, "an fxqat last.pt to resume from"),
-    }),
+        "freeze_bn": Arg(int, None, "epoch from which BN statistics are frozen (default: half)", _at_least(0)),
+        "freeze_observers": Arg(int, None, "epoch from which quantizer ranges are frozen (default: last)",
+                                _at_least(0)),
+        "lr0": Arg(float, None, "initial learning rate (default 1e-4)", _positive_float),
+        "resume": Arg(str, None, "an fxqat last.pt to resume from (restores every training argument)"),
+    }, given_only=True, positionals_optional_with="resume"),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
-        "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size"),
-        "batch": Arg(int, 16, "batch size"), "fp32": Arg(str, None, "FP32 .pt to include as a baseline row"),
+        "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size", _stride_multiple),
+        "batch": Arg(int, 16, "batch size", _at_least(1)),
+        "fp32": Arg(str, None, "FP32 .pt to include as a baseline row"),
         "onnx": Arg(_bool, True, "also export and evaluate the QDQ ONNX model"),
-        "out": Arg(str, None, "write results as JSON")}),
+        "out": Arg(str, None, "write results as JSON"), "trust": _TRUST}),
     "export": Command(_lazy("cmd_export"), "export an fxqat QAT checkpoint to QDQ ONNX", ("model",), {
-        "format": Arg(str, "onnx", "onnx | openvino"), "imgsz": Arg(int, 640, "input size"),
+        "format": Arg(str, "onnx", "onnx | openvino", _one_of("onnx", "openvino")),
+        "imgsz": Arg(int, 640, "input size", _stride_multiple),
         "dynamic": Arg(_bool, False, "dynamic batch"), "report": Arg(_bool, True, "print the Q/DQ structure report"),
         "out": Arg(str, None, "output path")}),
     "analyze": Command(_lazy("cmd_analyze"), "critical-layer analysis: per-layer sensitivity and a qconfig", ("model",), {
         "data": Arg(str, None, "data YAML or image folder (calibration images)"),
-        "out": Arg(str, "runs/analyze", "report folder"), "imgsz": Arg(int, 320, "image size"),
-        "images": Arg(int, 32, "calibration images"), "topk": Arg(int, 3, "layers to raise in the generated qconfig"),
-        "metric": Arg(str, "sqnr", "sqnr | map"), "qconfig": Arg(str, None, "base qconfig YAML")}),
+        "out": Arg(str, "runs/analyze", "report folder"), "imgsz": Arg(int, 320, "image size", _stride_multiple),
+        "images": Arg(int, 32, "calibration images", _at_least(1)),
+        "topk": Arg(int, 3, "layers to raise in the generated qconfig", _at_least(1)),
+        "metric": Arg(str, "sqnr", "sqnr | map", _one_of("sqnr", "map")),
+        "qconfig": Arg(str, None, "base qconfig YAML"), "trust": _TRUST}),
     "bench": Command(_lazy("cmd_bench"), "latency of a model's forms measured in one run", ("model",), {
-        "imgsz": Arg(int, 640, "input size"), "threads": Arg(int, 2, "torch / ORT threads"),
-        "rounds": Arg(int, 3, "interleaved rounds")}),
+        "imgsz": Arg(int, 640, "input size", _stride_multiple), "threads": Arg(int, 2, "torch / ORT threads", _at_least(1)),
+        "rounds": Arg(int, 3, "interleaved rounds", _at_least(1)), "trust": _TRUST}),
 }
+# commands that need data=, unless one of the listed arguments supplies it
+NEEDS_DATA = {"train": (), "qat": ("resume",), "eval": (), "analyze": ()}
 
 
 def usage() -> str:

@@ -14,41 +14,52 @@ def cmd_data(kind, out, train, val, imgsz, seed):
         raise FxqatError(f"{kind}: unknown generator; valid: signs")
     from .data.signs import generate
 
+    target = Path(out or "datasets/signs")
+    if target.exists() and not target.is_dir():
+        raise FxqatError(f"{target}: exists and is not a folder; give a new or existing folder for the dataset")
     try:
-        path = generate(out or "datasets/signs", train=train, val=val, imgsz=imgsz, seed=seed)
+        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed)
     except ValueError as e:
         raise FxqatError(str(e)) from None
+    except OSError as e:
+        raise FxqatError(f"{target}: cannot write the dataset ({e.strerror or e})") from None
     print(f"dataset written: {path}")
 
 
-def cmd_train(model, data, epochs, imgsz, batch, project, name, workers):
+def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust):
     from .train import train_fp32
 
     best = train_fp32(model, data, epochs=epochs, imgsz=imgsz, batch=batch, project=project, name=name,
-                      workers=workers)
+                      workers=workers, trust=trust)
     print(f"FP32 weights: {best}")
 
 
 def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn, freeze_observers, lr0, resume,
-            workers):
+            workers, trust):
+    """Arguments not on the command line arrive as None: train_qat applies the defaults, or the checkpoint's."""
     from .train import train_qat
 
-    kw = {} if lr0 is None else {"lr0": lr0}
+    if workers is None and not resume:
+        workers = 2  # the CLI's default (Ultralytics' is 8)
+    kw = {k: v for k, v in (("lr0", lr0), ("workers", workers)) if v is not None}
     _, best = train_qat(model, data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project,
                         name=name, freeze_bn_epoch=freeze_bn, freeze_observer_epoch=freeze_observers, resume=resume,
-                        workers=workers, **kw)
+                        trust=trust, **kw)
     print(f"QAT checkpoint: {best}")
 
 
-def _rows_for(model, fp32, imgsz, onnx: bool):
-    """(label, model-form) pairs to evaluate side by side."""
+def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
+    """(label, model-form) pairs to evaluate side by side; every file is loaded here, safely."""
     from .checkpoint import is_checkpoint, load_checkpoint
+    from .models import load_model
 
     rows = []
     if fp32:
-        rows.append(("FP32", fp32))
+        rows.append(("FP32", load_model(fp32, trust=trust)))
     p = Path(str(model))
     if p.suffix == ".onnx":
+        if not p.is_file():
+            raise FxqatError(f"{p}: ONNX model not found")
         return rows + [("QDQ ONNX (ORT)", str(p))]
     if is_checkpoint(p):
         import fxqat
@@ -60,16 +71,18 @@ def _rows_for(model, fp32, imgsz, onnx: bool):
             path = fxqat.export_onnx(gm, p.with_suffix(".onnx"), imgsz=imgsz)
             rows.append(("QDQ ONNX (ORT)", str(path)))
     else:
-        rows.append(("FP32", str(p)))
+        rows.append(("FP32", load_model(str(p), trust=trust)))
     return rows
 
 
-def cmd_eval(model, data, imgsz, batch, fp32, onnx, out):
+def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
+    from .data.images import read_data_yaml
     from .evaluate import evaluate
 
+    read_data_yaml(data)  # a bad data YAML is reported before any model work
     results = []
     meta = None
-    for label, m in _rows_for(model, fp32, imgsz, onnx):
+    for label, m in _rows_for(model, fp32, imgsz, onnx, trust):
         names = stride = None
         if meta is not None and label == "INT8 torch":
             names, stride = meta
@@ -109,11 +122,13 @@ def cmd_export(model, format, imgsz, dynamic, report, out):
         print(f"OpenVINO IR written: {to_openvino(path)}")
 
 
-def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out):
+def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out, trust):
     import fxqat
+    from fxqat.models import load_model
 
     t = time.perf_counter()
-    gm = fxqat.trace(model, mode=mode, leaf_modules=[s for s in (leaf or "").split(",") if s], nc=nc)
+    det = load_model(model, nc=nc, trust=trust)
+    gm = fxqat.trace(det, mode=mode, leaf_modules=[s for s in (leaf or "").split(",") if s])
     dt = time.perf_counter() - t
     table = fxqat.summary(gm, imgsz=imgsz)
     print(table)
@@ -132,15 +147,19 @@ def cmd_demo(quick, project, seed):
     run_demo(quick=quick, project=project, seed=seed)
 
 
-def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig):
+def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig, trust):
     from .analysis import analyze
+    from .data.images import image_files
+    from .models import load_model
 
-    rep = analyze(model, data, imgsz=imgsz, images=images, out=out, topk=topk, metric=metric, qconfig=qconfig)
+    image_files(data)  # a missing folder / YAML without images is reported before any model work
+    det = load_model(model, trust=trust)
+    rep = analyze(det, data, imgsz=imgsz, images=images, out=out, topk=topk, metric=metric, qconfig=qconfig)
     print(rep.table(topk * 3))
     print(f"report written to {out}: sensitivity.json, sensitivity.png, critical_qconfig.yaml")
 
 
-def cmd_bench(model, imgsz, threads, rounds):
+def cmd_bench(model, imgsz, threads, rounds, trust):
     from .bench import bench_model
 
-    bench_model(model, imgsz=imgsz, threads=threads, rounds=rounds)
+    bench_model(model, imgsz=imgsz, threads=threads, rounds=rounds, trust=trust)

@@ -63,7 +63,7 @@ class OnnxRunner:
         return torch.from_numpy(out[0])
 
 
-def as_predictor(model, names=None, stride=None) -> Predictor:
+def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> Predictor:
     """Wrap any supported model form (see module doc) as a :class:`Predictor`."""
     import torch.fx as fx
 
@@ -82,7 +82,7 @@ def as_predictor(model, names=None, stride=None) -> Predictor:
         from .checkpoint import is_checkpoint, load_checkpoint
         from .models import load_model
 
-        model = load_checkpoint(model) if is_checkpoint(model) else load_model(Path(model))
+        model = load_checkpoint(model) if is_checkpoint(model) else load_model(Path(model), trust=trust)
     if isinstance(model, fx.GraphModule):
         meta = getattr(model, "meta", {})
         model.eval()
@@ -94,13 +94,16 @@ def as_predictor(model, names=None, stride=None) -> Predictor:
     raise FxqatError(f"cannot evaluate a {type(model).__name__}; give a .pt, .onnx, YAML or a fxqat graph")
 
 
-def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=None, verbose: bool = False) -> dict:
-    """mAP50 and mAP50-95 of ``model`` on ``data``'s val split (Ultralytics metrics)."""
+def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=None, verbose: bool = False,
+             trust: bool | None = None) -> dict:
+    """mAP50 and mAP50-95 of ``model`` on ``data``'s val split (Ultralytics metrics). ``trust``: see
+    :func:`fxqat.models.load_model`."""
     from ultralytics.models.yolo.detect import DetectionValidator
 
-    if not Path(data).is_file():
-        raise FxqatError(f"data={data}: data YAML not found")
-    pred = as_predictor(model, names, stride)
+    from .data.images import read_data_yaml
+
+    read_data_yaml(data)
+    pred = as_predictor(model, names, stride, trust)
     args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, device="cpu", rect=False,
                 verbose=verbose, save_json=False, workers=0)
     v = DetectionValidator(args=args)

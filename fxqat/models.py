@@ -58,15 +58,14 @@ def _from_yaml(spec: str, nc: int | None) -> nn.Module:
     return model
 
 
-def _from_checkpoint(path: Path) -> nn.Module:
+def _from_checkpoint(path: Path, trust: bool | None = None) -> nn.Module:
+    from .checkpoint import claims_fxqat, load_file
+
     if not path.is_file():
         raise ModelLoadError(f"{path}: checkpoint not found; {SUPPORTED}")
-    import torch
-
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if claims_fxqat(path):
+        raise ModelLoadError(f"{path}: is an fxqat QAT checkpoint; load it with fxqat.checkpoint.load_checkpoint")
+    ckpt = load_file(path, trust=trust)
     if isinstance(ckpt, dict) and "fxqat" in ckpt:
         raise ModelLoadError(f"{path}: is an fxqat QAT checkpoint; load it with fxqat.checkpoint.load_checkpoint")
     model = None
@@ -79,14 +78,18 @@ def _from_checkpoint(path: Path) -> nn.Module:
     return model.float()
 
 
-def load_model(spec, nc: int | None = None) -> nn.Module:
-    """Return an Ultralytics ``DetectionModel`` for ``spec`` (see :data:`SUPPORTED`). Never downloads anything."""
+def load_model(spec, nc: int | None = None, trust: bool | None = None) -> nn.Module:
+    """Return an Ultralytics ``DetectionModel`` for ``spec`` (see :data:`SUPPORTED`). Never downloads anything.
+
+    A ``.pt`` is read by :func:`fxqat.checkpoint.load_file`: weights-only with an allow-list of Ultralytics / torch
+    classes; ``trust=True`` (or ``FXQAT_TRUST_PICKLE=1``) unpickles a file that needs anything else.
+    """
     if isinstance(spec, (str, Path)):
         s = str(spec)
         if s.endswith((".yaml", ".yml")):
             return _check_detection(_from_yaml(s, nc), s)
         if s.endswith((".pt", ".pth")):
-            return _check_detection(_from_checkpoint(Path(s)), s)
+            return _check_detection(_from_checkpoint(Path(s), trust), s)
         raise ModelLoadError(f"{s}: unknown model file type; {SUPPORTED}")
     if isinstance(spec, nn.Module):
         inner = getattr(spec, "model", None)

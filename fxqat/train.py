@@ -13,6 +13,7 @@ epoch at lr0 1e-4 kept mAP50-95 within 0.1 pt of FP32, while lr0 1e-3 lost 0.9 p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 from pathlib import Path
@@ -21,7 +22,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, trusted
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
@@ -107,12 +108,19 @@ def _trainer_cls():
         """Ultralytics' DetectionTrainer on an fxqat QAT model."""
 
         def __init__(self, qat_model: QATDetectionModel, overrides: dict, freeze_bn_epoch: int | None = None,
-                     freeze_observer_epoch: int | None = None, resume_state: dict | None = None):
+                     freeze_observer_epoch: int | None = None, resume_state: dict | None = None,
+                     run_args: dict | None = None):
+            if resume_state:  # Ultralytics keeps results.csv when args.resume is set; fxqat restores the state itself
+                overrides = dict(overrides, resume=str(resume_state.get("_path", True)))
             super().__init__(overrides=overrides)
+            self.run_args = dict(run_args or {})
             self.qat_model = qat_model
             self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
             self.resume_state = resume_state
             self.add_callback("on_train_epoch_start", QATTrainer._schedule)
+
+        def check_resume(self, overrides):
+            self.resume = False  # never let Ultralytics unpickle the checkpoint: resume_state holds it, read safely
 
         def setup_model(self):
             self.model = self.qat_model
@@ -144,7 +152,8 @@ def _trainer_cls():
                          optimizer=self.optimizer.state_dict(), ema=ema.gm.state_dict(),
                          train_args={k: v for k, v in vars(self.args).items()
                                      if isinstance(v, (int, float, str, bool, type(None)))},
-                         metrics={k: float(v) for k, v in (self.metrics or {}).items()})
+                         metrics={k: float(v) for k, v in (self.metrics or {}).items()},
+                         run_args=self.run_args)
             model_gm = copy.deepcopy(ema.gm)
             model_gm.meta = ema.gm.meta
             save_checkpoint(self.last, model_gm, **extra)
@@ -162,64 +171,170 @@ def _trainer_cls():
     return QATTrainer
 
 
-def _fp32_model(model, nc):
+def _fp32_model(model, nc, trust=None):
     from .models import load_model
 
-    return load_model(model, nc=nc)
+    return load_model(model, nc=nc, trust=trust)
 
 
-def train_qat(model, data: str, epochs: int = 3, imgsz: int = 320, qconfig=None, batch: int = 16,
-              project: str = "runs/fxqat", name: str = "qat", freeze_bn_epoch: int | None = None,
-              freeze_observer_epoch: int | None = None, calib_batches: int = 8, resume: str | None = None,
-              **overrides):
+RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat")
+# overrides a resumed run may change (they do not change what is learned); everything else must match or be omitted
+RESUME_MAY_CHANGE = {"workers", "device", "verbose", "plots", "patience", "cache", "save_period", "exist_ok"}
+
+
+def _scalars(d: dict) -> dict:
+    return {k: v for k, v in d.items() if isinstance(v, (int, float, str, bool, type(None)))}
+
+
+def _same(key, a, b) -> bool:
+    if key == "data":
+        return Path(str(a)).resolve() == Path(str(b)).resolve()
+    if key == "model":
+        return str(a) == str(b) or Path(str(a)).resolve() == Path(str(b)).resolve()
+    return a == b
+
+
+def _resume_args(resume, ckpt: dict, given: dict, overrides: dict) -> tuple[dict, dict]:
+    """The run arguments of the checkpoint, checked against the ones the caller gave (conflicts are errors)."""
+    saved = dict(ckpt.get("run_args") or {})
+    if not saved:  # older checkpoints: Ultralytics' own record of the run
+        ta = ckpt.get("train_args", {})
+        saved = {k: ta[k] for k in ("data", "epochs", "imgsz", "batch", "project", "name") if k in ta}
+    saved_over = dict(saved.pop("overrides", {}) or {})
+    for key, val in given.items():
+        if val is None or key not in saved:
+            continue
+        if key == "model" and _same(key, val, resume):
+            continue
+        if not _same(key, val, saved[key]):
+            raise FxqatError(f"resume={resume}: {key}={val!r} conflicts with the checkpoint's {key}={saved[key]!r}; "
+                             f"omit {key} to resume the run as it was, or start a new run")
+    for key, val in overrides.items():
+        if key in RESUME_MAY_CHANGE:
+            saved_over[key] = val
+        elif key in saved_over and saved_over[key] != val:
+            raise FxqatError(f"resume={resume}: {key}={val!r} conflicts with the checkpoint's {key}={saved_over[key]!r}")
+        elif key not in saved_over:
+            raise FxqatError(f"resume={resume}: {key}={val!r} was not set in the interrupted run; resuming cannot "
+                             "change it (start a new run)")
+    return saved, saved_over
+
+
+def train_qat(model=None, data: str | None = None, epochs: int | None = None, imgsz: int | None = None, qconfig=None,
+              batch: int | None = None, project: str | None = None, name: str | None = None,
+              freeze_bn_epoch: int | None = None, freeze_observer_epoch: int | None = None, calib_batches: int = 8,
+              resume: str | None = None, trust: bool | None = None, **overrides):
     """QAT fine-tuning of ``model`` (YAML name, Ultralytics ``.pt``, DetectionModel or prepared QAT graph).
 
-    Returns ``(trainer, best_checkpoint_path)``. BN statistics freeze at ``freeze_bn_epoch`` (default: half the
-    epochs), observers at ``freeze_observer_epoch`` (default: the last epoch). ``resume``: an fxqat ``last.pt``.
+    Returns ``(trainer, best_checkpoint_path)``. Defaults: epochs 3, imgsz 320, batch 16, project runs/fxqat, name
+    qat. BN statistics freeze at ``freeze_bn_epoch`` (default: half the epochs), observers at
+    ``freeze_observer_epoch`` (default: the last epoch). ``resume``: an fxqat ``last.pt``; every argument of the
+    interrupted run is restored from it (in the same run folder, so results.csv keeps its rows), and an argument
+    given here that differs from the checkpoint's is an error. ``trust``: see :func:`fxqat.models.load_model`.
     """
-    import yaml as _yaml
-
     from .calibrate import calibrate
-    from .data.images import iter_image_batches
+    from .data.images import iter_image_batches, read_data_yaml
 
-    if not Path(data).is_file():
-        raise FxqatError(f"data={data}: data YAML not found (make one with: fxqat data signs OUT)")
-    names = _yaml.safe_load(Path(data).read_text())["names"]
-    names = dict(enumerate(names)) if isinstance(names, list) else {int(k): v for k, v in names.items()}
-    nc = len(names)
+    given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
+                 batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
+                 freeze_observer_epoch=freeze_observer_epoch)
     resume_state = None
     if resume:
         gm, ckpt = load_checkpoint(resume, with_extra=True)
-        resume_state = ckpt
-        epochs = int(ckpt.get("train_args", {}).get("epochs", epochs))
+        if "optimizer" not in ckpt or "epoch" not in ckpt:
+            raise FxqatError(f"resume={resume}: holds no training state (optimizer, epoch); resume from a last.pt "
+                             "written by fxqat qat")
+        saved, overrides = _resume_args(resume, ckpt, given, overrides)
+        if qconfig is not None:
+            from .qconfig import as_qconfig
+            from .qconfig.io import dump_qconfig
+
+            if dump_qconfig(as_qconfig(qconfig)) != ckpt["qconfig"]:
+                raise FxqatError(f"resume={resume}: qconfig={qconfig} differs from the checkpoint's qconfig; omit "
+                                 "qconfig to resume the run as it was")
+        run = {**RUN_DEFAULTS, **{k: v for k, v in saved.items() if k != "model"}}
+        resume_state = dict(ckpt, _path=str(resume))
+        if int(ckpt["epoch"]) + 1 >= int(run["epochs"]):
+            raise FxqatError(f"resume={resume}: the run already finished its {run['epochs']} epochs")
+    else:
+        if model is None:
+            raise FxqatError("train_qat: give a model (YAML name, .pt, DetectionModel or QAT graph) or resume=")
+        if data is None:
+            raise FxqatError("train_qat: data= is required (an Ultralytics data YAML; make one with fxqat data signs)")
+        run = {**RUN_DEFAULTS, **{k: v for k, v in given.items() if v is not None}, "data": str(data),
+               "calib_batches": calib_batches, "overrides": _scalars(overrides)}
+        if isinstance(model, (str, Path)):
+            run["model"] = str(model)
+    data_info = read_data_yaml(run["data"])
+    names, nc = data_info["names"], data_info["nc"]
+    for key in ("epochs", "imgsz", "batch"):
+        if not isinstance(run[key], int) or run[key] < 1:
+            raise FxqatError(f"{key}={run[key]!r}: must be a positive integer")
+    if run["imgsz"] % 32:
+        raise FxqatError(f"imgsz={run['imgsz']}: must be a multiple of 32 (the model's largest stride)")
+    if resume:
+        if nc != int(ckpt["nc"]):
+            raise FxqatError(f"resume={resume}: data={run['data']} has {nc} classes but the checkpoint has "
+                             f"{ckpt['nc']}; resume with the run's own data")
     elif isinstance(model, fx.GraphModule):
         gm = model
     else:
-        det = _fp32_model(model, nc)
+        det = _fp32_model(model, nc, trust)
         if det.model[-1].nc != nc:
-            raise FxqatError(f"model has {det.model[-1].nc} classes but data={data} has {nc}; train an FP32 model "
-                             "on this data first (fxqat train) or start from a YAML")
+            raise FxqatError(f"model has {det.model[-1].nc} classes but data={run['data']} has {nc}; train an FP32 "
+                             "model on this data first (fxqat train) or start from a YAML")
         gm = prepare_qat(det, qconfig)
-        calibrate(gm, iter_image_batches(data, imgsz=imgsz, batch=batch, split="train"), batches=calib_batches,
-                  progress=True)
+        calibrate(gm, iter_image_batches(run["data"], imgsz=run["imgsz"], batch=run["batch"], split="train"),
+                  batches=calib_batches, progress=True)
     gm.meta["names"] = names
+    epochs = int(run["epochs"])
+    fb = run.get("freeze_bn_epoch")
+    fo = run.get("freeze_observer_epoch")
+    run["freeze_bn_epoch"] = fb if fb is not None else max(1, epochs // 2)
+    run["freeze_observer_epoch"] = fo if fo is not None else max(1, epochs - 1)
+    over = dict(overrides)  # on resume: the interrupted run's overrides (+ the ones a resume may change)
+    run["overrides"] = _scalars(over)
     args = dict(QAT_DEFAULTS)
-    args.update(model="fxqat-qat.yaml", data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, project=project,
-                name=name, exist_ok=True, device="cpu" if not torch.cuda.is_available() else overrides.pop("device", 0))
-    args.update(overrides)
-    fb = freeze_bn_epoch if freeze_bn_epoch is not None else max(1, epochs // 2)
-    fo = freeze_observer_epoch if freeze_observer_epoch is not None else max(1, epochs - 1)
-    trainer = _trainer_cls()(QATDetectionModel(gm), args, fb, fo, resume_state)
+    args.update(model="fxqat-qat.yaml", data=str(run["data"]), epochs=epochs, imgsz=run["imgsz"], batch=run["batch"],
+                project=run["project"], name=run["name"], exist_ok=True,
+                device="cpu" if not torch.cuda.is_available() else over.pop("device", 0))
+    args.update(over)
+    trainer = _trainer_cls()(QATDetectionModel(gm), args, run["freeze_bn_epoch"], run["freeze_observer_epoch"],
+                             resume_state, run_args=run)
     trainer.train()
     return trainer, trainer.best if trainer.best.exists() else trainer.last
 
 
+@contextlib.contextmanager
+def _ultralytics_safe_load(tasks):
+    """Ultralytics' own weights-only loading, for the time it reads the user's .pt."""
+    saved = tasks.SAFE_LOAD
+    tasks.SAFE_LOAD = True
+    try:
+        yield
+    finally:
+        tasks.SAFE_LOAD = saved
+
+
 def train_fp32(model, data: str, epochs: int = 10, imgsz: int = 320, batch: int = 16, project: str = "runs/fxqat",
-               name: str = "fp32", **overrides) -> Path:
-    """Train an FP32 model with Ultralytics (plots off, offline) and return the path of its best.pt."""
+               name: str = "fp32", trust: bool | None = None, **overrides) -> Path:
+    """Train an FP32 model with Ultralytics (plots off, offline) and return the path of its best.pt.
+
+    A ``.pt`` is checked by fxqat's safe loader and then read by Ultralytics weights-only, unless ``trust``."""
+    import ultralytics.nn.tasks as tasks
     from ultralytics import YOLO
 
-    yolo = YOLO(str(model)) if isinstance(model, (str, Path)) else model
+    from .data.images import read_data_yaml
+    from .models import load_model
+
+    read_data_yaml(data)
+    guard = contextlib.nullcontext()
+    if isinstance(model, (str, Path)):
+        load_model(model, trust=trust)  # fxqat's checks: detection model, and a .pt read safely unless trusted
+        if str(model).endswith((".pt", ".pth")) and not trusted(trust):
+            guard = _ultralytics_safe_load(tasks)
+    with guard:
+        yolo = YOLO(str(model)) if isinstance(model, (str, Path)) else model
     args = dict(data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, project=project, name=name, exist_ok=True,
                 plots=False, amp=False, device="cpu" if not torch.cuda.is_available() else 0)
     args.update(overrides)

@@ -57,3 +57,22 @@ def test_demo_quick(tmp_path, capsys):
     for f in ("report.md", "qat_graph.svg", "predictions_int8.png", "qat_int8.onnx"):
         assert (tmp_path / "demo" / f).exists(), f
     assert "| QAT INT8 |" in capsys.readouterr().out
+
+
+def test_qat_passes_only_given_arguments(monkeypatch, capsys):
+    """Values not on the command line reach train_qat as None, so a resume can tell them from explicit ones."""
+    import fxqat.train as T
+
+    seen = {}
+
+    def fake(model, data, **kw):
+        seen.update(kw, model=model, data=data)
+        return None, "best.pt"
+
+    monkeypatch.setattr(T, "train_qat", fake)
+    assert main(["qat", "yolov8n.yaml", "data=d.yaml", "imgsz=64"]) == 0
+    assert seen["imgsz"] == 64 and seen["epochs"] is None and seen["batch"] is None and seen["workers"] == 2
+    seen.clear()
+    assert main(["qat", "resume=last.pt", "batch=4"]) == 0  # no MODEL, no data=: both come from the checkpoint
+    assert seen["model"] is None and seen["data"] is None and seen["resume"] == "last.pt" and seen["batch"] == 4
+    assert "workers" not in seen

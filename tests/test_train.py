@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ from fxqat.checkpoint import load_checkpoint, save_checkpoint
 from fxqat.quant.fake_quant import FakeQuant
 
 from .conftest_helpers import signs_like_images
+
+QCONFIGS = Path(__file__).parents[1] / "qconfigs"
 
 
 def test_qat_through_ultralytics_trainer(tiny_qat_run):
@@ -32,7 +35,9 @@ def test_qat_through_ultralytics_trainer(tiny_qat_run):
 def test_checkpoint_is_weights_only_and_complete(tiny_qat_run):
     _, best = tiny_qat_run
     ck = torch.load(best, map_location="cpu", weights_only=True)  # no pickled classes needed
-    assert ck["fxqat"] == 1 and "qconfig" in ck and "state_dict" in ck
+    assert ck["fxqat"] == 2 and "qconfig" in ck and "state_dict" in ck and len(ck["digest"]) == 64
+    assert ck["prepare_args"] == {"leaf_modules": [], "nc": 10}
+    assert {"data", "epochs", "imgsz", "batch", "project", "name", "freeze_bn_epoch"} <= set(ck["run_args"])
     assert any(k.endswith("zero_point") for k in ck["state_dict"])
     assert any(k.endswith("observer.min_val") for k in ck["state_dict"])
 
@@ -105,3 +110,81 @@ def test_not_a_checkpoint(tmp_path):
     bad.write_bytes(b"nope")
     with pytest.raises(fxqat.ModelLoadError, match="not an fxqat QAT checkpoint"):
         load_checkpoint(bad)
+
+
+def _csv_epochs(path):
+    lines = path.read_text().strip().splitlines()
+    return [int(float(line.split(",")[0])) for line in lines[1:]]
+
+
+def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_data, tmp_path, monkeypatch, capsys):
+    """Ctrl-C right after epoch 1 of 2 is saved (a real interruption point), then ``fxqat qat resume=last.pt``."""
+    import shutil
+
+    import fxqat.train as T
+    from fxqat.cli import main
+    from fxqat.errors import FxqatError
+
+    data = tmp_path / "data.yaml"  # a private copy (absolute path:), so the class-count check can edit it
+    shutil.copy(tiny_data, data)
+    real = T._trainer_cls
+
+    def interrupting():
+        class Interrupted(real()):
+            def save_model(self):
+                out = super().save_model()
+                if self.epoch == 0:
+                    raise KeyboardInterrupt("Ctrl-C after epoch 1 of 2")
+                return out
+
+        return Interrupted
+
+    monkeypatch.setattr(T, "_trainer_cls", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_qat("yolov8n.yaml", str(data), epochs=2, imgsz=128, batch=8, project=str(tmp_path / "runs"),
+                    name="run", workers=0, calib_batches=1, verbose=False, freeze_bn_epoch=1)
+    monkeypatch.setattr(T, "_trainer_cls", real)
+    run = tmp_path / "runs" / "run"
+    last = run / "weights" / "last.pt"
+    assert _csv_epochs(run / "results.csv") == [1]
+
+    # an explicit argument that differs from the checkpoint's is an error naming it and both values
+    for kw, fragment in (({"imgsz": 160}, "imgsz=160 conflicts with the checkpoint's imgsz=128"),
+                         ({"epochs": 5}, "epochs=5 conflicts with the checkpoint's epochs=2"),
+                         ({"data": str(tiny_data)}, "data="),
+                         ({"lr0": 0.01}, "lr0=0.01"),
+                         ({"qconfig": str(QCONFIGS / "mixed_w4.yaml")}, "differs from the checkpoint's qconfig")):
+        with pytest.raises(FxqatError, match=fragment):
+            T.train_qat(resume=str(last), **kw)
+    # data whose class count no longer matches the checkpoint's is refused
+    text = data.read_text()
+    import yaml
+
+    d = yaml.safe_load(text)
+    names = list(d["names"].values() if isinstance(d["names"], dict) else d["names"])
+    data.write_text(yaml.safe_dump({**d, "names": names[:3], "nc": 3}))
+    with pytest.raises(FxqatError, match="has 3 classes but the checkpoint has 10"):
+        T.train_qat(resume=str(last))
+    data.write_text(text)
+
+    seen = {}
+    real_init = real()
+    monkeypatch.setattr(T, "_trainer_cls", lambda: type("Spy", (real_init,), {
+        "_setup_train": lambda self: (real_init._setup_train(self), seen.update(start=self.start_epoch))[0]}))
+    assert main(["qat", f"resume={last}", "workers=0"]) == 0
+    assert seen["start"] == 1  # epoch 2 of 2 ran, epoch 1 was not repeated
+    assert _csv_epochs(run / "results.csv") == [1, 2]  # same run folder, earlier row kept
+    ck = torch.load(last, weights_only=True)
+    assert ck["epoch"] == 1
+    assert {k: ck["train_args"][k] for k in ("imgsz", "batch", "epochs", "data")} == \
+        {"imgsz": 128, "batch": 8, "epochs": 2, "data": str(data)}
+    assert ck["run_args"]["freeze_bn_epoch"] == 1 and ck["run_args"]["name"] == "run"
+
+
+def test_resume_of_a_finished_run_is_refused(tiny_qat_run):
+    trainer, _ = tiny_qat_run
+    from fxqat.errors import FxqatError
+    from fxqat.train import train_qat
+
+    with pytest.raises(FxqatError, match="already finished its 2 epochs"):
+        train_qat(resume=str(trainer.last))
