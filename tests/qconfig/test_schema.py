@@ -61,7 +61,7 @@ def test_unknown_role_and_block_suggest_the_closest_and_list_choices():
 
 def test_every_unmatched_rule_is_reported_at_once():
     import fxqat
-    from fxqat.graph.patterns import op_kind
+    from fxqat.graph.registry import op_kind
 
     qc = load_qconfig("version: 1\nrules:\n  - match: {module: 'model.99.*'}\n    skip: true\n"
                       "  - match: {role: c2f.cv1}\n    weight: {bits: 4}\n"
