@@ -76,7 +76,7 @@ def _child_peak(builder_spec, q):
 
 def _load_runner(kind, arg, threads):
     if kind == "torch":
-        return torch.load(arg, weights_only=False)
+        return torch.load(arg, weights_only=False)  # the INT8 module this benchmark itself saved a moment ago
     if kind == "ort":
         return OnnxRunner(arg, threads=threads)
     if kind == "openvino":

@@ -110,6 +110,8 @@ def _spawned(rank: int, world: int, steps: int, out: str, port: int) -> None:
 
 if __name__ == "__main__":
     folder = run_ddp()
-    states = [torch.load(folder / f"rank{i}.pt") for i in range(2)]
+    from .checkpoint import load_file
+
+    states = [load_file(folder / f"rank{i}.pt", fxqat_only=True) for i in range(2)]
     same = all(torch.equal(states[0][k], states[1][k]) for k in states[0])
     print(f"2 ranks, identical weights and quantizer state: {same} ({folder})")

@@ -197,7 +197,8 @@ def _install_decode(model: nn.Module) -> None:
         head.decode = DetectDecode(head)
 
 
-def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | None = None) -> fx.GraphModule:
+def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | None = None,
+          trust: bool | None = None) -> fx.GraphModule:
     """Trace an Ultralytics detection model into a ``torch.fx.GraphModule``.
 
     Args:
@@ -208,10 +209,12 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
             switch it.
         leaf_modules: module types, type names or module-path globs kept as single opaque nodes.
         nc: number of classes when building from a YAML name.
+        trust: a ``.pt`` file is loaded weights-only with an allow-list of Ultralytics / torch classes; ``True``
+            (or ``FXQAT_TRUST_PICKLE=1``) unpickles anything in it — only for files you trust.
     """
     if mode not in ("train", "eval"):
         raise ValueError(f"mode={mode!r}: valid choices are 'train' and 'eval'")
-    det = copy.deepcopy(load_model(model, nc=nc)).float()
+    det = copy.deepcopy(load_model(model, nc=nc, trust=trust)).float()
     _install_decode(det)
     root = YoloRoot(det)
     tracer = YoloTracer(leaf_modules)
@@ -231,5 +234,6 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
         "reg_max": head.reg_max,
         "stride": det.stride.detach().clone(),
         "yaml": copy.deepcopy(getattr(det, "yaml", {})),
+        "leaf_modules": list(leaf_modules),
     }
     return gm

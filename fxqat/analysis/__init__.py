@@ -94,14 +94,17 @@ def _qconfig_yaml(report: SensitivityReport, base, topk: int, threshold: float |
 
 def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int = 3, metric: str = "sqnr",
             qconfig=None, threshold: float | None = None, progress: bool = True,
-            action: str = "raise") -> SensitivityReport:
+            action: str = "raise", trust: bool | None = None) -> SensitivityReport:
     """Rank layers by quantization sensitivity on ``images`` calibration images from ``data``.
 
     Writes ``sensitivity.json``, ``sensitivity.png`` and ``critical_qconfig.yaml`` to ``out`` when given.
     ``metric="map"`` also measures mAP (needs labels) of uniform INT8 vs the generated qconfig. ``action``:
-    "raise" (float weights + 16-bit output grid for the critical layers) or "skip".
+    "raise" (float weights + 16-bit output grid for the critical layers) or "skip". ``trust``: see
+    :func:`fxqat.trace` (a ``.pt`` is loaded once, weights-only unless trusted).
     """
     import fxqat
+
+    from ..models import load_model
 
     from ..data.images import image_files, load_images
     from ..errors import FxqatError
@@ -109,6 +112,8 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
 
     if metric not in ("sqnr", "map"):
         raise FxqatError(f"metric={metric!r}: valid choices are 'sqnr', 'map'")
+    if isinstance(model, (str, Path)):
+        model = load_model(model, trust=trust)
     if isinstance(data, torch.Tensor):
         x = data[:images]
     else:

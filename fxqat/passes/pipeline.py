@@ -59,7 +59,7 @@ def onnx_passes() -> list:
 
 
 def prepare_qat(model, qconfig=None, example_inputs=None, *, nc: int | None = None,
-                leaf_modules=()) -> fx.GraphModule:
+                leaf_modules=(), trust: bool | None = None) -> fx.GraphModule:
     """A trainable QAT ``GraphModule`` for an Ultralytics detection model.
 
     Args:
@@ -69,18 +69,18 @@ def prepare_qat(model, qconfig=None, example_inputs=None, *, nc: int | None = No
             QConfigMapping.
         example_inputs: optional ``(tensor,)``; when given, one forward pass initializes every quantizer
             (like a one-batch calibration), so the model is ready for training or evaluation at once.
-        nc, leaf_modules: as for :func:`fxqat.trace`; recorded in ``gm.meta["prepare_args"]`` (and in checkpoints).
+        nc, leaf_modules, trust: as for :func:`fxqat.trace`; ``nc`` and ``leaf_modules`` are recorded in
+            ``gm.meta["prepare_args"]`` (and so in checkpoints, which rebuild the graph with them).
     """
     from ..tracing import trace
 
     qc = as_qconfig(qconfig)
     traced = isinstance(model, fx.GraphModule) and "names" in getattr(model, "meta", {})
-    gm = model if traced else trace(model, "train", leaf_modules=leaf_modules, nc=nc)
+    gm = model if traced else trace(model, "train", leaf_modules=leaf_modules, nc=nc, trust=trust)
     gm = run_passes(gm, prepare_passes(qc), "prepare")
     gm.meta["qconfig"] = qc
-    if not traced:
-        gm.meta["prepare_args"] = {"leaf_modules": [x if isinstance(x, str) else x.__name__ for x in leaf_modules],
-                                   "nc": nc}
+    gm.meta["prepare_args"] = {"leaf_modules": list(leaf_modules) or list(gm.meta.get("leaf_modules", [])),
+                               "nc": nc if nc is not None else gm.meta["nc"]}
     gm.train()
     if example_inputs is not None:
         from ..calibrate import calibrate
