@@ -81,6 +81,20 @@ class QATDetectionModel(_detection_model_base()):
         return True
 
 
+def scales_without_decay(opt: torch.optim.Optimizer, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """Move learned quantizer scales (LSQ) out of ``opt``'s weight-decay groups into one group without decay:
+    decay would pull every learned scale toward zero."""
+    scales = {id(m.scale) for m in model.modules() if isinstance(m, FakeQuant) and m.spec.learnable}
+    moved = []
+    for g in opt.param_groups:
+        if g.get("weight_decay", 0) > 0:
+            moved += [p for p in g["params"] if id(p) in scales]
+            g["params"] = [p for p in g["params"] if id(p) not in scales]
+    if moved:
+        opt.add_param_group({"params": moved, "weight_decay": 0.0})
+    return opt
+
+
 def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
     """Quantizer state (scales, zero-points, observer ranges, flags) and BN freeze flags are copied, not averaged."""
     src_mods = dict(src.named_modules())
@@ -125,6 +139,11 @@ def _trainer_cls():
         def setup_model(self):
             self.model = self.qat_model
             return None
+
+        def build_optimizer(self, model, *args, **kwargs):
+            """Ultralytics' optimizer, with learned quantizer scales (LSQ) moved out of the weight-decay group:
+            decay would pull every learned scale toward zero."""
+            return scales_without_decay(super().build_optimizer(model, *args, **kwargs), model)
 
         def _setup_train(self):
             super()._setup_train()

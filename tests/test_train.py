@@ -188,3 +188,21 @@ def test_resume_of_a_finished_run_is_refused(tiny_qat_run):
 
     with pytest.raises(FxqatError, match="already finished its 2 epochs"):
         train_qat(resume=str(trainer.last))
+
+
+def test_learned_scales_leave_the_weight_decay_group():
+    import torch
+
+    import fxqat
+    from fxqat.quant.fake_quant import FakeQuant
+    from fxqat.train import scales_without_decay
+
+    gm = fxqat.prepare_qat("yolov8n.yaml", {"version": 1, "weight": {"learnable": True}}, nc=10)
+    scales = [m.scale for m in gm.modules() if isinstance(m, FakeQuant) and m.spec.learnable]
+    assert len(scales) == 63
+    weights = [p for n, p in gm.named_parameters() if n.endswith("conv.weight")]
+    opt = torch.optim.SGD([{"params": weights + scales, "weight_decay": 5e-4}], lr=0.1)
+    scales_without_decay(opt, gm)
+    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert not decayed & {id(s) for s in scales} and {id(w) for w in weights} <= decayed
+    assert sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] == 0) == 63

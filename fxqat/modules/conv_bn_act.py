@@ -103,7 +103,7 @@ class ConvBnAct(nn.Module):
         ones the fake-quantizer rounds to (``FakeQuant.codes``), not ``round(w / scale)``, which differs on .5."""
         w, b = self._deploy_weight()
         fq = self.weight_fq
-        scale = fq.scale.detach().reshape(-1).float()
+        scale = fq.qparams()[0].reshape(-1).float()  # a learned scale: its positive value
         if scale.numel() == 1:
             scale = scale.expand(w.shape[0]).contiguous()
         if bool((fq.zero_point != 0).any()):

@@ -41,7 +41,8 @@ def uint8_grid(fq: FakeQuant) -> Grid | None:
     s = fq.spec
     if s.bits != 8 or fq.ch_axis is not None or not bool(fq.initialized):
         return None
-    scale, zp = float(fq.scale.reshape(-1)[0]), int(fq.zero_point.reshape(-1)[0])
+    scale, zp = fq.qparams()  # a learned (LSQ) scale: its positive value, as the forward uses it
+    scale, zp = float(scale.reshape(-1)[0]), int(zp.reshape(-1)[0])
     if s.symmetric:  # int8 [-128, 127] with zp 0 is the uint8 grid with zp 128
         zp += 128
     return scale, zp
