@@ -175,7 +175,7 @@ class Int8ConvBnAct(nn.Module):
         """Whether this call runs the split weights (decided per process, at packing: see the module docstring)."""
         split = getattr(self, "split_weights", None)  # absent from modules pickled before it existed
         if split is None:
-            return bool(self.w_int8.abs().max() > 64) and u8s8_conv_saturates()
+            return bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates()  # |-128|
         return bool(split)
 
     def _call_args(self, x_shape) -> tuple:

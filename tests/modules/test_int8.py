@@ -152,7 +152,9 @@ def test_u8s8_saturation_probe_contract(tmp_path):
     x, w = _conv_case(16, 8, 3, 1, seed=0)
     conv = nn.Conv2d(16, 8, 3, 1, 1)
     small = (w // 2).clamp(-64, 64)
-    for weight, expect in ((w, u8s8_conv_saturates()), (small, False)):
+    edge = small.clone()
+    edge[0, 0, 0, 0] = -128  # int8 abs(-128) is -128: the check must not miss it
+    for weight, expect in ((w, u8s8_conv_saturates()), (small, False), (edge, u8s8_conv_saturates())):
         m = Int8ConvBnAct(weight, torch.full((8,), 0.002), torch.zeros(8), conv, (0.02, 10), (0.5, 128), "none")
         m(x)
         assert m._packed[2] == expect
