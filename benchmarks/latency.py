@@ -4,6 +4,8 @@ Rows: Ultralytics FP32 eager (as built, and with Conv+BN fused as ``YOLO.predict
 INT8 (default qconfig mapping on fxqat's trace) with its x86 and onednn engines, fxqat INT8 (oneDNN fused
 Conv+BN+SiLU kernels). Rounds are interleaved so machine noise hits every
 row alike. Targets (issue 3): fxqat ≤ 0.7× the fastest plain torch.ao engine, ≥ 4× faster than FP32.
+On a CPU without VNNI fxqat's convs run split weights (exact, ~2x the multiply-adds: see ``fxqat.modules.int8``);
+a last row then times the unsplit kernels, whose outputs are wrong there, for what exactness costs.
 
     python -m benchmarks.latency [--imgsz 640] [--rounds 5] [--threads 2] [--no-trim]
 
@@ -25,8 +27,9 @@ import torch  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
+from fxqat.modules.int8 import Int8ConvBnAct, cpu_has_vnni, u8s8_conv_saturates  # noqa: E402
 
-from .common import interleaved_medians, save, table  # noqa: E402
+from .common import interleaved_medians, machine, save, table  # noqa: E402
 from .peers import plain_torch_ao_int8  # noqa: E402
 
 
@@ -50,6 +53,12 @@ def build_rows(imgsz: int):
     qat = fxqat.prepare_qat(model)
     fxqat.calibrate(qat, calib, progress=False)
     rows["fxqat INT8 (onednn fused)"] = (fxqat.convert(qat), "onednn")
+    if u8s8_conv_saturates():  # what exactness costs here: the same model on the saturating kernels
+        unsplit = copy.deepcopy(rows["fxqat INT8 (onednn fused)"][0])
+        for m in unsplit.modules():
+            if isinstance(m, Int8ConvBnAct):
+                m.split_weights = False
+        rows["fxqat INT8 unsplit (wrong without VNNI)"] = (unsplit, "onednn")
     return rows
 
 
@@ -71,6 +80,8 @@ def main(argv=None):
     out = [{"model": k, "ms": v, "vs_fp32": fp32 / v, "vs_best_plain_ao": v / best_plain} for k, v in med.items()]
     print(f"yolov8n {a.imgsz}x{a.imgsz}, batch 1, {a.threads} threads, median of {a.rounds} interleaved rounds, "
           f"malloc {'keeping freed memory (--no-trim)' if a.no_trim else 'glibc defaults'}")
+    print(f"CPU: {machine()['cpu']}; VNNI: {cpu_has_vnni()}; fxqat INT8 convs: "
+          f"{'split weights (u8×s8 pair sums saturate here)' if u8s8_conv_saturates() else 'unsplit'}")
     print(table(out, ["model", "ms", "vs_fp32", "vs_best_plain_ao"]))
     f = med["fxqat INT8 (onednn fused)"]
     print(f"fxqat / fastest plain torch.ao = {f / best_plain:.2f} (target <= 0.70); "

@@ -7,11 +7,27 @@
 * :class:`Int8MaxPool` — max pooling on the grid (order-preserving, exact).
 
 Concat, nearest Upsample and chunk run unchanged on uint8 tensors: their inputs share one grid by construction.
+
+What runs where. oneDNN multiplies uint8 activations by int8 weights. With VNNI (``vpdpbusd``: CPU flags
+``avx512_vnni``, ``avx_vnni`` or ``amx_int8``) the products add up in int32: exact. Without it (AVX2-only CPUs,
+e.g. AMD EPYC before Zen 4, Intel before Cascade Lake / Alder Lake) oneDNN uses ``vpmaddubsw``, which adds two
+u8×s8 products in *saturating int16*: 255·127·2 = 64 770 > 32 767 (yolov8n at 320 px: 9 % of the conv outputs
+off, by up to 12 codes; torch.ao's x86 qconfigs use 7-bit activations, ``reduce_range``, for this reason). There,
+:class:`Int8ConvBnAct` splits each weight into two halves ``w = w_hi + w_lo`` with ``|w_hi|, |w_lo| <= 64`` and runs
+one convolution over the input's channels twice (``cat([x, x])`` against ``cat([w_hi, w_lo])``): every pair sum is
+at most 255·64·2 = 32 640, so the int32 result is exact, in the same single oneDNN call (post-op and requantize
+fused), for about twice the multiply-adds (yolov8n 640 on an AVX2-only EPYC, one thread, CPU time: 200 ms
+against 135 ms unsplit and 280 ms FP32 eager; fp32 convolutions of the dequantized codes, fake-quant's own
+arithmetic, took 1.2x the split path at 320 px). Which path runs is decided on the machine that runs the model, at
+its first call (:func:`u8s8_conv_saturates`: a small oneDNN self-test, once per process), so a model converted on
+one CPU runs exactly on another. Layers whose weights all fit ``|w| <= 64`` never split. ``Int8Add``
+(``quantized::add``) and ``Int8MaxPool`` have no u8×s8 products: exact on either kind of CPU.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 
 import torch
@@ -40,6 +56,47 @@ def _check_onednn():
     if not hasattr(torch.ops, "onednn") or not hasattr(torch.ops.onednn, "qconv2d_pointwise"):
         raise BackendError("this torch build lacks oneDNN quantized convolution (torch.ops.onednn.qconv2d_pointwise);"
                            " install torch 2.14.1 for x86-64: pip install torch==2.14.1 torchvision==0.29.1")
+
+
+@functools.lru_cache(maxsize=None)
+def u8s8_conv_saturates() -> bool:
+    """Whether oneDNN's u8×s8 convolution on this CPU adds product pairs in saturating int16 (``vpmaddubsw``: no
+    VNNI), measured once per process: 1×1 and 3×3 convolutions (16 and 3 input channels) of all-255 codes with
+    all-127 weights, whose exact sums (≤ 4.7e6) float32 holds exactly, against those sums."""
+    _check_onednn()
+    for cin, k in ((16, 1), (3, 3), (16, 3)):
+        x = torch.full((1, cin, k + 2, k + 2), 255, dtype=torch.uint8).contiguous(memory_format=CL)
+        w, one = torch.full((8, cin, k, k), 127, dtype=torch.int8), torch.ones(8)
+        packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, list(x.shape))
+        y = _QCONV(x, 1.0, 0, packed, one, torch.zeros(8, dtype=torch.int64), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
+                   torch.float32, "none", [], "")
+        if not bool((y == 255 * 127 * cin * k * k).all()):
+            return True
+    return False
+
+
+def cpu_has_vnni() -> bool:
+    """The CPU flags for int8 dot products in int32 (``avx512_vnni``, ``avx_vnni``, ``amx_int8``), as torch's
+    cpuinfo reads them (any OS). Informative: :func:`u8s8_conv_saturates` decides (oneDNN may be capped below the
+    CPU, e.g. by ``ONEDNN_MAX_CPU_ISA``)."""
+    caps = torch.cpu.get_capabilities()
+    return any(bool(caps.get(f)) for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def _split_weight(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """``[w_hi, w_lo]`` along each group's input channels, ``w_hi + w_lo == w``, both within [-64, 64]."""
+    hi = torch.div(w, 2, rounding_mode="floor")  # [-64, 63] for int8
+    g = lambda t: t.unflatten(0, (groups, -1))  # noqa: E731  (G, Cout/G, Cin/G, kh, kw)
+    return torch.cat([g(hi), g(w - hi)], 2).flatten(0, 1).contiguous()
+
+
+def _dup(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each group's input channels twice, channels-last (the input :func:`_split_weight`'s weight reads)."""
+    if groups == 1:
+        return torch.cat([x, x], 1)
+    n, c, h, w = x.shape
+    return x.unflatten(1, (groups, 1, c // groups)).expand(n, groups, 2, c // groups, h, w).reshape(
+        n, 2 * c, h, w).contiguous(memory_format=CL)
 
 
 # torch's fused quantize kernel (round half to even, as the fake-quantizers) is 3x faster than the arithmetic
@@ -92,13 +149,17 @@ class Dequantize(nn.Module):
 
 
 class Int8ConvBnAct(nn.Module):
-    """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call."""
+    """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call.
+
+    ``split_weights``: None (default) splits the weights where oneDNN's u8×s8 kernel saturates on the running CPU
+    (:func:`u8s8_conv_saturates`) and some ``|w| > 64``; True always splits (exact everywhere, ~2x the
+    multiply-adds); False never does (wrong by up to tens of codes on CPUs without VNNI). ``keep_layout``: a float
+    output stays channels-last (set by ``BinsLastHead`` where the consumer reads that layout); otherwise it is made
+    NCHW-contiguous."""
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
-                 x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str, *,
-                 keep_layout: bool = False):
-        """``keep_layout``: a float output stays channels-last (set by ``BinsLastHead`` where the consumer reads
-        that layout); otherwise it is made NCHW-contiguous."""
+                 x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str,
+                 split_weights: bool | None = None, *, keep_layout: bool = False):
         super().__init__()
         _check_onednn()
         self.stride, self.padding = list(conv.stride), list(conv.padding)
@@ -112,19 +173,32 @@ class Int8ConvBnAct(nn.Module):
         self.register_buffer("w_scale", w_scale.float().contiguous())
         self.register_buffer("w_zp", torch.zeros(w_scale.numel(), dtype=torch.int64))
         self.register_buffer("bias", bias.float().contiguous())
+        self.split_weights = split_weights
         self._packed = None
+
+    def _splits(self) -> bool:
+        """Whether this call runs the split weights (decided per process, at packing: see the module docstring)."""
+        split = getattr(self, "split_weights", None)  # absent from modules pickled before it existed
+        if split is None:
+            return bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates()  # |-128|
+        return bool(split)
 
     def _call_args(self, x_shape) -> tuple:
         """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape (nn.Module attribute
         lookups were ~10 µs of a ~30 µs call). The weight pack is blocked for that shape: packed without it, oneDNN
-        picks a layout its convolution then re-orders on every call (19 convs of yolov8n at 640)."""
+        picks a layout its convolution then re-orders on every call (19 convs of yolov8n at 640). ``_packed[2]``:
+        whether the input is to be doubled for split weights."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
-            w = torch.ops.onednn.qconv_prepack(self.w_int8, self.w_scale, self.x_scale, self.x_zp, self.stride,
-                                               self.padding, self.dilation, self.groups, list(key))
+            split = self._splits()
+            w, shape = self.w_int8, list(key)
+            if split:
+                w, shape = _split_weight(w, self.groups), [shape[0], 2 * shape[1], *shape[2:]]
+            w = torch.ops.onednn.qconv_prepack(w, self.w_scale, self.x_scale, self.x_zp, self.stride,
+                                               self.padding, self.dilation, self.groups, shape)
             self._packed = (key, (self.x_scale, self.x_zp, w, self.w_scale, self.w_zp, self.bias, self.stride,
                                   self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
-                                  torch.float32 if self.float_out else None, self.attr, [], ""))
+                                  torch.float32 if self.float_out else None, self.attr, [], ""), split)
         return self._packed[1]
 
     def with_options(self, *, keep_layout: bool) -> Int8ConvBnAct:
@@ -152,7 +226,10 @@ class Int8ConvBnAct(nn.Module):
     def forward(self, x):
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)  # e.g. a C2f split half (a strided channel slice)
-        y = _QCONV(x, *self._call_args(x.shape))
+        args = self._call_args(x.shape)
+        if self._packed[2]:
+            x = _dup(x, self.groups)
+        y = _QCONV(x, *args)
         return y.contiguous() if self.float_out and not self.keep_layout else y
 
     def extra_repr(self):
