@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -155,12 +154,9 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
     model = onnx.load(str(path))
     _fold_weight_quantizers(model)
     _scalar_qparams(model)
-    meta = getattr(qat_model, "meta", {})
-    for k, v in {"names": json.dumps({int(a): b for a, b in meta.get("names", {}).items()}),
-                 "stride": json.dumps([int(s) for s in meta.get("stride", torch.tensor([8, 16, 32])).tolist()]),
-                 "imgsz": json.dumps([h, w]), "producer": "fxqat", "task": "detect"}.items():
-        p = model.metadata_props.add()
-        p.key, p.value = k, v
+    from .deploy import add_onnx_metadata
+
+    add_onnx_metadata(model, getattr(qat_model, "meta", {}), (h, w), batch=batch, dynamic=dynamic, opset=opset)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
