@@ -7,9 +7,9 @@
   ``metadata.yaml`` (:func:`to_openvino` still writes a bare ``.xml`` / ``.bin`` pair).
 * :func:`as_yolo` — the INT8 torch model (or a QAT checkpoint / graph, converted) as an ``ultralytics.YOLO`` object.
 
-TorchScript is refused (:data:`TORCHSCRIPT_UNSUPPORTED`): the INT8 model's oneDNN convolutions take a prepacked
-weight (an opaque MKLDNN tensor) that ``torch.jit.trace`` cannot record (``RuntimeError: Unsupported value kind:
-Tensor``).
+TorchScript is refused (:data:`TORCHSCRIPT_UNSUPPORTED`): ``torch.jit.trace`` cannot record the INT8 model's oneDNN
+convolutions — the packed weight they take is an opaque MKLDNN tensor ("RuntimeError: Unsupported value kind: Tensor"),
+and packing inside the trace fails on ``qconv_prepack``'s arguments ("unsupported input list type: Scalar?").
 """
 
 from __future__ import annotations
@@ -111,13 +111,15 @@ def parse_metadata(raw: dict) -> dict:
     reads it. Older fxqat exports (``stride`` a list, ``names`` JSON) are read too."""
     out = dict(raw)
     for k, v in raw.items():
-        if not isinstance(v, str):
+        if not isinstance(v, str) or k not in ("stride", "batch", "channels", "imgsz", "names", "args", "end2end"):
             continue
-        if k in ("stride", "batch", "channels"):
+        try:
             val = ast.literal_eval(v)
-            out[k] = int(max(val)) if isinstance(val, (list, tuple)) else int(val)
-        elif k in ("imgsz", "names", "args", "end2end", "kpt_shape"):
-            out[k] = ast.literal_eval(v)
+            if k in ("stride", "batch", "channels"):
+                val = int(max(val)) if isinstance(val, (list, tuple)) else int(val)
+        except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+            raise ModelLoadError(f"metadata {k}={v[:80]!r}: not a value Ultralytics can read") from None
+        out[k] = val
     if isinstance(out.get("names"), dict):
         out["names"] = {int(k): str(v) for k, v in out["names"].items()}
     return out
@@ -128,11 +130,15 @@ def read_onnx_metadata(path) -> dict:
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    return parse_metadata({p.key: p.value for p in model.metadata_props})
+    try:
+        return parse_metadata({p.key: p.value for p in model.metadata_props})
+    except ModelLoadError as e:
+        raise ModelLoadError(f"{path}: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------------- OpenVINO
 def require_openvino():
+    """The ``openvino`` module, or an FxqatError that says how to install it."""
     try:
         import openvino as ov
     except ImportError:
@@ -296,8 +302,8 @@ def as_yolo(model, task: str = TASK, names=None, stride=None):
         raise ModelLoadError(f"{type(model).__name__}: not an fxqat INT8 model or QAT graph (no Int8ConvBnAct / "
                              "FakeQuant modules); a float Ultralytics model loads with YOLO(path) directly")
     module = yolo_module(model, names, stride)
-    # a YOLO object from Ultralytics' own constructor (a bundled YAML builds in ~0.1 s), then its model swapped for
-    # the INT8 one: AutoBackend takes an nn.Module as it is (no fuse(): the convs are fused already)
+    # a YOLO object from Ultralytics' own constructor (building the bundled YAML takes a fraction of what convert
+    # does), then its model swapped for the INT8 one: AutoBackend takes an nn.Module as it is (it has no fuse())
     y = YOLO("yolov8n.yaml", task=task)
     y.model = module
     y.task, y.cfg, y.ckpt, y.ckpt_path, y.model_name = task, None, {}, None, label

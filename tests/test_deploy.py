@@ -154,6 +154,8 @@ def test_onnx_metadata_is_ultralytics(forms):
 def test_old_fxqat_metadata_still_reads():
     md = parse_metadata({"stride": "[8, 16, 32]", "names": '{"0": "stop", "1": "yield"}', "imgsz": "[320, 320]"})
     assert md == {"stride": 32, "names": {0: "stop", 1: "yield"}, "imgsz": [320, 320]}
+    with pytest.raises(fxqat.ModelLoadError, match="metadata imgsz="):
+        parse_metadata({"imgsz": "320 by 320"})
 
 
 @settings(max_examples=60, deadline=None)
@@ -275,6 +277,15 @@ def test_export_command_writes_what_yolo_loads(forms, tmp_path, capsys):
     assert f"yolo val task=detect model={folder}/ imgsz={IMGSZ} data=" in out
     assert not (tmp_path / "best.onnx").exists()  # OpenVINO's input, not a result
     assert len(YOLO(str(folder)).predict(np.zeros((IMGSZ, IMGSZ, 3), np.uint8), verbose=False)) == 1
+
+
+def test_export_hints_name_the_training_data(tiny_qat_run, tiny_data, capsys):
+    _, best = tiny_qat_run  # its checkpoint records the data YAML it was trained on
+    out = best.parent / "hint.onnx"
+    assert main(["export", str(best), f"imgsz={IMGSZ}", "report=false", f"out={out}"]) == 0
+    text = capsys.readouterr().out
+    assert f"yolo predict task=detect model={out} imgsz={IMGSZ} source={tiny_data.parent / 'images' / 'val'}" in text
+    assert f"data={tiny_data}" in text
 
 
 def test_next_commands(tmp_path):
