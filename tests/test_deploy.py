@@ -83,15 +83,18 @@ def forms(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def labelled(forms, tiny_data, tmp_path_factory):
-    """tiny_data's val images, labelled with the INT8 model's 5 best boxes per image → (data.yaml, images)."""
+    """tiny_data's val images, labelled with the INT8 model's 5 best boxes per image, each corner moved by up to
+    3 px (seeded: mAP50-95 then sits below its ceiling, where small box differences show) → (data.yaml, images)."""
     src = yaml.safe_load(tiny_data.read_text())
     root = tmp_path_factory.mktemp("selflabelled")
     (root / "images" / "val").mkdir(parents=True)
     (root / "labels" / "val").mkdir(parents=True)
     images = sorted((tiny_data.parent / src["val"]).glob("*.png"))
+    g = torch.Generator().manual_seed(0)
     for p in images:
         shutil.copy(p, root / "images" / "val" / p.name)
         det = _detections(forms["int8"], _image(p))
+        det[:, :4] += (torch.rand(len(det), 4, generator=g) * 2 - 1) * 3
         lines = []
         for x1, y1, x2, y2, _, c in det.tolist():
             x1, y1, x2, y2 = (min(max(v, 0.0), IMGSZ) for v in (x1, y1, x2, y2))
@@ -114,6 +117,8 @@ def _yolo_val(y, data):
 
 
 def _assert_same_map(ultra: dict, own: dict):
+    print(f"\nmAP50 / mAP50-95: Ultralytics {ultra['mAP50']:.6f} / {ultra['mAP50-95']:.6f}, "
+          f"fxqat {own['mAP50']:.6f} / {own['mAP50-95']:.6f}")
     assert own["mAP50"] > 0.5, own  # the labels are this model's own boxes: a broken pipeline scores far lower
     for k in ("mAP50", "mAP50-95"):
         assert abs(ultra[k] - own[k]) <= MAP_TOL, (k, ultra, own)
