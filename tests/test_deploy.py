@@ -251,8 +251,11 @@ def test_as_yolo_refuses_what_it_cannot_run(forms, tmp_path):
 
 
 @needs_lap
-def test_track_runs_on_a_frame_sequence(forms, labelled, tmp_path):
+@pytest.mark.parametrize("form", ["int8", "onnx", pytest.param("openvino", marks=needs_openvino)])
+def test_track_runs_on_a_frame_sequence(form, forms, labelled, tmp_path, request):
     """Four frames of one image sliding right by 4 px: the same objects, so the tracker keeps their ids."""
+    from ultralytics import YOLO
+
     _, images = labelled
     img = cv2.imread(str(images[0]))
     frames = tmp_path / "frames"
@@ -263,7 +266,9 @@ def test_track_runs_on_a_frame_sequence(forms, labelled, tmp_path):
     tracker.write_text(yaml.safe_dump({"tracker_type": "bytetrack", "track_high_thresh": 0.5, "track_low_thresh":
                                        0.1, "new_track_thresh": 0.5, "track_buffer": 30, "match_thresh": 0.8,
                                        "fuse_score": True}))
-    res = as_yolo(forms["int8"]).track(str(frames), imgsz=IMGSZ, tracker=str(tracker), device="cpu", verbose=False)
+    y = {"int8": lambda: as_yolo(forms["int8"]), "onnx": lambda: YOLO(str(forms["onnx"])),
+         "openvino": lambda: YOLO(str(request.getfixturevalue("ov_folder")))}[form]()
+    res = y.track(str(frames), imgsz=IMGSZ, tracker=str(tracker), device="cpu", verbose=False)
     assert len(res) == 4
     ids = [set(r.boxes.id.int().tolist()) if r.boxes.id is not None else set() for r in res]
     assert ids[-1] and ids[-1] & ids[1]  # tracks confirmed on frame 2 live on to frame 4
