@@ -104,22 +104,52 @@ def _print_table(rows, cols):
 
 
 def cmd_export(model, format, imgsz, dynamic, report, out):
+    """QDQ ONNX (``<ckpt>.onnx``) or OpenVINO (``<ckpt>_int8_openvino_model/``) with Ultralytics' metadata, so
+    ``YOLO(path)`` / ``yolo predict model=path`` run it; prints the commands to run next."""
+    import tempfile
+
     from .checkpoint import load_checkpoint
+    from .deploy import (FORMATS, OPENVINO_SUFFIX, TORCHSCRIPT_UNSUPPORTED, export_openvino, next_commands, openvino_dir,
+                         require_openvino)
     from .export import export_onnx, format_report, qdq_report
 
-    if format not in ("onnx", "openvino"):
-        raise FxqatError(f"format={format}: valid choices: onnx, openvino")
-    gm = load_checkpoint(model)
-    path = Path(out) if out else Path(model).with_suffix(".onnx")
-    t = time.perf_counter()
-    export_onnx(gm, path, imgsz=imgsz, dynamic=dynamic)
-    print(f"QDQ ONNX written: {path} ({time.perf_counter() - t:.1f} s)")
-    if report:
-        print(format_report(qdq_report(path)))
+    if format == "torchscript":
+        raise FxqatError(TORCHSCRIPT_UNSUPPORTED)
+    if format not in FORMATS:
+        raise FxqatError(f"format={format}: valid choices: {', '.join(FORMATS)}")
     if format == "openvino":
-        from .deploy import to_openvino
+        target = Path(out) if out else openvino_dir(model)
+        if not target.name.endswith("_openvino_model"):
+            raise FxqatError(f"out={out}: an OpenVINO export is a folder whose name ends in '_openvino_model' (how "
+                             f"Ultralytics recognizes it), e.g. out={target}{OPENVINO_SUFFIX}")
+        require_openvino()
+    gm, ckpt = load_checkpoint(model, with_extra=True)
+    data = (ckpt.get("train_args") or {}).get("data")
+    del ckpt
+    t = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        onnx_path = Path(out) if out and format == "onnx" else Path(model).with_suffix(".onnx")
+        if format == "openvino":  # the QDQ ONNX model is OpenVINO's input here, not a result
+            onnx_path = Path(tmp) / Path(model).with_suffix(".onnx").name
+        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic)
+        rep = format_report(qdq_report(onnx_path)) if report else None
+        if format == "openvino":
+            path = export_openvino(onnx_path, target)
+            print(f"OpenVINO INT8 model written: {path}/ ({time.perf_counter() - t:.1f} s)")
+        else:
+            path = onnx_path
+            print(f"QDQ ONNX written: {path} ({time.perf_counter() - t:.1f} s)")
+    if rep:
+        print(rep)
+    source = None
+    if data and Path(data).is_file():
+        import yaml
 
-        print(f"OpenVINO IR written: {to_openvino(path)}")
+        d = yaml.safe_load(Path(data).read_text()) or {}
+        val = Path(d.get("path") or Path(data).parent) / str(d.get("val", ""))
+        source = val if d.get("val") and val.exists() else None
+    for line in next_commands(path, imgsz, data=data, source=source):
+        print(line)
 
 
 def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out, trust):

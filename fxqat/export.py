@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -99,17 +98,15 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         torch.onnx.export(gm, (x,), str(path), opset_version=opset, input_names=["images"], output_names=["output0"],
-                          dynamic_axes={"images": {0: "batch"}, "output0": {0: "batch"}} if dynamic else None,
+                          dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
+                                        "output0": {0: "batch", 2: "anchors"}} if dynamic else None,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load(str(path))
     for rewrite in onnx_passes():
         rewrite(model)
-    meta = getattr(qat_model, "meta", {})
-    for k, v in {"names": json.dumps({int(a): b for a, b in meta.get("names", {}).items()}),
-                 "stride": json.dumps([int(s) for s in meta.get("stride", torch.tensor([8, 16, 32])).tolist()]),
-                 "imgsz": json.dumps([h, w]), "producer": "fxqat", "task": "detect"}.items():
-        p = model.metadata_props.add()
-        p.key, p.value = k, v
+    from .deploy import add_onnx_metadata  # Ultralytics' metadata keys: YOLO(path) predicts / validates / tracks
+
+    add_onnx_metadata(model, getattr(qat_model, "meta", {}), (h, w), batch=batch, dynamic=dynamic, opset=opset)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path
