@@ -195,11 +195,13 @@ COMMANDS: dict[str, Command] = {
         "fp32": Arg(str, None, "FP32 .pt to include as a baseline row"),
         "onnx": Arg(_bool, True, "also export and evaluate the QDQ ONNX model"),
         "out": Arg(str, None, "write results as JSON"), "trust": _TRUST}),
-    "export": Command(_lazy("cmd_export"), "export an fxqat QAT checkpoint to QDQ ONNX", ("model",), {
+    "export": Command(_lazy("cmd_export"), "export an fxqat QAT checkpoint for Ultralytics: QDQ ONNX or an INT8 "
+                      "OpenVINO folder", ("model",), {
         "format": Arg(str, "onnx", "onnx | openvino", _one_of("onnx", "openvino")),
         "imgsz": Arg(int, 640, "input size", _stride_multiple),
-        "dynamic": Arg(_bool, False, "dynamic batch"), "report": Arg(_bool, True, "print the Q/DQ structure report"),
-        "out": Arg(str, None, "output path")}),
+        "dynamic": Arg(_bool, False, "dynamic batch and image size"),
+        "report": Arg(_bool, True, "print the Q/DQ structure report"),
+        "out": Arg(str, None, "output .onnx file, or *_openvino_model folder")}),
     "analyze": Command(_lazy("cmd_analyze"), "critical-layer analysis: per-layer sensitivity and a qconfig", ("model",), {
         "data": Arg(str, None, "data YAML or image folder (calibration images)"),
         "out": Arg(str, "runs/analyze", "report folder"), "imgsz": Arg(int, 320, "image size", _stride_multiple),

@@ -57,6 +57,8 @@ def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
     if fp32:
         rows.append(("FP32", load_model(fp32, trust=trust)))
     p = Path(str(model))
+    if p.is_dir() and p.name.endswith("_openvino_model"):
+        return rows + [("OpenVINO", str(p))]
     if p.suffix == ".onnx":
         if not p.is_file():
             raise FxqatError(f"{p}: ONNX model not found")

@@ -69,14 +69,16 @@ def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> P
 
     if isinstance(model, Predictor):
         return model
+    if isinstance(model, (str, Path)) and str(model).rstrip("/").endswith("_openvino_model"):
+        from .deploy import openvino_predictor
+
+        return openvino_predictor(model)
     if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
-        import json
+        from .deploy import read_onnx_metadata
 
-        import onnx
-
-        meta = {p.key: p.value for p in onnx.load(str(model), load_external_data=False).metadata_props}
-        names = names or {int(k): v for k, v in json.loads(meta.get("names", "{}")).items()}
-        stride = stride if stride is not None else json.loads(meta.get("stride", "[8, 16, 32]"))
+        meta = read_onnx_metadata(model)
+        names = names or meta.get("names", {})
+        stride = stride if stride is not None else meta.get("stride", 32)
         return Predictor(OnnxRunner(model), names, stride, "onnx")
     if isinstance(model, (str, Path)):
         from .checkpoint import is_checkpoint, load_checkpoint
