@@ -10,7 +10,7 @@ from fxqat.quant.fake_quant import FakeQuant
 
 from .conftest_helpers import signs_like_images
 
-QCONFIGS = Path(__file__).parents[1] / "qconfigs"
+QCONFIGS = Path(__file__).parents[1] / "fxqat" / "qconfigs"
 
 
 def test_qat_through_ultralytics_trainer(tiny_qat_run):

@@ -62,7 +62,7 @@ def test_annotation_sharing_classes_equal_the_old_computation(yaml):
 
 
 def test_every_member_of_a_grid_records_the_class_spec_and_owner():
-    qc = fxqat.load_qconfig({"version": 1, "rules": [{"match": {"name": "model_2_cv1"}, "activation": {"bits": 16}}]})
+    qc = {"version": 1, "rules": [{"match": {"name": "model_2_cv1"}, "activation": {"bits": 16}}]}
     gm = fxqat.prepare_qat("yolov8n.yaml", qc, nc=10)
     members = [n for n in gm.graph.nodes if isinstance(info(n).qspec, NodeQSpec) and
                info(n).qspec.grid == "model_2_cv1"]
