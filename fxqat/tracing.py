@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from .errors import FxqatError, TraceError
 from .graph.meta import META_KEY, NodeInfo
 from .graph.registry import module_kind
 from .models import load_model
@@ -225,6 +225,22 @@ def _install_decode(model: nn.Module) -> None:
 
 
 TASKS = {"Detect": "detect", "Segment": "segment", "Pose": "pose", "OBB": "obb"}
+
+
+def task_of(model) -> str:
+    """The task of a loaded model: an fxqat graph (``meta["task"]``), an Ultralytics model or ``YOLO`` object."""
+    if isinstance(model, fx.GraphModule):
+        return getattr(model, "meta", {}).get("task", "detect")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "model", inner)
+    head = layers[-1] if isinstance(layers, nn.Sequential) else None
+    return TASKS.get(type(head).__name__, "detect")
+
+
+def refuse_task(task: str, what: str) -> None:
+    """Entry points that still assume Detect (QAT training, evaluation, sensitivity analysis) refuse other tasks."""
+    if task != "detect":
+        raise FxqatError(f"{what} of {task} models is not supported yet; trace/prepare/calibrate/convert/export are")
 
 
 def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | None = None) -> fx.GraphModule:

@@ -181,6 +181,7 @@ def train_qat(model, data: str, epochs: int = 3, imgsz: int = 320, qconfig=None,
 
     from .calibrate import calibrate
     from .data.images import iter_image_batches
+    from .tracing import refuse_task, task_of
 
     if not Path(data).is_file():
         raise FxqatError(f"data={data}: data YAML not found (make one with: fxqat data signs OUT)")
@@ -196,12 +197,14 @@ def train_qat(model, data: str, epochs: int = 3, imgsz: int = 320, qconfig=None,
         gm = model
     else:
         det = _fp32_model(model, nc)
+        refuse_task(task_of(det), "QAT training")
         if det.model[-1].nc != nc:
             raise FxqatError(f"model has {det.model[-1].nc} classes but data={data} has {nc}; train an FP32 model "
                              "on this data first (fxqat train) or start from a YAML")
         gm = prepare_qat(det, qconfig)
         calibrate(gm, iter_image_batches(data, imgsz=imgsz, batch=batch, split="train"), batches=calib_batches,
                   progress=True)
+    refuse_task(task_of(gm), "QAT training")
     gm.meta["names"] = names
     args = dict(QAT_DEFAULTS)
     args.update(model="fxqat-qat.yaml", data=str(data), epochs=epochs, imgsz=imgsz, batch=batch, project=project,
