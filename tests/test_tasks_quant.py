@@ -34,7 +34,7 @@ def seg():
     return _prepared("yolov8n-seg.yaml")
 
 
-@pytest.fixture(scope="module", params=["yolov8n-pose.yaml", "yolov8n-obb.yaml"])
+@pytest.fixture(scope="module", params=["yolov8n-pose.yaml", pytest.param("yolov8n-obb.yaml", marks=pytest.mark.slow)])
 def pose_obb(request):
     return request.param.split("-")[1].split(".")[0], _prepared(request.param)[0]
 
