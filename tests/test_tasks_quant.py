@@ -146,3 +146,25 @@ def test_pose_obb_int8_and_onnx_match_fake_quant(pose_obb, tmp_path):
         assert ref.shape == (1, 4 + NC + (51 if task == "pose" else 1), 2100)
         _check_task(task, ref, out)
         _check_task(task, ref, torch.from_numpy(sess.run(None, {"images": x.numpy()})[0]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["yolo11n-seg.yaml", "yolo11n-pose.yaml", "yolo11n-obb.yaml"])
+def test_yolo11_task_heads_int8_and_onnx_match_fake_quant(name, tmp_path):
+    import onnxruntime as ort
+
+    task = name.split("-")[1].split(".")[0]
+    gm, _ = _prepared(name)
+    q = fxqat.convert(gm)
+    sess = ort.InferenceSession(str(fxqat.export_onnx(gm, tmp_path / "m.onnx", imgsz=320)),
+                                providers=["CPUExecutionProvider"])
+    x = signs_like_images(1, 320, seed=11)
+    with torch.no_grad():
+        ref, out = gm(x)[0], q(x)
+    ort_out = tuple(torch.from_numpy(o) for o in sess.run(None, {"images": x.numpy()}))
+    if task == "seg":
+        _check_seg(ref, out, _proto_step(gm))
+        _check_seg(ref, ort_out, _proto_step(gm))
+    else:
+        _check_task(task, ref, out)
+        _check_task(task, ref, ort_out[0])
