@@ -75,7 +75,7 @@ def yolo_metadata(meta: dict, imgsz, batch: int = 1, dynamic: bool = False, fmt:
         "license": "AGPL-3.0 License (https://ultralytics.com/license)",
         "docs": "https://docs.ultralytics.com",
         "stride": stride,
-        "task": TASK,
+        "task": meta.get("task", TASK),
         "head": _head_name(yaml),
         "batch": int(batch),
         "imgsz": [h, w],
@@ -85,6 +85,7 @@ def yolo_metadata(meta: dict, imgsz, batch: int = 1, dynamic: bool = False, fmt:
         "end2end": False,
         "producer": "fxqat",
         "fxqat_version": __version__,
+        **({"kpt_shape": list(meta["kpt_shape"])} if meta.get("kpt_shape") else {}),
     }
 
 
@@ -256,6 +257,9 @@ def yolo_module(int8_model: nn.Module, names=None, stride=None) -> nn.Module:
     from .evaluate import Predictor
 
     meta = getattr(int8_model, "meta", {}) or {}
+    if meta.get("task", TASK) != TASK:
+        raise FxqatError(f"a {meta['task']} model: as_yolo runs detect models only (run the exported ONNX with "
+                         "YOLO(path))")
     names = names or meta.get("names")
     stride = stride if stride is not None else meta.get("stride")
     if not names or stride is None:
@@ -278,7 +282,8 @@ def as_yolo(model, task: str = TASK, names=None, stride=None):
     from ultralytics import YOLO
 
     if task != TASK:
-        raise FxqatError(f"task={task}: fxqat models are detectors; valid: {TASK}")
+        raise FxqatError(f"task={task}: as_yolo runs detect models only (segment / pose / obb: run the exported "
+                         f"ONNX with YOLO(path)); valid: {TASK}")
     label = "fxqat-int8"
     if isinstance(model, (str, Path)):
         from .checkpoint import is_checkpoint, load_checkpoint

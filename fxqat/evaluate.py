@@ -22,8 +22,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 class Predictor(nn.Module):
     """What Ultralytics' validator needs from a model: ``stride``, ``names``, ``yaml`` and decoded predictions."""
 
-    def __init__(self, fn, names: dict, stride, label: str = ""):
+    def __init__(self, fn, names: dict, stride, label: str = "", task: str = "detect"):
         super().__init__()
+        self.task = task  # evaluate() refuses what is not "detect"
         self.fn = fn
         self.names = dict(names)
         self.register_buffer("stride", torch.as_tensor(stride, dtype=torch.float32).reshape(-1))
@@ -67,6 +68,8 @@ def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> P
     """Wrap any supported model form (see module doc) as a :class:`Predictor`."""
     import torch.fx as fx
 
+    from .tracing import task_of
+
     if isinstance(model, Predictor):
         return model
     if isinstance(model, (str, Path)) and str(model).rstrip("/").endswith("_openvino_model"):
@@ -79,7 +82,7 @@ def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> P
         meta = read_onnx_metadata(model)
         names = names or meta.get("names", {})
         stride = stride if stride is not None else meta.get("stride", 32)
-        return Predictor(OnnxRunner(model), names, stride, "onnx")
+        return Predictor(OnnxRunner(model), names, stride, "onnx", meta.get("task", "detect"))
     if isinstance(model, (str, Path)):
         from .checkpoint import is_checkpoint, load_checkpoint
         from .models import load_model
@@ -89,10 +92,10 @@ def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> P
         meta = getattr(model, "meta", {})
         model.eval()
         return Predictor(model, names or meta.get("names", {}), stride if stride is not None else meta["stride"],
-                         "graph")
+                         "graph", task_of(model))
     if isinstance(model, nn.Module) and hasattr(model, "model") and hasattr(model, "stride"):
         m = copy.deepcopy(model).float().eval()
-        return Predictor(m, names or m.names, m.stride, "fp32")
+        return Predictor(m, names or m.names, m.stride, "fp32", task_of(m))
     raise FxqatError(f"cannot evaluate a {type(model).__name__}; give a .pt, .onnx, YAML or a fxqat graph")
 
 
@@ -103,9 +106,11 @@ def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=
     from ultralytics.models.yolo.detect import DetectionValidator
 
     from .data.images import read_data_yaml
+    from .tracing import refuse_task
 
     read_data_yaml(data)
     pred = as_predictor(model, names, stride, trust)
+    refuse_task(pred.task, "evaluation")
     args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, device="cpu", rect=False,
                 verbose=verbose, save_json=False, workers=0)
     v = DetectionValidator(args=args)

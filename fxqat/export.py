@@ -94,12 +94,16 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     check_initialized(qat_model, "export")
     gm = export_graph(qat_model)
+    segment = getattr(qat_model, "meta", {}).get("task") == "segment"
+    outputs = ["output0", "output1"] if segment else ["output0"]  # Ultralytics' names: predictions (+ prototypes)
     x = torch.zeros(batch, 3, h, w)
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(gm, (x,), str(path), opset_version=opset, input_names=["images"], output_names=["output0"],
+        torch.onnx.export(gm, (x,), str(path), opset_version=opset, input_names=["images"], output_names=outputs,
                           dynamic_axes={"images": {0: "batch", 2: "height", 3: "width"},
-                                        "output0": {0: "batch", 2: "anchors"}} if dynamic else None,
+                                        "output0": {0: "batch", 2: "anchors"},
+                                        **({"output1": {0: "batch", 2: "mask_height", 3: "mask_width"}}
+                                           if segment else {})} if dynamic else None,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load(str(path))
     for rewrite in onnx_passes():

@@ -12,8 +12,10 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-SUPPORTED = "a detection model: a YAML name such as yolov8n.yaml … yolov8x.yaml or yolo11n.yaml, a .pt checkpoint, " \
-            "an ultralytics YOLO object or a DetectionModel"
+SUPPORTED = "a detection, segment, pose or OBB model: a YAML name such as yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, " \
+            "yolov8n-seg.yaml, yolo11n-pose.yaml or yolov8n-obb.yaml, a .pt checkpoint, an ultralytics YOLO object or " \
+            "a DetectionModel (or its Segmentation/Pose/OBB subclass)"
+TASKS = ("detect", "segment", "pose", "obb")  # the Detect-family heads fxqat traces
 
 
 def _detection_model_cls():
@@ -24,12 +26,10 @@ def _detection_model_cls():
 
 def _check_detection(model: nn.Module, source: str) -> nn.Module:
     DetectionModel = _detection_model_cls()
-    from ultralytics.nn.tasks import ClassificationModel, OBBModel, PoseModel, SegmentationModel
+    from ultralytics.nn.tasks import ClassificationModel
 
-    for cls, task in ((SegmentationModel, "segment"), (PoseModel, "pose"), (OBBModel, "obb"),
-                      (ClassificationModel, "classify")):
-        if isinstance(model, cls):
-            raise ModelLoadError(f"{source}: is a {task} model; fxqat supports detection models only ({SUPPORTED})")
+    if isinstance(model, ClassificationModel):
+        raise ModelLoadError(f"{source}: is a classify model; fxqat supports {', '.join(TASKS)} models ({SUPPORTED})")
     if not isinstance(model, DetectionModel):
         raise ModelLoadError(f"{source}: {type(model).__name__} is not an Ultralytics detection model ({SUPPORTED})")
     head = model.model[-1]
@@ -48,11 +48,14 @@ def _from_yaml(spec: str, nc: int | None) -> nn.Module:
         raise ModelLoadError(f"{spec}: no such model YAML (file or Ultralytics built-in); {SUPPORTED}") from None
     except Exception as e:  # malformed YAML
         raise ModelLoadError(f"{spec}: cannot read model YAML ({type(e).__name__}: {e})") from None
+    from ultralytics.nn.tasks import OBBModel, PoseModel, SegmentationModel
+
     task = guess_model_task(cfg)
-    if task != "detect":
-        raise ModelLoadError(f"{spec}: is a {task} model; fxqat supports detection models only ({SUPPORTED})")
+    classes = {"detect": _detection_model_cls(), "segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}
+    if task not in classes:
+        raise ModelLoadError(f"{spec}: is a {task} model; fxqat supports {', '.join(TASKS)} models ({SUPPORTED})")
     try:
-        model = _detection_model_cls()(cfg, nc=nc, verbose=False)
+        model = classes[task](cfg, nc=nc, verbose=False)
     except Exception as e:
         raise ModelLoadError(f"{spec}: Ultralytics could not build this model ({type(e).__name__}: {e})") from None
     return model

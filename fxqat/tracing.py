@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import TraceError
+from .errors import FxqatError, TraceError
 from .graph.meta import META_KEY, NodeInfo
 from .graph.registry import module_kind
 from .models import load_model
 from .modules.decode import DetectDecode
+from .modules.heads import head_decodes
 
 # --------------------------------------------------------------------------------------------- traceable forwards
 # Same arithmetic as Ultralytics' forwards (so traced == eager bit for bit), written without iterating Proxies.
@@ -64,21 +65,48 @@ def _attention_forward(self, x):
     return self.proj(x)
 
 
-def _detect_forward(self, x):
+def _detect_head(self, x):
     bs = x[0].shape[0]
     boxes = torch.cat([self.cv2[i](x[i]).view(bs, 4 * self.reg_max, -1) for i in range(self.nl)], dim=-1)
     scores = torch.cat([self.cv3[i](x[i]).view(bs, self.nc, -1) for i in range(self.nl)], dim=-1)
+    return bs, boxes, scores
+
+
+def _branch(self, x, bs: int, channels: int):
+    """A task head's extra branch ``cv4`` (mask coefficients, keypoints, angle logits), levels joined on anchors."""
+    return torch.cat([self.cv4[i](x[i]).view(bs, channels, -1) for i in range(self.nl)], 2)
+
+
+def _detect_forward(self, x):
+    _, boxes, scores = _detect_head(self, x)
     return self.decode(boxes, scores, list(x))  # leaf: DetectDecode
+
+
+def _segment_forward(self, x):
+    bs, boxes, scores = _detect_head(self, x)
+    mc = _branch(self, x, bs, self.nm)
+    return self.decode(boxes, scores, list(x), mc, self.proto(x[0]))  # leaf: SegmentDecode; Proto traced
+
+
+def _pose_forward(self, x):
+    bs, boxes, scores = _detect_head(self, x)
+    return self.decode(boxes, scores, list(x), _branch(self, x, bs, self.nk))  # leaf: PoseDecode
+
+
+def _obb_forward(self, x):
+    bs, boxes, scores = _detect_head(self, x)
+    return self.decode(boxes, scores, list(x), _branch(self, x, bs, self.ne))  # leaf: OBBDecode (angle sigmoid)
 
 
 def traceable_forwards() -> dict[type, Callable | None]:
     """Ultralytics class → traceable forward (None: refused with a clear error). Exact types: a subclass (e.g.
     ``Segment`` of ``Detect``) is traced through its own forward unless listed itself."""
-    from ultralytics.nn.modules import C2PSA, C2f, C2fAttn, C3k2, Detect
+    from ultralytics.nn.modules import OBB, C2PSA, C2f, C2fAttn, C3k2, Detect, Pose, Segment
     from ultralytics.nn.modules.block import Attention
 
     return {C2f: _c2f_forward, C3k2: _c2f_forward, C2fAttn: None, C2PSA: _c2psa_forward,
-            Attention: _attention_forward, Detect: _detect_forward}
+            Attention: _attention_forward, Detect: _detect_forward, Segment: _segment_forward, Pose: _pose_forward,
+            OBB: _obb_forward}
 
 
 class YoloRoot(nn.Module):
@@ -190,11 +218,34 @@ class YoloTracer(fx.Tracer):
 
 
 def _install_decode(model: nn.Module) -> None:
-    from ultralytics.nn.modules import Detect
-
     head = model.model[-1]
-    if type(head) is Detect and not hasattr(head, "decode"):
-        head.decode = DetectDecode(head)
+    cls = head_decodes().get(type(head))
+    if cls is not None and not hasattr(head, "decode"):
+        head.decode = cls(head)
+
+
+def head_task(head) -> str:
+    """The task of an Ultralytics head, by type: segment | pose | obb | detect."""
+    from ultralytics.nn.modules import OBB, Pose, Segment
+
+    return next((t for cls, t in ((Segment, "segment"), (Pose, "pose"), (OBB, "obb")) if isinstance(head, cls)),
+                "detect")
+
+
+def task_of(model) -> str:
+    """The task of a loaded model: an fxqat graph (``meta["task"]``), an Ultralytics model or ``YOLO`` object."""
+    if isinstance(model, fx.GraphModule):
+        return getattr(model, "meta", {}).get("task", "detect")
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "model", inner)
+    head = layers[-1] if isinstance(layers, nn.Sequential) else None
+    return head_task(head)
+
+
+def refuse_task(task: str, what: str) -> None:
+    """Entry points that still assume Detect (QAT training, evaluation, sensitivity analysis) refuse other tasks."""
+    if task != "detect":
+        raise FxqatError(f"{what} of {task} models is not supported yet; trace/prepare/calibrate/convert/export are")
 
 
 def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | None = None,
@@ -235,5 +286,8 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
         "stride": det.stride.detach().clone(),
         "yaml": copy.deepcopy(getattr(det, "yaml", {})),
         "leaf_modules": list(leaf_modules),
+        "task": head_task(head),
     }
+    if hasattr(head, "kpt_shape"):
+        gm.meta["kpt_shape"] = list(head.kpt_shape)
     return gm

@@ -253,6 +253,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     """
     from .calibrate import calibrate
     from .data.images import iter_image_batches, read_data_yaml
+    from .tracing import refuse_task, task_of
 
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
                  batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
@@ -299,12 +300,14 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
         gm = model
     else:
         det = _fp32_model(model, nc, trust)
+        refuse_task(task_of(det), "QAT training")
         if det.model[-1].nc != nc:
             raise FxqatError(f"model has {det.model[-1].nc} classes but data={run['data']} has {nc}; train an FP32 "
                              "model on this data first (fxqat train) or start from a YAML")
         gm = prepare_qat(det, qconfig)
         calibrate(gm, iter_image_batches(run["data"], imgsz=run["imgsz"], batch=run["batch"], split="train"),
                   batches=calib_batches, progress=True)
+    refuse_task(task_of(gm), "QAT training")
     gm.meta["names"] = names
     epochs = int(run["epochs"])
     fb = run.get("freeze_bn_epoch")

@@ -109,6 +109,7 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
     from ..data.images import image_files, load_images
     from ..errors import FxqatError
     from ..qconfig import as_qconfig
+    from ..tracing import refuse_task, task_of
 
     if metric not in ("sqnr", "map"):
         raise FxqatError(f"metric={metric!r}: valid choices are 'sqnr', 'map'")
@@ -120,6 +121,7 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
         x = load_images(image_files(data, "val")[:images], imgsz)
     base = as_qconfig(qconfig)
     gm = fxqat.prepare_qat(model, base)
+    refuse_task(task_of(gm), "sensitivity analysis")  # it measures Detect's box and class outputs only
     fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=progress)
     layers, summary = sweep(gm, x, progress=progress)
     summary["images"] = len(x)

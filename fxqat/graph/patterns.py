@@ -66,18 +66,40 @@ SPPF = Pattern("sppf", ("SPPF",), (
 # Detect — QATDetectionHead (per level i: box branch cv2.i, class branch cv3.i; DFL + decode stay float)
 #   P_i ─► cv2.i.0 ─► cv2.i.1 ─► cv2.i.2 (box_last, 1×1) ─► view ─► cat ─┐
 #   P_i ─► cv3.i.0 ─► cv3.i.1 ─► cv3.i.2 (cls_last, 1×1) ─► view ─► cat ─┴─► decode: DFL, anchors, dist2bbox, sigmoid
-DETECT = Pattern("detect", ("Detect",), (
+# Segment, Pose and OBB are Detect plus a branch: their box / class branches and decode take Detect's roles.
+DETECT_HEADS = ("Detect", "Segment", "Pose", "OBB")
+DETECT = Pattern("detect", DETECT_HEADS, (
     Role("detect.box", "conv", "cv2.*.[01]*"), Role("detect.box_last", "conv", "cv2.*.2"),
     Role("detect.cls", "conv", "cv3.*.[01]*"), Role("detect.cls_last", "conv", "cv3.*.2"),
     Role("detect.concat", "cat"), Role("detect.decode", "decode", "decode"),
 ), (("detect.box", "detect.box_last"), ("detect.cls", "detect.cls_last"), ("detect.box_last", "detect.decode"),
     ("detect.cls_last", "detect.decode")), "QATDetectionHead")
 
+# Segment — mask coefficients per level (cv4.i, last 1×1 float out) + Proto on P3; both reach the decode (detect.decode)
+#   P_i ─► cv4.i.0 ─► cv4.i.1 ─► cv4.i.2 (mask_last) ─► view ─► cat ─────────────────────────────┐
+#   P3  ─► proto.cv1 ─► proto.upsample (ConvTranspose2d ×2, float) ─► proto.cv2 ─► proto.cv3 ─────┴─► decode
+SEGMENT = Pattern("segment", ("Segment",), (
+    Role("segment.mask", "conv", "cv4.*.[01]*"), Role("segment.mask_last", "conv", "cv4.*.2"),
+    Role("segment.proto", "conv", "proto.cv[12]*"), Role("segment.upsample", "other", "proto.upsample"),
+    Role("segment.proto_last", "conv", "proto.cv3*"),
+), (("segment.mask", "segment.mask_last"), ("segment.proto", "segment.upsample"),
+    ("segment.upsample", "segment.proto_last")), "QATSegmentHead")
+
+# Pose — keypoints per level (cv4.i; last 1×1 float out); PoseDecode: (xy·2 + anchor − 0.5)·stride, sigmoid(vis)
+POSE = Pattern("pose", ("Pose",), (
+    Role("pose.kpt", "conv", "cv4.*.[01]*"), Role("pose.kpt_last", "conv", "cv4.*.2"),
+), (("pose.kpt", "pose.kpt_last"),), "QATPoseHead")
+
+# OBB — angle logits per level (cv4.i; last 1×1 float out); OBBDecode: (sigmoid − 0.25)·π, dist2rbox
+OBB = Pattern("obb", ("OBB",), (
+    Role("obb.angle", "conv", "cv4.*.[01]*"), Role("obb.angle_last", "conv", "cv4.*.2"),
+), (("obb.angle", "obb.angle_last"),), "QATOBBHead")
+
 # Neck joins and resizes: Concat(…) and nn.Upsample layers.
 CONCAT = Pattern("concat", ("Concat",), (Role("concat", "cat"),))
 UPSAMPLE = Pattern("upsample", ("Upsample",), (Role("upsample", "resize"),))
 
-PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, CONCAT, UPSAMPLE)
+PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, OBB, CONCAT, UPSAMPLE)
 ROLES: tuple[str, ...] = ("first_conv", "conv") + tuple(r.name for p in PATTERNS for r in p.roles)
 
 

@@ -21,6 +21,8 @@ class DetectDecode(nn.Module):
     graph serves every input size.
     """
 
+    supports_bins_last = True  # BinsLastHead may feed it per-level channels-last maps (see _decode_bins_last)
+
     def __init__(self, detect: nn.Module, *, export: bool | None = None, fast_dfl: bool = False,
                  bins_last: bool = False):
         """``export``: eval returns only the decoded tensor (default: the head's own ``export`` flag);
@@ -44,6 +46,8 @@ class DetectDecode(nn.Module):
         bad = set(options) - {"export", "fast_dfl", "bins_last"}
         if bad:
             raise TypeError(f"unknown DetectDecode option(s) {sorted(bad)}; valid: export, fast_dfl, bins_last")
+        if options.get("bins_last") and not self.supports_bins_last:
+            raise ValueError(f"{type(self).__name__}: bins_last is not implemented for this head (Detect only)")
         new = copy.deepcopy(self)
         for k, v in options.items():
             setattr(new, k, bool(v))
@@ -87,16 +91,24 @@ class DetectDecode(nn.Module):
         dbox = dist2bbox(dist, anchors.unsqueeze(0), xywh=self.xywh, dim=-1) * strides
         return torch.cat((dbox, torch.cat(scores, 1).sigmoid()), -1).transpose(1, 2).contiguous()
 
+    def decode_boxes(self, boxes: torch.Tensor, feats, angle: torch.Tensor | None = None) -> torch.Tensor:
+        """DFL + dist2bbox (dist2rbox with ``angle``) in pixels, like ``Detect._get_decode_boxes``."""
+        from ultralytics.utils.tal import dist2bbox, dist2rbox
+
+        anchors, strides = self.anchors(feats, boxes)
+        if angle is not None:
+            return dist2rbox(self._dfl(boxes), angle, anchors.unsqueeze(0), dim=1) * strides
+        return dist2bbox(self._dfl(boxes), anchors.unsqueeze(0), xywh=self.xywh, dim=1) * strides
+
+    def decode(self, boxes, scores, feats, angle: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 4 + nc, A): decoded boxes and class probabilities, like ``Detect._inference``."""
+        if self.bins_last:
+            return self._decode_bins_last(boxes, scores, feats)
+        return torch.cat((self.decode_boxes(boxes, feats, angle), scores.sigmoid()), 1)
+
     def forward(self, boxes, scores, feats):
         raw = {"boxes": boxes, "scores": scores, "feats": feats}
         if self.training:
             return raw
-        if self.bins_last:
-            y = self._decode_bins_last(boxes, scores, feats)
-        else:
-            from ultralytics.utils.tal import dist2bbox
-
-            anchors, strides = self.anchors(feats, boxes)
-            dbox = dist2bbox(self._dfl(boxes), anchors.unsqueeze(0), xywh=self.xywh, dim=1) * strides
-            y = torch.cat((dbox, scores.sigmoid()), 1)
+        y = self.decode(boxes, scores, feats)
         return y if self.export else (y, raw)

@@ -62,7 +62,8 @@ class BinsLastHead(FxqatPass):
 
     def run(self, gm: fx.GraphModule) -> bool:
         changed = False
-        for dec in [n for n in gm.graph.nodes if isinstance(_module(gm, n), DetectDecode)]:
+        decodes = [n for n in gm.graph.nodes if isinstance(_module(gm, n), DetectDecode)]
+        for dec in [n for n in decodes if _module(gm, n).supports_bins_last]:  # Detect's; not Segment/Pose/OBB
             found = [self._convs_of(gm, c) for c in dec.args[:2]]
             if any(f is None for f in found):
                 continue

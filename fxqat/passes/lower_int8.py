@@ -171,13 +171,15 @@ def lower_shared(c: Lowering, n: fx.Node) -> None:
 
 
 def lower_decode(c: Lowering, n: fx.Node) -> None:
-    """The deployed model returns decoded predictions only; ``feats`` are read for their shapes."""
+    """The deployed model returns decoded predictions only; ``feats`` are read for their shapes. A task head's extra
+    inputs (mask coefficients and prototypes, keypoints, angle logits) follow ``feats`` and are read as float."""
     m = c.module(n)
     if not hasattr(m, "with_options"):  # a bare DFL leaf: float
         return lower_float(c, n)
-    boxes, scores, feats = n.args
+    boxes, scores, feats, *extra = n.args
     dec = m.with_options(export=True, fast_dfl=True)
-    c.set(n, c.call(n.target, dec, (c.as_float(boxes), c.as_float(scores), [c.env[f] for f in feats])), None)
+    args = (c.as_float(boxes), c.as_float(scores), [c.env[f] for f in feats], *(c.as_float(e) for e in extra))
+    c.set(n, c.call(n.target, dec, args), None)
 
 
 def lower_float(c: Lowering, n: fx.Node) -> None:

@@ -58,10 +58,14 @@ class Rule:
 
 
 # Defaults decided by measurement (see README "Quantization defaults"): Detect's last 1×1 convs keep INT8
-# per-channel weights but a float output, so box distances and class logits never pass an 8-bit grid.
+# per-channel weights but a float output, so box distances and class logits never pass an 8-bit grid; the same for
+# the task heads' last 1×1 convs (mask coefficients, keypoints, angle logits), which feed their float decodes.
 DEFAULT_RULES = (
     Rule("role", "detect.box_last", activation=FLOAT, where="<default>"),
     Rule("role", "detect.cls_last", activation=FLOAT, where="<default>"),
+    Rule("role", "segment.mask_last", activation=FLOAT, where="<default>"),
+    Rule("role", "pose.kpt_last", activation=FLOAT, where="<default>"),
+    Rule("role", "obb.angle_last", activation=FLOAT, where="<default>"),
 )
 
 

@@ -1,0 +1,119 @@
+"""Segment, Pose and OBB heads (YOLOv8 and YOLO11): trace parity with eager Ultralytics, roles, refusals."""
+
+import pytest
+import torch
+from torch.utils._pytree import tree_flatten
+
+import fxqat
+from fxqat.graph.meta import info
+from fxqat.models import load_model
+from fxqat.modules.heads import OBBDecode, PoseDecode, SegmentDecode
+
+SIZES = [(160, 160), (256, 256), (192, 320)]  # small: three anchor grids, one non-square
+DECODES = {"seg": SegmentDecode, "pose": PoseDecode, "obb": OBBDecode}
+
+
+def _assert_bit_exact(eager, graph, x):
+    with torch.no_grad():
+        a, b = eager(x), graph(x)
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    assert sa == sb, f"output structure differs: {sa} vs {sb}"
+    for p, q in zip(fa, fb):
+        assert torch.equal(p, q), "traced graph output is not bit-identical to eager"  # tolerance: exact
+
+
+def _decode_path(gm):
+    return next(n.target for n in gm.graph.nodes if n.op == "call_module" and info(n).role == "detect.decode")
+
+
+@pytest.mark.parametrize("name", [
+    "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml", pytest.param("yolo11n-seg.yaml", marks=pytest.mark.slow),
+    pytest.param("yolo11n-pose.yaml", marks=pytest.mark.slow), pytest.param("yolo11n-obb.yaml", marks=pytest.mark.slow),
+])
+def test_task_heads_bit_identical_train_eval_export(name):
+    model = load_model(name, nc=3)
+    gm = fxqat.trace(model, "train")
+    task = name.split("-")[1].split(".")[0]
+    assert gm.meta["task"] == {"seg": "segment"}.get(task, task)
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        gm.train(mode == "train")
+        for h, w in SIZES:
+            torch.manual_seed(0)
+            _assert_bit_exact(model, gm, torch.rand(1, 3, h, w))
+    # export mode: the head's own flag in eager, the decode's option in the graph
+    from fxqat.passes.match import MatchPatterns
+
+    MatchPatterns()(gm)
+    path = _decode_path(gm)
+    dec = gm.get_submodule(path)
+    assert type(dec) is DECODES[task]
+    gm.add_submodule(path, dec.with_options(export=True))
+    model.model[-1].export = True
+    x = torch.rand(2, 3, 192, 320)
+    _assert_bit_exact(model, gm, x)
+    with torch.no_grad():
+        out = gm(x)
+    y = out[0] if task == "seg" else out
+    head = model.model[-1]
+    extra = {"seg": head.nm if task == "seg" else 0, "pose": getattr(head, "nk", 0), "obb": 1}[task]
+    assert y.shape == (2, 4 + 3 + extra, 24 * 40 + 12 * 20 + 6 * 10)
+    if task == "seg":
+        assert out[1].shape == (2, head.nm, 48, 80)  # prototypes at 1/4 of the input
+
+
+def test_bins_last_is_detect_only():
+    gm = fxqat.trace(load_model("yolov8n-pose.yaml", nc=2), "eval")
+    dec = gm.get_submodule("model.22.decode")
+    with pytest.raises(ValueError, match="bins_last is not implemented"):
+        dec.with_options(bins_last=True)
+    assert dec.with_options(fast_dfl=True).fast_dfl
+
+
+def test_obb_angle_decoded_in_raw_output():
+    """The raw (training) dict holds the decoded angle in [−π/4, 3π/4], like Ultralytics' OBB.forward_head."""
+    gm = fxqat.trace(load_model("yolov8n-obb.yaml", nc=2), "train")
+    raw = gm(torch.rand(1, 3, 160, 160))
+    assert set(raw) == {"boxes", "scores", "feats", "angle"}
+    a = raw["angle"]
+    assert a.shape == (1, 1, 400 + 100 + 25)
+    assert a.min() >= -torch.pi / 4 and a.max() <= 3 * torch.pi / 4
+
+
+def test_entry_points_refuse_tasks_they_cannot_handle(tmp_path, capsys):
+    """QAT training, evaluation and sensitivity analysis still assume Detect: one clear line each, no traceback."""
+    from fxqat.cli import main
+    from fxqat.errors import FxqatError
+    from fxqat.evaluate import evaluate
+    from fxqat.train import train_qat
+
+    data = tmp_path / "data.yaml"
+    data.write_text("path: .\ntrain: images\nval: images\nnames: [a, b]\n")
+    gm = fxqat.trace(load_model("yolov8n-seg.yaml", nc=2), "train")
+    with pytest.raises(FxqatError, match="QAT training of segment models is not supported yet"):
+        train_qat(gm, str(data))
+    with pytest.raises(FxqatError, match="evaluation of segment models is not supported yet"):
+        evaluate(gm, str(data))
+    with pytest.raises(FxqatError, match="evaluation of pose models"):
+        evaluate(load_model("yolov8n-pose.yaml", nc=2), str(data))
+    with pytest.raises(FxqatError, match="sensitivity analysis of obb models"):
+        fxqat.analyze("yolov8n-obb.yaml", torch.rand(1, 3, 64, 64), progress=False)
+    assert main(["qat", "yolov8n-pose.yaml", f"data={data}"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fxqat qat: QAT training of pose models is not supported yet; "
+                   "trace/prepare/calibrate/convert/export are"]
+
+
+def test_cli_trace_and_export_accept_task_models(tmp_path, capsys):
+    from fxqat.checkpoint import save_checkpoint
+    from fxqat.cli import main
+
+    assert main(["trace", "yolov8n-obb.yaml", "imgsz=160", "nc=2"]) == 0
+    assert "model.22.decode" in capsys.readouterr().out
+    gm = fxqat.prepare_qat(load_model("yolov8n-seg.yaml", nc=2), example_inputs=(torch.rand(1, 3, 160, 160),))
+    ckpt = save_checkpoint(tmp_path / "seg.pt", gm)
+    assert main(["export", str(ckpt), "imgsz=160", f"out={tmp_path / 'seg.onnx'}"]) == 0
+    import onnx
+
+    assert len(onnx.load(str(tmp_path / "seg.onnx")).graph.output) == 2  # predictions and prototypes
