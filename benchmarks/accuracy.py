@@ -25,7 +25,7 @@ from fxqat.checkpoint import load_checkpoint  # noqa: E402
 from fxqat.data.images import image_files, iter_image_batches, load_images  # noqa: E402
 from fxqat.evaluate import evaluate  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
-from fxqat.train import train_qat  # noqa: E402
+from fxqat.training import train_qat  # noqa: E402
 
 from .common import save, table  # noqa: E402
 from .peers import export_fp32_onnx, ort_quantize_static  # noqa: E402

@@ -33,7 +33,11 @@ def __getattr__(name):  # heavier entry points load on first use
 
         return analyze
     if name == "train":
-        from .train import train
+        from .training import train
 
         return train
+    if name in ("checkpoint", "deploy", "evaluate", "export", "training"):  # submodules the README calls
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'fxqat' has no attribute {name!r}")

@@ -27,7 +27,7 @@ def cmd_data(kind, out, train, val, imgsz, seed):
 
 
 def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust):
-    from .train import train_fp32
+    from .training import train_fp32
 
     best = train_fp32(model, data, epochs=epochs, imgsz=imgsz, batch=batch, project=project, name=name,
                       workers=workers, trust=trust)
@@ -37,7 +37,7 @@ def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust):
 def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn, freeze_observers, lr0, resume,
             workers, trust):
     """Arguments not on the command line arrive as None: train_qat applies the defaults, or the checkpoint's."""
-    from .train import train_qat
+    from .training import train_qat
 
     if workers is None and not resume:
         workers = 2  # the CLI's default (Ultralytics' is 8)

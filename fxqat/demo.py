@@ -89,7 +89,7 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int = 0) -> 
     from .data.signs import generate
     from .evaluate import OnnxRunner, evaluate
     from .models import load_model
-    from .train import train_fp32, train_qat
+    from .training import train_fp32, train_qat
 
     cfg = QUICK if quick else DEFAULT
     out = Path(project).resolve()

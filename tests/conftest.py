@@ -54,7 +54,7 @@ def tiny_data(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_qat_run(tiny_data, tmp_path_factory):
     """One short QAT run through the Ultralytics trainer on the tiny dataset: (trainer, best checkpoint)."""
-    from fxqat.train import train_qat
+    from fxqat.training import train_qat
 
     out = tmp_path_factory.mktemp("runs")
     return train_qat("yolov8n.yaml", tiny_data, epochs=2, imgsz=128, batch=8, project=str(out), name="qat",

@@ -61,7 +61,7 @@ def test_demo_quick(tmp_path, capsys):
 
 def test_qat_passes_only_given_arguments(monkeypatch, capsys):
     """Values not on the command line reach train_qat as None, so a resume can tell them from explicit ones."""
-    import fxqat.train as T
+    import fxqat.training as T
 
     seen = {}
 

@@ -86,7 +86,7 @@ def test_entry_points_refuse_tasks_they_cannot_handle(tmp_path, capsys):
     from fxqat.cli import main
     from fxqat.errors import FxqatError
     from fxqat.evaluate import evaluate
-    from fxqat.train import train_qat
+    from fxqat.training import train_qat
 
     data = tmp_path / "data.yaml"
     data.write_text("path: .\ntrain: images\nval: images\nnames: [a, b]\n")

@@ -121,7 +121,7 @@ def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_d
     """Ctrl-C right after epoch 1 of 2 is saved (a real interruption point), then ``fxqat qat resume=last.pt``."""
     import shutil
 
-    import fxqat.train as T
+    import fxqat.training as T
     from fxqat.cli import main
     from fxqat.errors import FxqatError
 
@@ -184,7 +184,7 @@ def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_d
 def test_resume_of_a_finished_run_is_refused(tiny_qat_run):
     trainer, _ = tiny_qat_run
     from fxqat.errors import FxqatError
-    from fxqat.train import train_qat
+    from fxqat.training import train_qat
 
     with pytest.raises(FxqatError, match="already finished its 2 epochs"):
         train_qat(resume=str(trainer.last))
@@ -195,7 +195,7 @@ def test_learned_scales_leave_the_weight_decay_group():
 
     import fxqat
     from fxqat.quant.fake_quant import FakeQuant
-    from fxqat.train import scales_without_decay
+    from fxqat.training import scales_without_decay
 
     gm = fxqat.prepare_qat("yolov8n.yaml", {"version": 1, "weight": {"learnable": True}}, nc=10)
     scales = [m.scale for m in gm.modules() if isinstance(m, FakeQuant) and m.spec.learnable]
@@ -206,3 +206,14 @@ def test_learned_scales_leave_the_weight_decay_group():
     decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert not decayed & {id(s) for s in scales} and {id(w) for w in weights} <= decayed
     assert sum(len(g["params"]) for g in opt.param_groups if g["weight_decay"] == 0) == 63
+
+
+def test_fxqat_train_stays_the_function_after_the_module_is_imported():
+    import subprocess
+    import sys
+
+    code = ("import fxqat, fxqat.training, fxqat.commands; from fxqat.training import train_qat; "
+            "assert callable(fxqat.train) and fxqat.train is fxqat.training.train, fxqat.train; "
+            "assert callable(fxqat.train) and callable(fxqat.deploy.as_yolo) and callable(fxqat.checkpoint.load_checkpoint)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-500:]

@@ -134,11 +134,11 @@ def _tensors(out):
 
 def test_learnable_scales_train_in_a_prepared_yolov8n():
     """Every learnable scale of a QAT yolov8n (per-channel weights, per-tensor activations) gets a non-zero gradient
-    and changes in one optimizer step; the EMA copy (fxqat.train) takes the learned values."""
+    and changes in one optimizer step; the EMA copy (fxqat.training) takes the learned values."""
     import copy
 
     import fxqat
-    from fxqat.train import _sync_quant_state
+    from fxqat.training import _sync_quant_state
 
     gm = fxqat.prepare_qat("yolov8n.yaml", {"weight": {"learnable": True}, "activation": {"learnable": True}})
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))

@@ -5,10 +5,11 @@ wrapped in :class:`QATDetectionModel` (an Ultralytics ``DetectionModel`` whose f
 :class:`QATTrainer`, which adds fxqat checkpoints (atomic, no pickled classes), quantizer-aware EMA and the
 BN / observer freeze schedule.
 
-Default QAT recipe (a fine-tuning recipe for a converged model, chosen by measurement — see README): SGD, lr0 1e-4
+Default QAT recipe (a fine-tuning recipe for a converged model, chosen by measurement): SGD, lr0 1e-4
 (the learning rate Ultralytics' FP32 schedule ends on) decaying linearly to 1e-5, no warmup, no mosaic, BN statistics
 frozen after half the epochs, observers frozen for the last epoch. On a converged yolov8n (signs, 320 px) one QAT
-epoch at lr0 1e-4 kept mAP50-95 within 0.1 pt of FP32, while lr0 1e-3 lost 0.9 pt.
+epoch at lr0 1e-4 kept mAP50-95 within 0.1 pt of FP32, while lr0 1e-3 lost 0.9 pt (benchmarks/README.md, Accuracy).
+The module is ``fxqat.training``; ``fxqat.train`` is its :func:`train` function.
 """
 
 from __future__ import annotations
