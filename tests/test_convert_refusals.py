@@ -1,0 +1,39 @@
+"""convert / export refuse what they cannot do correctly, naming the nodes or quantizers (one line each)."""
+
+import pytest
+import torch
+
+import fxqat
+from fxqat.errors import ConvertError, QConfigError
+
+
+@pytest.fixture(scope="module")
+def uncalibrated():
+    return fxqat.prepare_qat("yolov8n.yaml", nc=10)
+
+
+def test_convert_refuses_uninitialized_quantizers(uncalibrated):
+    # 50 activation grids, less the image input's fixed 1/255 grid, which needs no data
+    with pytest.raises(ConvertError, match=r"cannot convert to INT8: 49 quantizer\(s\) were never initialized "
+                                           r"\(quant\.model_0, .*calibrate first"):
+        fxqat.convert(uncalibrated)
+
+
+def test_export_refuses_uninitialized_quantizers(uncalibrated, tmp_path):
+    with pytest.raises(ConvertError, match=r"cannot export: .*never initialized"):
+        fxqat.export_onnx(uncalibrated, tmp_path / "m.onnx", imgsz=128)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_one_calibration_batch_is_enough_to_convert(uncalibrated):
+    import copy
+
+    gm = copy.deepcopy(uncalibrated)
+    fxqat.calibrate(gm, [torch.rand(1, 3, 128, 128)], progress=False)
+    assert fxqat.convert(gm)(torch.rand(1, 3, 128, 128)).shape == (1, 14, 336)
+
+
+def test_per_channel_axis_outside_the_weight_is_refused_at_prepare_naming_the_node():
+    with pytest.raises(QConfigError, match=r"model_0 \(model\.0\): weight per_channel axis 5 is outside its 4-d "
+                                           r"weight \(valid axes: 0 … 3, or null\)"):
+        fxqat.prepare_qat("yolov8n.yaml", {"version": 1, "weight": {"per_channel": 5}}, nc=10)
