@@ -132,6 +132,14 @@ def _one_of(*choices):
     return lambda v: None if v in choices else f"valid choices: {', '.join(choices)}"
 
 
+def _export_format(v):
+    if v == "torchscript":
+        from .deploy import TORCHSCRIPT_UNSUPPORTED
+
+        return TORCHSCRIPT_UNSUPPORTED.removeprefix("format=torchscript ")
+    return _one_of("onnx", "openvino")(v)
+
+
 def _positive_float(v):
     return None if v > 0 and v != float("inf") else "must be a positive finite number"
 
@@ -197,7 +205,7 @@ COMMANDS: dict[str, Command] = {
         "out": Arg(str, None, "write results as JSON"), "trust": _TRUST}),
     "export": Command(_lazy("cmd_export"), "export an fxqat QAT checkpoint for Ultralytics: QDQ ONNX or an INT8 "
                       "OpenVINO folder", ("model",), {
-        "format": Arg(str, "onnx", "onnx | openvino", _one_of("onnx", "openvino")),
+        "format": Arg(str, "onnx", "onnx | openvino", _export_format),
         "imgsz": Arg(int, 640, "input size", _stride_multiple),
         "dynamic": Arg(_bool, False, "dynamic batch and image size"),
         "report": Arg(_bool, True, "print the Q/DQ structure report"),

@@ -111,14 +111,9 @@ def cmd_export(model, format, imgsz, dynamic, report, out):
     import tempfile
 
     from .checkpoint import load_checkpoint
-    from .deploy import (FORMATS, OPENVINO_SUFFIX, TORCHSCRIPT_UNSUPPORTED, export_openvino, next_commands, openvino_dir,
-                         require_openvino)
+    from .deploy import OPENVINO_SUFFIX, export_openvino, next_commands, openvino_dir, require_openvino
     from .export import export_onnx, format_report, qdq_report
 
-    if format == "torchscript":
-        raise FxqatError(TORCHSCRIPT_UNSUPPORTED)
-    if format not in FORMATS:
-        raise FxqatError(f"format={format}: valid choices: {', '.join(FORMATS)}")
     if format == "openvino":
         target = Path(out) if out else openvino_dir(model)
         if not target.name.endswith("_openvino_model"):

@@ -28,7 +28,6 @@ from .errors import FxqatError, ModelLoadError
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 TASK = "detect"
-FORMATS = ("onnx", "openvino")
 OPENVINO_SUFFIX = "_int8_openvino_model"
 TORCHSCRIPT_UNSUPPORTED = (
     "format=torchscript is not supported: the INT8 model runs oneDNN convolutions on prepacked weights (opaque MKLDNN "

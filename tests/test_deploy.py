@@ -307,9 +307,9 @@ def test_next_commands(tmp_path):
 
 def test_export_command_refusals(forms, capsys):
     best = str(forms["best"])
-    assert main(["export", best, "format=torchscript"]) == 1
+    assert main(["export", best, "format=torchscript"]) == 2  # refused where the command line is read, saying why
     assert "torch.jit.trace cannot record" in capsys.readouterr().err
-    assert main(["export", best, "format=tflite"]) == 1
+    assert main(["export", best, "format=tflite"]) == 2
     assert "valid choices: onnx, openvino" in capsys.readouterr().err
     assert main(["export", best, "format=openvino", "out=somewhere"]) == 1
     assert "ends in '_openvino_model'" in capsys.readouterr().err
