@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from .errors import FxqatError, ModelLoadError
+from .evaluate import BatchRunner
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -200,7 +201,7 @@ def export_openvino(onnx_path, out_dir=None, name: str | None = None) -> Path:
     return out_dir
 
 
-class OpenVINORunner:
+class OpenVINORunner(BatchRunner):
     """A compiled OpenVINO model as a callable on torch tensors (CPU, f32 float parts): fxqat's own runner for
     evaluating the OpenVINO form (``fxqat.evaluate.evaluate(openvino_predictor(folder), data)``)."""
 
@@ -214,16 +215,8 @@ class OpenVINORunner:
         dim0 = self.compiled.input(0).get_partial_shape()[0]
         self.static_batch = dim0.get_length() if dim0.is_static else None
 
-    def __deepcopy__(self, memo):
-        return self  # stateless for inference; validators deep-copy models
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.static_batch
-        if b is not None and x.shape[0] != b:  # a fixed-batch model: run in chunks of its batch size
-            if x.shape[0] % b:
-                raise ValueError(f"batch {x.shape[0]} is not a multiple of the model's fixed batch {b}")
-            return torch.cat([self(x[i:i + b]) for i in range(0, x.shape[0], b)])
-        return torch.from_numpy(self.compiled(x.detach().cpu().float().numpy())[0].copy())
+    def run(self, x) -> torch.Tensor:
+        return torch.from_numpy(self.compiled(x)[0].copy())
 
 
 def openvino_predictor(folder):

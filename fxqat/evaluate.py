@@ -37,7 +37,28 @@ class Predictor(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-class OnnxRunner:
+class BatchRunner:
+    """A runtime session as a callable on torch tensors; a model exported with a fixed batch runs larger batches in
+    chunks of that size. Subclasses set ``static_batch`` and implement :meth:`run`."""
+
+    static_batch: int | None = None
+
+    def __deepcopy__(self, memo):
+        return self  # the session is stateless for inference; validators deep-copy models
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.static_batch
+        if b is not None and x.shape[0] != b:  # a fixed-batch model: run in chunks of its batch size
+            if x.shape[0] % b:
+                raise ValueError(f"batch {x.shape[0]} is not a multiple of the model's fixed batch {b}")
+            return torch.cat([self(x[i:i + b]) for i in range(0, x.shape[0], b)])
+        return self.run(x.detach().cpu().float().numpy())
+
+    def run(self, x: np.ndarray) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class OnnxRunner(BatchRunner):
     """ONNX Runtime session as a callable on torch tensors (2 intra-op threads unless told otherwise)."""
 
     def __init__(self, path, threads: int | None = None, providers=None):
@@ -51,17 +72,8 @@ class OnnxRunner:
         dim0 = self.session.get_inputs()[0].shape[0]
         self.static_batch = dim0 if isinstance(dim0, int) else None
 
-    def __deepcopy__(self, memo):
-        return self  # the session is stateless for inference; validators deep-copy models
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        b = self.static_batch
-        if b is not None and x.shape[0] != b:  # a fixed-batch model: run in chunks of its batch size
-            if x.shape[0] % b:
-                raise ValueError(f"batch {x.shape[0]} is not a multiple of the model's fixed batch {b}")
-            return torch.cat([self(x[i:i + b]) for i in range(0, x.shape[0], b)])
-        out = self.session.run(None, {self.input: x.detach().cpu().numpy().astype(np.float32)})
-        return torch.from_numpy(out[0])
+    def run(self, x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.astype(np.float32)})[0])
 
 
 def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> Predictor:
