@@ -168,7 +168,7 @@ _TRAIN_COMMON = {
 
 COMMANDS: dict[str, Command] = {
     "demo": Command(_lazy("cmd_demo"), "the main job: data → FP32 → PTQ → QAT → INT8 → ONNX → one comparison table",
-                    (), {"quick": Arg(_bool, False, "small and fast (about 3 minutes)"),
+                    (), {"quick": Arg(_bool, False, "a tiny run to check the set-up (about a minute on 2 cores)"),
                          "project": Arg(str, "runs/demo", "report folder"),
                          "seed": Arg(int, 0, "data seed")}),
     "data": Command(_lazy("cmd_data"), "generate the synthetic traffic-sign dataset (YOLO format)", ("kind", "out"), {
