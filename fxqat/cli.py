@@ -209,6 +209,8 @@ COMMANDS: dict[str, Command] = {
         "imgsz": Arg(int, 640, "input size", _stride_multiple),
         "dynamic": Arg(_bool, False, "dynamic batch and image size"),
         "report": Arg(_bool, True, "print the Q/DQ structure report"),
+        "weights": Arg(str, "int8", "int8 (TensorRT's form) | uint8 (+128, zero point 128: exact in ONNX Runtime on "
+                       "CPUs without VNNI)", _one_of("int8", "uint8")),
         "out": Arg(str, None, "output .onnx file, or *_openvino_model folder")}),
     "analyze": Command(_lazy("cmd_analyze"), "critical-layer analysis: per-layer sensitivity and a qconfig", ("model",), {
         "data": Arg(str, None, "data YAML or image folder (calibration images)"),

@@ -105,7 +105,7 @@ def _print_table(rows, cols):
         print("  ".join(v.ljust(k) for v, k in zip(row, w)))
 
 
-def cmd_export(model, format, imgsz, dynamic, report, out):
+def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
     """QDQ ONNX (``<ckpt>.onnx``) or OpenVINO (``<ckpt>_int8_openvino_model/``) with Ultralytics' metadata, so
     ``YOLO(path)`` / ``yolo predict model=path`` run it; prints the commands to run next."""
     import tempfile
@@ -128,7 +128,7 @@ def cmd_export(model, format, imgsz, dynamic, report, out):
         onnx_path = Path(out) if out and format == "onnx" else Path(model).with_suffix(".onnx")
         if format == "openvino":  # the QDQ ONNX model is OpenVINO's input here, not a result
             onnx_path = Path(tmp) / Path(model).with_suffix(".onnx").name
-        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic)
+        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights)
         rep = format_report(qdq_report(onnx_path)) if report else None
         if format == "openvino":
             path = export_openvino(onnx_path, target)

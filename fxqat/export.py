@@ -20,8 +20,12 @@ import torch
 import torch.fx as fx
 
 from .convert import check_initialized
+from .errors import ConvertError
 from .passes.base import run_passes
 from .passes.pipeline import export_passes, onnx_passes
+
+
+WEIGHT_FORMS = ("int8", "uint8")
 
 
 def export_graph(qat_model: fx.GraphModule) -> fx.GraphModule:
@@ -69,6 +73,41 @@ def fold_weight_quantizers(model) -> None:
         g.initializer.remove(next(i for i in g.initializer if i.name == name))
 
 
+def uint8_weights(model) -> None:
+    """int8 conv weights (zero point 0) → the same values as uint8 codes + 128 with zero point 128. ONNX Runtime then
+    runs its U8U8 convolutions, which are exact on CPUs without VNNI, where its u8×s8 kernels saturate int16 pair
+    sums (ONNX Runtime's own advice for such CPUs). TensorRT wants the int8 form: this is an opt-in."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+
+    def value(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(consts[name].attribute[0].t) if name in consts else None
+
+    for n in g.node:
+        if n.op_type != "DequantizeLinear" or n.input[0] not in inits:
+            continue
+        w = value(n.input[0])
+        zp = value(n.input[2]) if len(n.input) > 2 else None
+        if w.dtype != np.int8 or w.ndim != 4 or (zp is not None and np.any(zp != 0)):
+            continue
+        inits[n.input[0]].CopyFrom(numpy_helper.from_array((w.astype(np.int16) + 128).astype(np.uint8), n.input[0]))
+        shape = value(n.input[1]).shape  # one zero point per scale (per channel)
+        name = f"{n.output[0]}_zero_point_u8"
+        g.initializer.append(numpy_helper.from_array(np.full(shape, 128, dtype=np.uint8), name))
+        if len(n.input) > 2:
+            n.input[2] = name
+        else:
+            n.input.append(name)
+    used = {i for n in g.node for i in n.input}
+    for name in [i.name for i in g.initializer if i.name not in used]:
+        g.initializer.remove(next(i for i in g.initializer if i.name == name))
+
+
 def scalar_qparams(model) -> None:
     """Per-tensor scales / zero points as scalars, not shape-[1] tensors: ONNX Runtime fuses DQ, DQ → Add → Q into
     QLinearAdd only with scalar qparams (and TensorRT expects scalars for per-tensor quantization)."""
@@ -85,9 +124,15 @@ def scalar_qparams(model) -> None:
 
 
 def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = False, opset: int = 17,
-                batch: int = 1) -> Path:
-    """Write a QDQ ONNX model of ``qat_model`` to ``path`` and return the path (checked with onnx.checker)."""
+                batch: int = 1, weights: str = "int8") -> Path:
+    """Write a QDQ ONNX model of ``qat_model`` to ``path`` and return the path (checked with onnx.checker).
+
+    ``weights``: "int8" (TensorRT's explicit-quantization form) or "uint8" (the same values as uint8 + zero point
+    128: exact in ONNX Runtime on CPUs without VNNI, see :func:`uint8_weights`)."""
     import onnx
+
+    if weights not in WEIGHT_FORMS:
+        raise ConvertError(f"weights={weights!r}: valid choices are {', '.join(WEIGHT_FORMS)}")
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +151,7 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
                                            if segment else {})} if dynamic else None,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load(str(path))
-    for rewrite in onnx_passes():
+    for rewrite in onnx_passes(weights):
         rewrite(model)
     from .deploy import add_onnx_metadata  # Ultralytics' metadata keys: YOLO(path) predicts / validates / tracks
 

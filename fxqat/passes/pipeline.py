@@ -4,7 +4,7 @@
     prepare  FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers          = the QAT GraphModule
     convert  LowerInt8 ─► BinsLastHead ─► CatWholeChunks ─► DenseSplitHalves                = the INT8 GraphModule
     export   FoldConvsForExport ─► DecodeForExport ─► RequantizeSharedOps ─► (torch.onnx) ─►
-             FoldWeightQuantizers ─► ScalarQParams ─► ultralytics metadata                  = the QDQ ONNX file
+             FoldWeightQuantizers ─► ScalarQParams (─► Uint8Weights) ─► ultralytics metadata = the QDQ ONNX file
 
 ``AnnotateQConfig`` decides every node's quantization (``node.meta["fxqat"].qspec``: weight spec, output spec, the
 grid it shares); every later pass reads that record. Each pass is a torch.fx ``PassBase``: requires → call →
@@ -51,11 +51,11 @@ def export_passes() -> list[FxqatPass]:
     return [FoldConvsForExport(), DecodeForExport(), RequantizeSharedOps()]
 
 
-def onnx_passes() -> list:
+def onnx_passes(weights: str = "int8") -> list:
     """Rewrites of the exported ``onnx.ModelProto``, in order (functions ``model -> None``)."""
-    from ..export import fold_weight_quantizers, scalar_qparams
+    from ..export import fold_weight_quantizers, scalar_qparams, uint8_weights
 
-    return [fold_weight_quantizers, scalar_qparams]
+    return [fold_weight_quantizers, scalar_qparams] + ([uint8_weights] if weights == "uint8" else [])
 
 
 def prepare_qat(model, qconfig=None, example_inputs=None, *, nc: int | None = None,
