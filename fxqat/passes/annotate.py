@@ -66,10 +66,11 @@ class AnnotateQConfig(FxqatPass):
         self.qconfig = qconfig
 
     def ensures(self, gm: fx.GraphModule) -> None:
+        by_name = {n.name: n for n in gm.graph.nodes}
         for n in gm.graph.nodes:
             q = info(n).qspec
             if isinstance(q, NodeQSpec) and q.grid is not None:
-                owner = info(next(m for m in gm.graph.nodes if m.name == q.grid)).qspec
+                owner = info(by_name[q.grid]).qspec
                 assert owner.grid == q.grid and owner.output == q.output, f"{n.name}: grid {q.grid} disagrees"
 
     def run(self, gm: fx.GraphModule) -> bool:
