@@ -30,3 +30,26 @@ def signs_like_images(n: int, size: int = 320, seed: int = 0) -> torch.Tensor:
             mask = ((xx - cx) ** 2 + (yy - cy) ** 2) < r * r
             imgs[i][:, mask] = color
     return imgs.clamp(0, 1)
+
+
+def assert_bit_exact(eager, graph, x):
+    """Eager Ultralytics and the traced graph give the same outputs, bit for bit (tolerance: exact)."""
+    from torch.utils._pytree import tree_flatten
+
+    with torch.no_grad():
+        a, b = eager(x), graph(x)
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    assert sa == sb, f"output structure differs: {sa} vs {sb}"
+    for p, q in zip(fa, fb):
+        assert torch.equal(p, q), "traced graph output is not bit-identical to eager"
+
+
+def assert_traced_matches_in_both_modes(model, gm, sizes):
+    """Train and eval mode, each input size: :func:`assert_bit_exact` on one seeded random image."""
+    for mode in ("train", "eval"):
+        model.train(mode == "train")
+        gm.train(mode == "train")
+        for h, w in sizes:
+            torch.manual_seed(0)
+            assert_bit_exact(model, gm, torch.rand(1, 3, h, w))

@@ -2,25 +2,16 @@
 
 import pytest
 import torch
-from torch.utils._pytree import tree_flatten
 
 import fxqat
 from fxqat.graph.meta import info
 from fxqat.models import load_model
 from fxqat.modules.heads import OBBDecode, PoseDecode, SegmentDecode
 
+from .conftest_helpers import assert_bit_exact, assert_traced_matches_in_both_modes
+
 SIZES = [(160, 160), (256, 256), (192, 320)]  # small: three anchor grids, one non-square
 DECODES = {"seg": SegmentDecode, "pose": PoseDecode, "obb": OBBDecode}
-
-
-def _assert_bit_exact(eager, graph, x):
-    with torch.no_grad():
-        a, b = eager(x), graph(x)
-    fa, sa = tree_flatten(a)
-    fb, sb = tree_flatten(b)
-    assert sa == sb, f"output structure differs: {sa} vs {sb}"
-    for p, q in zip(fa, fb):
-        assert torch.equal(p, q), "traced graph output is not bit-identical to eager"  # tolerance: exact
 
 
 def _decode_path(gm):
@@ -36,12 +27,7 @@ def test_task_heads_bit_identical_train_eval_export(name):
     gm = fxqat.trace(model, "train")
     task = name.split("-")[1].split(".")[0]
     assert gm.meta["task"] == {"seg": "segment"}.get(task, task)
-    for mode in ("train", "eval"):
-        model.train(mode == "train")
-        gm.train(mode == "train")
-        for h, w in SIZES:
-            torch.manual_seed(0)
-            _assert_bit_exact(model, gm, torch.rand(1, 3, h, w))
+    assert_traced_matches_in_both_modes(model, gm, SIZES)
     # export mode: the head's own flag in eager, the decode's option in the graph
     from fxqat.passes.match import MatchPatterns
 
@@ -52,7 +38,7 @@ def test_task_heads_bit_identical_train_eval_export(name):
     gm.add_submodule(path, dec.with_options(export=True))
     model.model[-1].export = True
     x = torch.rand(2, 3, 192, 320)
-    _assert_bit_exact(model, gm, x)
+    assert_bit_exact(model, gm, x)
     with torch.no_grad():
         out = gm(x)
     y = out[0] if task == "seg" else out

@@ -3,36 +3,22 @@ import copy
 import pytest
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten
 
 import fxqat
 from fxqat.errors import TraceError
 from fxqat.graph.meta import META_KEY, info
 from fxqat.models import load_model
 
+from .conftest_helpers import assert_bit_exact, assert_traced_matches_in_both_modes
+
 SIZES = [(320, 320), (640, 640), (384, 640)]
-
-
-def _assert_bit_exact(eager, graph, x):
-    with torch.no_grad():
-        a, b = eager(x), graph(x)
-    fa, sa = tree_flatten(a)
-    fb, sb = tree_flatten(b)
-    assert sa == sb, "output structure differs"
-    for p, q in zip(fa, fb):
-        assert torch.equal(p, q), "traced graph output is not bit-identical to eager"  # tolerance: exact
 
 
 @pytest.mark.parametrize("name", ["yolov8n.yaml", "yolov8s.yaml", "yolo11n.yaml"])
 def test_parity_train_and_eval_all_sizes(name):
     model = load_model(name, nc=10)
     gm = fxqat.trace(model, "train")
-    for mode in ("train", "eval"):
-        model.train(mode == "train")
-        gm.train(mode == "train")
-        for h, w in SIZES:
-            torch.manual_seed(0)
-            _assert_bit_exact(model, gm, torch.rand(1, 3, h, w))
+    assert_traced_matches_in_both_modes(model, gm, SIZES)
 
 
 @pytest.mark.slow
@@ -40,7 +26,7 @@ def test_parity_train_and_eval_all_sizes(name):
 def test_parity_large_models(name):
     model = load_model(name).eval()
     gm = fxqat.trace(model, "eval")
-    _assert_bit_exact(model, gm, torch.rand(1, 3, 320, 320))
+    assert_bit_exact(model, gm, torch.rand(1, 3, 320, 320))
 
 
 def test_batch_and_mode_argument(v8n):
@@ -114,7 +100,7 @@ def test_accepts_yolo_object_and_checkpoint(tmp_path, v8n):
     torch.save({"model": copy.deepcopy(v8n).half()}, ckpt)
     gm = fxqat.trace(str(ckpt), "eval")
     m = copy.deepcopy(v8n).half().float().eval()
-    _assert_bit_exact(m, gm, torch.rand(1, 3, 320, 320))
+    assert_bit_exact(m, gm, torch.rand(1, 3, 320, 320))
 
 
 class _Iterating(nn.Module):
@@ -137,9 +123,9 @@ def test_untraceable_module_error_and_leaf(v8n):
     assert "model.1" in msg and "_Iterating" in msg and "leaf_modules" in msg
     gm = fxqat.trace(model, leaf_modules=["model.1"])
     assert "model.1" in [n.target for n in gm.graph.nodes if n.op == "call_module"]
-    _assert_bit_exact(model, gm, torch.rand(2, 3, 320, 320))
+    assert_bit_exact(model, gm, torch.rand(2, 3, 320, 320))
     gm = fxqat.trace(model, leaf_modules=[_Iterating])
-    _assert_bit_exact(model, gm, torch.rand(1, 3, 320, 320))
+    assert_bit_exact(model, gm, torch.rand(1, 3, 320, 320))
 
 
 def test_leaf_by_type_name_keeps_block_opaque(v8n):
@@ -147,4 +133,4 @@ def test_leaf_by_type_name_keeps_block_opaque(v8n):
     c2f = [n for n in gm.graph.nodes if n.op == "call_module" and info(n).layer_type == "C2f"]
     assert len(c2f) == 8 and all(info(n).block == "C2f" for n in c2f)
     m = copy.deepcopy(v8n).eval()
-    _assert_bit_exact(m, gm, torch.rand(1, 3, 320, 320))
+    assert_bit_exact(m, gm, torch.rand(1, 3, 320, 320))
