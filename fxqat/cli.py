@@ -174,7 +174,9 @@ COMMANDS: dict[str, Command] = {
     "data": Command(_lazy("cmd_data"), "generate the synthetic traffic-sign dataset (YOLO format)", ("kind", "out"), {
         "train": Arg(int, 800, "training images", _at_least(1)), "val": Arg(int, 200, "validation images", _at_least(1)),
         "imgsz": Arg(int, 320, "image size (a multiple of 32, at least 64)", _at_least(64)),
-        "seed": Arg(int, 0, "seed (deterministic)")}),
+        "seed": Arg(int, 0, "seed (deterministic)"),
+        "min_size": Arg(float, 0.05, "smallest sign, as a fraction of the image side"),
+        "max_size": Arg(float, 0.45, "largest sign, as a fraction of the image side")}),
     "trace": Command(_lazy("cmd_trace"), "trace a YOLO model into an FX graph and print its summary", ("model",), {
         "mode": Arg(str, "eval", "train | eval", _one_of("train", "eval")),
         "imgsz": Arg(_imgsz, 320, "input size for shapes, N or H,W", _stride_multiple),

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import FxqatError
 
 
-def cmd_data(kind, out, train, val, imgsz, seed):
+def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size):
     if kind != "signs":
         raise FxqatError(f"{kind}: unknown generator; valid: signs")
     from .data.signs import generate
@@ -18,7 +18,7 @@ def cmd_data(kind, out, train, val, imgsz, seed):
     if target.exists() and not target.is_dir():
         raise FxqatError(f"{target}: exists and is not a folder; give a new or existing folder for the dataset")
     try:
-        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed)
+        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed, min_size=min_size, max_size=max_size)
     except ValueError as e:
         raise FxqatError(str(e)) from None
     except OSError as e:

@@ -184,14 +184,19 @@ def make_image(index: int, seed: int, split: str, cfg: SignsConfig = SignsConfig
     return np.clip(canvas, 0, 255).astype(np.uint8), labels
 
 
-def generate(out, train: int = 800, val: int = 200, imgsz: int = 320, seed: int = 0, progress: bool = True) -> Path:
-    """Write the dataset under ``out`` (images/, labels/, data.yaml) and return the data.yaml path."""
+def generate(out, train: int = 800, val: int = 200, imgsz: int = 320, seed: int = 0, progress: bool = True,
+             min_size: float = SignsConfig.min_size, max_size: float = SignsConfig.max_size) -> Path:
+    """Write the dataset under ``out`` (images/, labels/, data.yaml) and return the data.yaml path.
+
+    ``min_size``/``max_size``: the range of sign sizes as a fraction of the image side (log-uniform)."""
     out = Path(out).resolve()
     if train < 1 or val < 1:
         raise ValueError(f"train={train}, val={val}: both must be at least 1")
     if imgsz < 64 or imgsz % 32:
         raise ValueError(f"imgsz={imgsz}: must be a multiple of 32, at least 64")
-    cfg = SignsConfig(imgsz=imgsz)
+    if not 0.02 <= min_size <= max_size <= 0.9:
+        raise ValueError(f"min_size={min_size}, max_size={max_size}: need 0.02 <= min_size <= max_size <= 0.9")
+    cfg = SignsConfig(imgsz=imgsz, min_size=min_size, max_size=max_size)
     bar = tqdm(total=train + val, desc=f"signs → {out}", disable=not progress, unit="img")
     for split, n in (("train", train), ("val", val)):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -205,7 +210,8 @@ def generate(out, train: int = 800, val: int = 200, imgsz: int = 320, seed: int 
     bar.close()
     data = {"path": str(out), "train": "images/train", "val": "images/val", "nc": len(CLASSES),
             "names": dict(enumerate(CLASSES)),
-            "fxqat": {"generator": "signs", "train": train, "val": val, "imgsz": imgsz, "seed": seed}}
+            "fxqat": {"generator": "signs", "train": train, "val": val, "imgsz": imgsz, "seed": seed,
+                      "min_size": min_size, "max_size": max_size}}
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

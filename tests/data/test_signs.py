@@ -42,3 +42,17 @@ def test_generate_writes_ultralytics_layout(tiny_data):
     assert d["nc"] == 10 and d["names"][0] == "stop"
     assert len(list((root / "images" / "train").glob("*.png"))) == 16
     assert len(list((root / "labels" / "val").glob("*.txt"))) == 8
+
+
+def test_size_range_changes_the_signs(tmp_path):
+    import pytest
+
+    from fxqat.data.signs import generate
+
+    path = generate(tmp_path / "big", train=12, val=2, imgsz=128, min_size=0.3, max_size=0.4, progress=False)
+    sizes = [max(float(v) for v in line.split()[3:5])
+             for f in (path.parent / "labels" / "train").glob("*.txt") for line in f.read_text().splitlines()]
+    assert sizes and min(sizes) > 0.2  # warped and rotated: a little under min_size at most
+    assert yaml.safe_load(path.read_text())["fxqat"]["min_size"] == 0.3
+    with pytest.raises(ValueError, match="min_size"):
+        generate(tmp_path / "bad", train=1, val=1, imgsz=128, min_size=0.5, max_size=0.4, progress=False)
