@@ -32,6 +32,10 @@ def __getattr__(name):  # heavier entry points load on first use
         from .analysis import analyze
 
         return analyze
+    if name == "explore":
+        from .explorer import explore
+
+        return explore
     if name == "train":
         from .training import train
 

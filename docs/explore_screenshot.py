@@ -1,0 +1,34 @@
+"""Regenerate docs/explore.png: the explorer page of yolov8n (imgsz 320, 4 generated images) in headless Chromium,
+with layer 2 open, one node's details shown and two nodes in the qconfig selection.
+
+    python docs/explore_screenshot.py [PAGE.html]      # needs chromium and websocket-client
+"""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.explore.cdp import Browser  # noqa: E402
+
+
+def main(page=None):
+    if page is None:
+        import fxqat
+
+        page = fxqat.explore("yolov8n.yaml", out=ROOT / "runs" / "explore" / "yolov8n.html", imgsz=320, images=4)
+    with Browser(1600, 1000) as b:
+        b.open(page)
+        for layer in ("model.2", "model.2.m.0"):
+            b.click_selector(f'svg .node[data-key="g:{layer}"]')
+        b.click_selector('svg .node[data-name="model_2_m_0_cv2"]')
+        b.click_selector('svg .node[data-name="model_2_cv1"]', modifiers=2)
+        b.click_selector('svg .node[data-name="add"]', modifiers=2)
+        b.js("fxqatExplorer.center('n:' + fxqatExplorer.data.nodes.find(n => n.name === 'model_2_m_0_cv2').id)")
+        out = b.screenshot(ROOT / "docs" / "explore.png")
+    print(f"screenshot: {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else None)

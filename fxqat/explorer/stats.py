@@ -1,0 +1,134 @@
+"""Histograms and SQNR per node from a few calibration images: FP32 vs fake-quant, computed in one walk.
+
+The graph runs twice side by side, node by node: once with every quantizer off (FP32) and once as configured
+(fake-quant). For each tensor node the page gets both values' histograms over one shared range (``BINS`` bins;
+counts sum to the tensor's element count over all images) and
+
+* ``sqnr_db``: the node's value in the fake-quant run vs FP32 (every error upstream included; a producer is read
+  after its own quantizer, the value its consumers see);
+* ``act_sqnr_db``: the node's own quantizer alone on the FP32 value (local rounding and clipping error).
+
+Weights of quantized convs: the BN-folded weight vs its fake-quantized copy, and their SQNR. A value is freed as soon
+as its last user ran, so memory stays at a forward pass's working set (twice).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import fx
+from tqdm.auto import tqdm
+
+from ..quant.fake_quant import FakeQuant, fake_quants
+from .records import num
+
+BINS = 64
+
+
+def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float | None:
+    noise = (ref.float() - x.float()).pow(2).sum()
+    sig = ref.float().pow(2).sum()
+    if float(sig) == 0.0:
+        return None
+    v = float(10 * torch.log10(sig / noise.clamp_min(1e-30)))
+    return num(min(v, 200.0))
+
+
+def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = BINS) -> dict:
+    """Counts of ``a`` (and ``b``) over one range covering both: ``{"lo", "hi", "a", "b", "n"}``."""
+    a = a.detach().float().reshape(-1)
+    vals = [a] if b is None else [a, b.detach().float().reshape(-1)]
+    lo = min(float(v.min()) for v in vals)
+    hi = max(float(v.max()) for v in vals)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        vals = [v[torch.isfinite(v)] for v in vals]
+        lo = min((float(v.min()) for v in vals if v.numel()), default=0.0)
+        hi = max((float(v.max()) for v in vals if v.numel()), default=0.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    out = {"lo": num(lo), "hi": num(hi), "n": int(a.numel())}
+    for key, v in zip("ab", vals):
+        # bins of width (hi - lo) / bins from lo; the top edge belongs to the last bin; every finite value counts
+        if v.numel() < 2 ** 24:  # float32 counts are exact below 2^24
+            out[key] = [int(c) for c in torch.histc(v, bins, lo, hi).tolist()]
+        else:
+            idx = ((v.double() - lo) * (bins / (hi - lo))).floor().clamp(0, bins - 1).long()
+            out[key] = torch.bincount(idx, minlength=bins).tolist()
+    return out
+
+
+class _State:
+    """Turns every quantizer off (FP32) or restores the configured state."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self.fqs = fake_quants(gm)
+        self.saved = [fq.fake_quant_enabled for fq in self.fqs]
+
+    def fp32(self):
+        for fq in self.fqs:
+            fq.fake_quant_enabled = False
+
+    def quant(self):
+        for fq, s in zip(self.fqs, self.saved):
+            fq.fake_quant_enabled = s
+
+
+@torch.no_grad()
+def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> dict[str, dict]:
+    """``{node name: {"act": histogram, "sqnr_db", "act_sqnr_db", "weight": histogram, "weight_sqnr_db"}}``."""
+    nodes = list(gm.graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
+    state = _State(gm)
+    interp = fx.Interpreter(gm)
+    was_training = gm.training
+    gm.eval()
+    envs: tuple[dict, dict] = ({}, {})
+    quant_of: dict[fx.Node, fx.Node] = {}  # producer → the quantizer node reading it
+    out: dict[str, dict] = {}
+    try:
+        for n in tqdm(nodes, desc="histograms", disable=not progress, unit="node"):
+            if n.op == "output":
+                break
+            vals = []
+            for env, mode in zip(envs, (state.fp32, state.quant)):
+                mode()
+                if n.op == "placeholder":
+                    v = images
+                else:
+                    interp.env = env
+                    args, kwargs = interp.fetch_args_kwargs_from_env(n)
+                    v = getattr(interp, n.op)(n.target, args, kwargs)
+                env[n] = v
+                vals.append(v)
+            state.quant()
+            f, q = vals
+            m = gm.get_submodule(n.target) if n.op == "call_module" else None
+            if torch.is_tensor(f) and f.is_floating_point():
+                rec = out.setdefault(n.name, {})
+                if isinstance(m, FakeQuant):  # the producer's panel shows its value as consumers see it
+                    src = n.args[0]
+                    if isinstance(src, fx.Node) and src.name in out and src not in quant_of:
+                        quant_of[src] = n
+                        out[src.name]["act"] = histogram(f, q)
+                        out[src.name]["sqnr_db"] = sqnr_db(f, q)
+                        out[src.name]["act_sqnr_db"] = sqnr_db(f, m.fake_quant(f))
+                    rec["act_sqnr_db"] = sqnr_db(f, m.fake_quant(f))
+                rec["act"] = histogram(f, q)
+                rec["sqnr_db"] = sqnr_db(f, q)
+            wfq = getattr(m, "weight_fq", None)
+            if isinstance(wfq, FakeQuant) and hasattr(m, "folded"):
+                w = m.folded()[0]
+                wq = wfq.fake_quant(w)
+                rec = out.setdefault(n.name, {})
+                rec["weight"] = histogram(w, wq)
+                rec["weight_sqnr_db"] = sqnr_db(w, wq)
+            for a in n.all_input_nodes:  # free values no later node reads
+                if last_use[a] <= index[n]:
+                    for env in envs:
+                        env.pop(a, None)
+    finally:
+        state.quant()
+        gm.train(was_training)
+    return out
