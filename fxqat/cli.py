@@ -224,6 +224,16 @@ COMMANDS: dict[str, Command] = {
     "bench": Command(_lazy("cmd_bench"), "latency of a model's forms measured in one run", ("model",), {
         "imgsz": Arg(int, 640, "input size", _stride_multiple), "threads": Arg(int, 2, "torch / ORT threads", _at_least(1)),
         "rounds": Arg(int, 3, "interleaved rounds", _at_least(1)), "trust": _TRUST}),
+    "explore": Command(_lazy("cmd_explore"), "interactive quantization explorer: one self-contained HTML page",
+                       ("model",), {
+        "data": Arg(str, None, "data YAML or image folder (default: images from fxqat's sign generator)"),
+        "out": Arg(str, "explore.html", "the page to write"),
+        "imgsz": Arg(int, 320, "image size", _stride_multiple),
+        "images": Arg(int, 8, "calibration / histogram images", _at_least(1)),
+        "analysis": Arg(str, None, "a `fxqat analyze` folder or its sensitivity.json (SQNR, sensitivity rank)"),
+        "qconfig": Arg(str, None, "qconfig YAML path or preset name (not with a QAT checkpoint)"),
+        "color_by": Arg(str, "precision", "initial colouring", _one_of("precision", "sensitivity", "sqnr", "op")),
+        "trust": _TRUST}),
 }
 # commands that need data=, unless one of the listed arguments supplies it
 NEEDS_DATA = {"train": (), "qat": ("resume",), "eval": (), "analyze": ()}

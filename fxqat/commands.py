@@ -190,3 +190,13 @@ def cmd_bench(model, imgsz, threads, rounds, trust):
     from .bench import bench_model
 
     bench_model(model, imgsz=imgsz, threads=threads, rounds=rounds, trust=trust)
+
+
+def cmd_explore(model, data, out, imgsz, images, analysis, qconfig, color_by, trust):
+    from .explorer import explore
+
+    t = time.perf_counter()
+    path = explore(model, out=out, data=data, imgsz=imgsz, images=images, analysis=analysis, qconfig=qconfig,
+                   color_by=color_by, trust=trust)
+    print(f"explorer page written: {path} ({path.stat().st_size / 1e6:.2f} MB, {time.perf_counter() - t:.1f} s); "
+          "open it in a browser (no network needed)")

@@ -64,14 +64,15 @@ def explore(model, out="explore.html", data=None, imgsz: int = 320, images: int 
     return write(data_, out)
 
 
-def write_page(gm, path, color_by: str = "precision", sensitivity=None, expand=(), title: str | None = None) -> Path:
+def write_page(gm, path, color_by: str = "precision", sensitivity=None, expand=(), title: str | None = None,
+               imgsz=320) -> Path:
     """The explorer page of ``gm`` as it is (traced or prepared) without running it: structure, rules, quantizer
     state; no histograms (``fxqat.explore`` adds them). What ``fxqat.draw(gm, "x.html")`` writes."""
     if color_by not in COLOR_MODES:
         raise FxqatError(f"color_by={color_by!r}: valid choices are {', '.join(COLOR_MODES)}")
     data = collect(gm, None, "no images run: histograms and SQNR come with fxqat explore / fxqat.explore(...)",
                    analysis=sensitivity, title=title or "fxqat graph", progress=False, color_by=color_by,
-                   expand=expand)
+                   expand=expand, imgsz=imgsz)
     return write(data, path)
 
 

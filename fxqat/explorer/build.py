@@ -52,8 +52,10 @@ def load_analysis(analysis) -> dict | None:
         return None
     if hasattr(analysis, "to_json"):
         return analysis.to_json()
-    if isinstance(analysis, dict):
-        return analysis
+    if isinstance(analysis, dict):  # a report's JSON, or {node name: score}
+        if "layers" in analysis:
+            return analysis
+        return {"summary": None, "layers": [{"name": str(k), "score": float(v)} for k, v in analysis.items()]}
     p = Path(analysis)
     if p.is_dir():
         p = p / "sensitivity.json"
@@ -122,7 +124,7 @@ def prepare_for(model, qconfig=None, trust: bool | None = None):
 
 def collect(gm: fx.GraphModule, images: torch.Tensor | None = None, images_note: str = "", analysis=None,
             qconfig_text: str | None = None, title: str = "", progress: bool = True, source_label: str | None = None,
-            color_by: str = "precision", expand=()) -> dict:
+            color_by: str = "precision", expand=(), imgsz=320) -> dict:
     """The page's data for ``gm``: node and block records, statistics from ``images``, analysis results."""
     from ..graph.summary import example_input, propagate_shapes
 
@@ -130,7 +132,7 @@ def collect(gm: fx.GraphModule, images: torch.Tensor | None = None, images_note:
     if images is not None:
         propagate_shapes(gm, images[:1])
     elif "tensor_meta" not in next(iter(gm.graph.nodes)).meta:
-        propagate_shapes(gm, example_input(gm.meta.get("imgsz", 320)))
+        propagate_shapes(gm, example_input(imgsz))
     nodes, groups = node_records(gm, qc, qconfig_text)
     stats = node_stats(gm, images, progress=progress) if images is not None else {}
     for r in nodes:

@@ -21,12 +21,13 @@ from ..qconfig.schema import LEVELS
 
 # what a selected node becomes: the YAML lines of its rule (after "- match: {name: ...}")
 ACTIONS = {
-    "int16": ["  weight: {bits: 16}", "  activation: {bits: 16, observer: minmax}"],
+    "a16": ["  activation: {bits: 16, observer: minmax}"],
     "float16": ["  weight: float", "  activation: {bits: 16, observer: minmax}"],
     "skip": ["  skip: true"],
 }
+# (no 16-bit weights: fxqat's per-channel weight observers are torch.ao's, which take at most 8 bits)
 ACTION_HELP = {
-    "int16": "16-bit weights and a 16-bit output grid",
+    "a16": "a 16-bit output grid (weights as they are)",
     "float16": "float weights and a 16-bit output grid (what fxqat analyze writes)",
     "skip": "skip: weights and output float (quantized only where quantized consumers need it)",
 }

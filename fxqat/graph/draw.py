@@ -1,4 +1,4 @@
-"""``fxqat.draw``: the traced graph as a picture (.svg, .png, .dot or a self-contained .html).
+"""``fxqat.draw``: the traced graph as a picture (.svg, .png, .dot) or the interactive explorer page (.html).
 
 yolov8n has hundreds of nodes, so by default each Ultralytics layer is one box showing its in/out shapes;
 ``expand=`` opens chosen layers (indices or module paths) or ``"all"``. Nodes are colored by op kind, by assigned
@@ -185,13 +185,23 @@ def _sensitivity_scores(report) -> dict[str, float]:
 
 def draw(gm: fx.GraphModule, path, expand=None, color_by: str = "op", sensitivity=None, imgsz=320,
          title: str | None = None) -> Path:
-    """Write a drawing of ``gm`` to ``path`` (.svg, .png, .dot or .html) and return the path."""
+    """Write a drawing of ``gm`` to ``path`` (.svg, .png, .dot) and return the path. A ``.html`` path gets the
+    interactive explorer page of ``gm`` as it is (see :mod:`fxqat.explorer`; ``fxqat.explore`` adds histograms from
+    calibration images): ``expand`` opens those layers, ``color_by`` and ``sensitivity`` set its colouring."""
     import graphviz
 
     path = Path(path)
     fmt = path.suffix.lower().lstrip(".")
     if fmt not in ("svg", "png", "dot", "gv", "html"):
         raise FxqatError(f"{path}: unsupported drawing format '.{fmt}'; valid choices: .svg, .png, .dot, .html")
+    if fmt == "html":  # the interactive explorer page (fxqat/explorer), without running the model
+        from ..explorer import write_page
+
+        if color_by == "sensitivity" and not sensitivity:
+            raise FxqatError("color_by='sensitivity' needs sensitivity= (a report from fxqat.analyze or a dict)")
+        opened = _open_layers(expand, gm)
+        return write_page(gm, path, color_by=color_by, sensitivity=sensitivity, expand=[f"model.{i}" for i in opened],
+                          title=title if title is not None else path.stem, imgsz=imgsz)
     dot = to_dot(gm, expand=expand, color_by=color_by, sensitivity=sensitivity, imgsz=imgsz,
                  title=title if title is not None else path.stem)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,17 +209,9 @@ def draw(gm: fx.GraphModule, path, expand=None, color_by: str = "op", sensitivit
         path.write_text(dot.source)
         return path
     try:
-        data = dot.pipe(format="svg" if fmt == "html" else fmt)
+        data = dot.pipe(format=fmt)
     except graphviz.ExecutableNotFound:
         raise FxqatError(f"{path}: rendering needs Graphviz's 'dot' program (Debian: apt-get install -y graphviz); "
                          "or write a .dot file instead") from None
-    if fmt == "html":
-        svg = data.decode()
-        svg = svg[svg.find("<svg"):]
-        page = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>{t}</title><style>body{{font-family:"
-                "sans-serif;margin:1em}}svg{{max-width:100%;height:auto}}</style></head><body><h2>{t}</h2>"
-                "<p>Hover a box for its module path; layers collapsed unless expanded.</p>{svg}</body></html>")
-        path.write_text(page.format(t=html.escape(title or path.stem), svg=svg))
-    else:
-        path.write_bytes(data)
+    path.write_bytes(data)
     return path
