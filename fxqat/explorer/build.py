@@ -129,15 +129,16 @@ def collect(gm: fx.GraphModule, images: torch.Tensor | None = None, images_note:
     from ..graph.summary import example_input, propagate_shapes
 
     qc = gm.meta.get("qconfig")
-    if images is not None:
-        propagate_shapes(gm, images[:1])
-    elif "tensor_meta" not in next(iter(gm.graph.nodes)).meta:
+    if images is None and "tensor_meta" not in next(iter(gm.graph.nodes)).meta:
         propagate_shapes(gm, example_input(imgsz))
+    stats = node_stats(gm, images, progress=progress) if images is not None else {}  # shapes come with them
     nodes, groups = node_records(gm, qc, qconfig_text)
-    stats = node_stats(gm, images, progress=progress) if images is not None else {}
     for r in nodes:
-        if r["name"] in stats:
-            r["stats"] = stats[r["name"]]
+        st = stats.get(r["name"], {})
+        if "shape" in st:
+            r["shape"] = st.pop("shape")
+        if st:
+            r["stats"] = st
     rep = load_analysis(analysis)
     if rep is not None:
         by = analysis_by_node(rep, {r["name"] for r in nodes})

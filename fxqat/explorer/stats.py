@@ -27,24 +27,27 @@ BINS = 64
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float | None:
-    noise = (ref.float() - x.float()).pow(2).sum()
-    sig = ref.float().pow(2).sum()
-    if float(sig) == 0.0:
+    sig = float(torch.linalg.vector_norm(ref.float()))
+    if sig == 0.0:
         return None
-    v = float(10 * torch.log10(sig / noise.clamp_min(1e-30)))
-    return num(min(v, 200.0))
+    noise = max(float(torch.linalg.vector_norm(ref.float() - x.float())), 1e-30)
+    return num(min(20 * math.log10(sig / noise), 200.0))
+
+
+def _range(v: torch.Tensor) -> tuple[float, float]:
+    lo, hi = torch.aminmax(v)
+    return float(lo), float(hi)
 
 
 def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = BINS) -> dict:
     """Counts of ``a`` (and ``b``) over one range covering both: ``{"lo", "hi", "a", "b", "n"}``."""
-    a = a.detach().float().reshape(-1)
-    vals = [a] if b is None else [a, b.detach().float().reshape(-1)]
-    lo = min(float(v.min()) for v in vals)
-    hi = max(float(v.max()) for v in vals)
-    if not (math.isfinite(lo) and math.isfinite(hi)):
+    vals = [a.detach().float()] + ([] if b is None else [b.detach().float()])
+    ranges = [_range(v) for v in vals]
+    lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # count the finite values only
         vals = [v[torch.isfinite(v)] for v in vals]
-        lo = min((float(v.min()) for v in vals if v.numel()), default=0.0)
-        hi = max((float(v.max()) for v in vals if v.numel()), default=0.0)
+        ranges = [_range(v) for v in vals if v.numel()]
+        lo, hi = min((r[0] for r in ranges), default=0.0), max((r[1] for r in ranges), default=0.0)
     if hi <= lo:
         lo, hi = lo - 0.5, hi + 0.5
     out = {"lo": num(lo), "hi": num(hi), "n": int(a.numel())}
@@ -53,17 +56,39 @@ def histogram(a: torch.Tensor, b: torch.Tensor | None, bins: int = BINS) -> dict
         if v.numel() < 2 ** 24:  # float32 counts are exact below 2^24
             out[key] = [int(c) for c in torch.histc(v, bins, lo, hi).tolist()]
         else:
-            idx = ((v.double() - lo) * (bins / (hi - lo))).floor().clamp(0, bins - 1).long()
+            idx = ((v.reshape(-1).double() - lo) * (bins / (hi - lo))).floor().clamp(0, bins - 1).long()
             out[key] = torch.bincount(idx, minlength=bins).tolist()
     return out
 
 
+def shape_of(v) -> str:
+    """The value's shape per image (batch dimension shown as 1), as fxqat.summary writes shapes."""
+    if torch.is_tensor(v):
+        return "x".join(str(d) for d in ((1, *v.shape[1:]) if v.dim() else ()))
+    if isinstance(v, (list, tuple)):
+        return "(" + ", ".join(shape_of(x) for x in v) + ")"
+    return ""
+
+
 class _State:
-    """Turns every quantizer off (FP32) or restores the configured state."""
+    """Turns every quantizer off (FP32) or restores the configured state. Weight quantizers take their grid from
+    the folded weights once, here, instead of at each of the walk's two forward passes (same weights, same grid)."""
 
     def __init__(self, gm: fx.GraphModule):
         self.fqs = fake_quants(gm)
         self.saved = [fq.fake_quant_enabled for fq in self.fqs]
+        self.weight_fqs = []
+        for m in gm.modules():
+            wfq = getattr(m, "weight_fq", None)
+            if isinstance(wfq, FakeQuant) and wfq.always_observe and hasattr(m, "folded"):
+                wfq.observe(m.folded()[0])
+                wfq.always_observe = False
+                self.weight_fqs.append(wfq)
+
+    def restore(self):
+        self.quant()
+        for wfq in self.weight_fqs:
+            wfq.always_observe = True
 
     def fp32(self):
         for fq in self.fqs:
@@ -76,7 +101,7 @@ class _State:
 
 @torch.no_grad()
 def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> dict[str, dict]:
-    """``{node name: {"act": histogram, "sqnr_db", "act_sqnr_db", "weight": histogram, "weight_sqnr_db"}}``."""
+    """``{node name: {"shape", "act": histogram, "sqnr_db", "act_sqnr_db", "weight": histogram, "weight_sqnr_db"}}``."""
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
@@ -85,7 +110,11 @@ def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) 
     was_training = gm.training
     gm.eval()
     envs: tuple[dict, dict] = ({}, {})
-    quant_of: dict[fx.Node, fx.Node] = {}  # producer → the quantizer node reading it
+    quant_of = {}  # producer → the quantizer node reading it (its statistics are taken there, once)
+    for n in nodes:
+        if n.op == "call_module" and isinstance(gm.get_submodule(n.target), FakeQuant) and n.args and \
+                isinstance(n.args[0], fx.Node):
+            quant_of.setdefault(n.args[0], n)
     out: dict[str, dict] = {}
     try:
         for n in tqdm(nodes, desc="histograms", disable=not progress, unit="node"):
@@ -105,18 +134,15 @@ def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) 
             state.quant()
             f, q = vals
             m = gm.get_submodule(n.target) if n.op == "call_module" else None
-            if torch.is_tensor(f) and f.is_floating_point():
-                rec = out.setdefault(n.name, {})
-                if isinstance(m, FakeQuant):  # the producer's panel shows its value as consumers see it
-                    src = n.args[0]
-                    if isinstance(src, fx.Node) and src.name in out and src not in quant_of:
-                        quant_of[src] = n
-                        out[src.name]["act"] = histogram(f, q)
-                        out[src.name]["sqnr_db"] = sqnr_db(f, q)
-                        out[src.name]["act_sqnr_db"] = sqnr_db(f, m.fake_quant(f))
-                    rec["act_sqnr_db"] = sqnr_db(f, m.fake_quant(f))
+            rec = out.setdefault(n.name, {"shape": shape_of(f)})
+            if torch.is_tensor(f) and f.is_floating_point() and n not in quant_of:
                 rec["act"] = histogram(f, q)
                 rec["sqnr_db"] = sqnr_db(f, q)
+                if isinstance(m, FakeQuant):
+                    rec["act_sqnr_db"] = sqnr_db(f, m.fake_quant(f))
+                    src = n.args[0]  # the producer's panel shows its value as its consumers see it
+                    if isinstance(src, fx.Node) and quant_of.get(src) is n:
+                        out[src.name].update({k: rec[k] for k in ("act", "sqnr_db", "act_sqnr_db")})
             wfq = getattr(m, "weight_fq", None)
             if isinstance(wfq, FakeQuant) and hasattr(m, "folded"):
                 w = m.folded()[0]
@@ -129,6 +155,6 @@ def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) 
                     for env in envs:
                         env.pop(a, None)
     finally:
-        state.quant()
+        state.restore()
         gm.train(was_training)
     return out
