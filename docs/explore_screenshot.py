@@ -2,6 +2,8 @@
 with layer 2 open, one node's details shown and two nodes in the qconfig selection.
 
     python docs/explore_screenshot.py [PAGE.html]      # needs chromium and websocket-client
+
+A PAGE.html given is re-rendered with the current templates from the data it embeds (no model run).
 """
 
 import sys
@@ -18,6 +20,13 @@ def main(page=None):
         import fxqat
 
         page = fxqat.explore("yolov8n.yaml", out=ROOT / "runs" / "explore" / "yolov8n.html", imgsz=320, images=4)
+    else:
+        from fxqat.explorer import embedded_data, render
+
+        fresh = ROOT / "runs" / "explore" / "rerendered.html"
+        fresh.parent.mkdir(parents=True, exist_ok=True)
+        fresh.write_text(render(embedded_data(Path(page).read_text())))
+        page = fresh
     with Browser(1600, 1000) as b:
         b.open(page)
         for layer in ("model.2", "model.2.m.0"):
@@ -25,7 +34,7 @@ def main(page=None):
         b.click_selector('svg .node[data-name="model_2_m_0_cv2"]')
         b.click_selector('svg .node[data-name="model_2_cv1"]', modifiers=2)
         b.click_selector('svg .node[data-name="add"]', modifiers=2)
-        b.js("fxqatExplorer.center('n:' + fxqatExplorer.data.nodes.find(n => n.name === 'model_2_m_0_cv2').id)")
+        b.js("fxqatExplorer.center('n:' + fxqatExplorer.data.nodes.find(n => n.name === 'model_2_m_0_cv2').id, 0.8)")
         out = b.screenshot(ROOT / "docs" / "explore.png")
     print(f"screenshot: {out}")
 

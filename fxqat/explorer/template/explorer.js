@@ -7,7 +7,7 @@
   const svg = $("graph"), vp = $("viewport");
   const view = { k: 1, x: 0, y: 0 };
   const apply = () => vp.setAttribute("transform", `translate(${view.x},${view.y}) scale(${view.k})`);
-  const fmt = (v, d = 4) => (v == null ? "–" : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(d - 1) : (+v.toPrecision(d)).toString());
+  const fmt = (v, d = 4) => (v == null ? "–" : Math.abs(v) >= 1e4 || (Math.abs(v) < 1e-3 && v !== 0) ? v.toExponential(d - 1).replace(/\.?0+e/, "e") : (+v.toPrecision(d)).toString());
 
   function fit() {
     const s = size(), r = svg.getBoundingClientRect();
@@ -15,10 +15,10 @@
     view.x = (r.width - s.w * view.k) / 2; view.y = Math.max(0, (r.height - s.h * view.k) / 2);
     apply();
   }
-  function center(key) {
+  function center(key, k) {
     const b = state.boxes.get(key); if (!b) return;
     const r = svg.getBoundingClientRect();
-    view.k = Math.max(view.k, 0.9);
+    view.k = k || Math.max(view.k, 0.9);
     view.x = r.width / 2 - (b.x + b.w / 2) * view.k; view.y = r.height / 2 - (b.y + b.h / 2) * view.k; apply();
   }
   svg.addEventListener("wheel", (ev) => {
@@ -113,17 +113,6 @@
       if (r.matched && r.matched.length > 1) h += `<div class="key">rules matching this node, in precedence order (the last wins):</div><pre>${r.matched.map((m) => esc(m.where + "  " + m.rule)).join("\n")}</pre>`;
       h += "</div>";
     }
-    if (n.weight_spec !== undefined || n.output_spec !== undefined) {
-      h += "<h3>quantization</h3><table>";
-      if (n.kind === "conv") h += row("weights", specText(n.weight_spec));
-      h += row(n.shared ? "output (shared)" : "output", specText(n.output_spec));
-      if (n.grid_owner && n.grid_owner !== n.name) h += row("grid owner", byName[n.grid_owner] ? link(byName[n.grid_owner]) : esc(n.grid_owner));
-      h += "</table>";
-    }
-    if (n.quantizer || n.weight_quantizer) {
-      h += `<h3>quantizers</h3><table>${quantTable(n.quantizer, "d-")}${quantTable(n.weight_quantizer, "d-w")}</table>`;
-      if (n.weight_quantizer && n.weight_quantizer.scales) h += `<div class="hist-head"><span>per-channel weight scales</span></div><canvas class="scales" id="c-scales"></canvas>`;
-    }
     if (st.sqnr_db != null || st.weight_sqnr_db != null || an) {
       h += `<h3>error</h3><table id="d-sqnr">`;
       h += row("SQNR vs FP32", st.sqnr_db != null ? `${fmt(st.sqnr_db, 3)} dB <span class="key">(whole fake-quant model up to here)</span>` : null);
@@ -141,6 +130,17 @@
       h += `<div class="key"><i style="background:rgba(152,162,179,.8)"></i>FP32<i style="background:#1f6feb"></i>fake-quant<i style="background:#d92d20"></i>grid range</div>`;
       h += histBlock("c-weight", "weights (BN folded)", st.weight) + histBlock("c-act", n.quantizer ? "output, as consumers see it" : "output", st.act);
     } else if (!D.has_stats) h += `<p class="key">${esc(D.images_note)}</p>`;
+    if (n.weight_spec !== undefined || n.output_spec !== undefined) {
+      h += "<h3>quantization</h3><table>";
+      if (n.kind === "conv") h += row("weights", specText(n.weight_spec));
+      h += row(n.shared ? "output (shared)" : "output", specText(n.output_spec));
+      if (n.grid_owner && n.grid_owner !== n.name) h += row("grid owner", byName[n.grid_owner] ? link(byName[n.grid_owner]) : esc(n.grid_owner));
+      h += "</table>";
+    }
+    if (n.quantizer || n.weight_quantizer) {
+      h += `<h3>quantizers</h3><table>${quantTable(n.quantizer, "d-")}${quantTable(n.weight_quantizer, "d-w")}</table>`;
+      if (n.weight_quantizer && n.weight_quantizer.scales) h += `<div class="hist-head"><span>per-channel weight scales</span></div><canvas class="scales" id="c-scales"></canvas>`;
+    }
     const users = nodes.filter((m) => m.inputs.includes(n.id));
     h += `<h3>inputs / users</h3><div>${n.inputs.map((i) => link(nodes[i])).join("") || "–"}<br>→ ${users.map(link).join("") || "–"}</div>`;
     h += `<p><button class="small" id="pick-btn">${state.picked.has(n.name) ? "remove from" : "add to"} qconfig selection</button></p>`;

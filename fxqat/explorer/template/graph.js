@@ -62,6 +62,10 @@ const FXG = (function () {
     el.innerHTML = h + `<span class="note">${esc(D.images_note || "")}</span>`;
   }
 
+  function dark(color) {  // white text on dark fills
+    const m = color.startsWith("#") ? [1, 3, 5].map((i) => parseInt(color.slice(i, i + 2), 16)) : color.match(/\d+/g).map(Number);
+    return (0.2126 * m[0] + 0.7152 * m[1] + 0.0722 * m[2]) / 255 < 0.5;
+  }
   const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;" }[c]));
 
   function nodeLines(n) {
@@ -142,7 +146,9 @@ const FXG = (function () {
       gg.dataset.key = it.key;
       if (!isGroup) gg.dataset.name = nodes[ids[0]].name;
       const io = !isGroup && (nodes[ids[0]].op === "placeholder" || nodes[ids[0]].op === "output");
-      el("rect", { x, y, width: b.w, height: b.h, rx: io ? b.h / 2 : isGroup ? 7 : 4, fill: fill(ids) }, gg);
+      const color = fill(ids);
+      if (dark(color)) gg.classList.add("dark");
+      el("rect", { x, y, width: b.w, height: b.h, rx: io ? b.h / 2 : isGroup ? 7 : 4, fill: color }, gg);
       if (isGroup) el("rect", { x: x + 3, y: y + 3, width: b.w - 6, height: b.h - 6, rx: 5, fill: "none", "stroke-dasharray": "2 2" }, gg);
       label(gg, it.lines, x, y);
       state.boxes.set(it.key, { x, y, w: b.w, h: b.h });
