@@ -1,5 +1,5 @@
-"""Regenerate docs/explore.png: the explorer page of yolov8n (imgsz 320, 4 generated images) in headless Chromium,
-with layer 2 open, one node's details shown and two nodes in the qconfig selection.
+"""Regenerate docs/explore.png: the explorer page of yolov8n with the mixed_w4 preset (imgsz 320, 4 generated images) in
+headless Chromium, with layer 4 open, a 4-bit conv's details shown and two nodes in the qconfig selection.
 
     python docs/explore_screenshot.py [PAGE.html]      # needs chromium and websocket-client
 
@@ -19,7 +19,8 @@ def main(page=None):
     if page is None:
         import fxqat
 
-        page = fxqat.explore("yolov8n.yaml", out=ROOT / "runs" / "explore" / "yolov8n.html", imgsz=320, images=4)
+        page = fxqat.explore("yolov8n.yaml", out=ROOT / "runs" / "explore" / "yolov8n.html", imgsz=320, images=4,
+                             qconfig="mixed_w4")
     else:
         from fxqat.explorer import embedded_data, render
 
@@ -29,12 +30,12 @@ def main(page=None):
         page = fresh
     with Browser(1600, 1000) as b:
         b.open(page)
-        for layer in ("model.2", "model.2.m.0"):
+        for layer in ("model.4", "model.4.m.0"):
             b.click_selector(f'svg .node[data-key="g:{layer}"]')
-        b.click_selector('svg .node[data-name="model_2_m_0_cv2"]')
-        b.click_selector('svg .node[data-name="model_2_cv1"]', modifiers=2)
-        b.click_selector('svg .node[data-name="add"]', modifiers=2)
-        b.js("fxqatExplorer.center('n:' + fxqatExplorer.data.nodes.find(n => n.name === 'model_2_m_0_cv2').id, 0.8)")
+        b.click_selector('svg .node[data-name="model_4_m_0_cv2"]')
+        b.click_selector('svg .node[data-name="model_4_cv1"]', modifiers=2)
+        b.click_selector('svg .node[data-name="add_1"]', modifiers=2)
+        b.js("fxqatExplorer.center('n:' + fxqatExplorer.data.nodes.find(n => n.name === 'model_4_m_0_cv2').id, 0.8)")
         out = b.screenshot(ROOT / "docs" / "explore.png")
     print(f"screenshot: {out}")
 

@@ -34,7 +34,8 @@ def explore(model, out="explore.html", data=None, imgsz: int = 320, images: int 
     """Write the explorer page for ``model`` to ``out`` and return its path.
 
     ``model``: a model file (YAML, .pt), an fxqat QAT checkpoint (its trained ranges are shown as they are), a
-    DetectionModel, or a prepared QAT GraphModule. Without ranges yet, the graph is calibrated on ``images`` images of
+    DetectionModel, or a prepared QAT GraphModule (calibrated in place if it has no ranges yet). Without ranges, the
+    graph is calibrated on ``images`` images of
     ``data`` (a data YAML, an image folder or a tensor) — or, with no ``data``, of fxqat's built-in traffic-sign
     generator (the page says so). ``analysis``: a ``fxqat analyze`` folder or its sensitivity.json (SQNR per layer
     and sensitivity rank). ``qconfig``: as for :func:`fxqat.prepare_qat` (not with a checkpoint).

@@ -91,3 +91,14 @@ def test_draw_html_is_the_explorer(v8n_graph, tmp_path):
     assert next(n for n in embedded_data(page.read_text())["nodes"] if n["name"] == "model_0_conv")["analysis"]["rank"] == 1
     with pytest.raises(FxqatError, match="valid choices are precision, sensitivity, sqnr, op"):
         fxqat.draw(v8n_graph, tmp_path / "r.html", color_by="rainbow")
+
+
+def test_images_from_a_data_yaml(explored, tiny_data, tmp_path):
+    gm, _, _, _ = explored
+    page = fxqat.explore(gm, out=tmp_path / "d.html", data=tiny_data, imgsz=64, images=3, progress=False)
+    data = embedded_data(page.read_text())
+    assert data["images_note"] == f"ranges as stored; histograms from 3 images from {tiny_data}"
+    act = next(n for n in data["nodes"] if n["name"] == "model_0")["stats"]["act"]
+    assert act["n"] == 3 * 16 * 32 * 32  # 3 images of 64 px: model.0's 16 x 32 x 32 output each
+    with pytest.raises(FxqatError, match="image folder not found"):
+        fxqat.explore(gm, out=tmp_path / "e.html", data=tmp_path / "nowhere", imgsz=64)
