@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import FxqatError
-from .build import DEFAULT_IMAGES, collect, load_images_for, prepare_for
+from .build import DEFAULT_IMAGES, analysis_by_node, collect, load_analysis, load_images_for, prepare_for
 from .page import embedded_data, render, write
 
 COLOR_MODES = ("precision", "sensitivity", "sqnr", "op")
@@ -49,8 +49,11 @@ def explore(model, out="explore.html", data=None, imgsz: int = 320, images: int 
     if color_by == "sensitivity" and analysis is None:
         raise FxqatError("color_by='sensitivity' needs analysis= (a `fxqat analyze` folder or its sensitivity.json)")
     t = time.perf_counter()
-    gm, text, label, from_ckpt = prepare_for(model, qconfig, trust)
+    report = load_analysis(analysis)  # bad analysis= and data= fail before any model work ...
     x, note = load_images_for(data, images, imgsz)
+    gm, text, label, from_ckpt = prepare_for(model, qconfig, trust)
+    if report is not None:  # ... and an analysis of another model before calibration
+        analysis_by_node(report, {n.name for n in gm.graph.nodes})
     if _needs_calibration(gm):
         batches = [x[i:i + 8] for i in range(0, len(x), 8)]
         calibrate(gm, batches, batches=len(batches), progress=progress)
@@ -58,7 +61,7 @@ def explore(model, out="explore.html", data=None, imgsz: int = 320, images: int 
     else:
         note = f"ranges as stored{' in the checkpoint' if from_ckpt else ''}; histograms from {note}"
     title = f"fxqat explore — {Path(label).name if isinstance(model, (str, Path)) else label}"
-    data_ = collect(gm, x, note, analysis=analysis, qconfig_text=text, title=title, progress=progress,
+    data_ = collect(gm, x, note, analysis=report, qconfig_text=text, title=title, progress=progress,
                     source_label=f"{Path(label).name}[qconfig]" if from_ckpt else None, color_by=color_by)
     data_["seconds"] = round(time.perf_counter() - t, 2)
     data_["imgsz"] = imgsz

@@ -92,11 +92,11 @@ class _State:
 
     def fp32(self):
         for fq in self.fqs:
-            fq.fake_quant_enabled = False
+            object.__setattr__(fq, "fake_quant_enabled", False)  # a plain flag: skip nn.Module's __setattr__
 
     def quant(self):
         for fq, s in zip(self.fqs, self.saved):
-            fq.fake_quant_enabled = s
+            object.__setattr__(fq, "fake_quant_enabled", s)
 
 
 @torch.no_grad()
@@ -122,7 +122,8 @@ def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) 
                 break
             vals = []
             for env, mode in zip(envs, (state.fp32, state.quant)):
-                mode()
+                if n.op == "call_module":  # only modules hold quantizers
+                    mode()
                 if n.op == "placeholder":
                     v = images
                 else:
@@ -131,7 +132,6 @@ def node_stats(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) 
                     v = getattr(interp, n.op)(n.target, args, kwargs)
                 env[n] = v
                 vals.append(v)
-            state.quant()
             f, q = vals
             m = gm.get_submodule(n.target) if n.op == "call_module" else None
             rec = out.setdefault(n.name, {"shape": shape_of(f)})
