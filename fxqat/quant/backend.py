@@ -63,7 +63,8 @@ def make_observer(kind: str, qmin: int, qmax: int, symmetric: bool, ch_axis: int
                   averaging_constant: float = 0.01, percentile: float = 99.99):
     """An observer computing scale/zero-point for the integer range [qmin, qmax] (torch.ao's, or fxqat's clipping
     observers for ``percentile`` and ``mse``)."""
-    dtype = torch.qint8 if qmin < 0 else torch.quint8
+    # torch.ao's observers check the range against the dtype: wider than 8 bits needs qint32
+    dtype = torch.qint32 if qmax - qmin > 255 else torch.qint8 if qmin < 0 else torch.quint8
     if ch_axis is not None:
         qscheme = torch.per_channel_symmetric if symmetric else torch.per_channel_affine
         if kind == "moving_average":

@@ -115,3 +115,16 @@ def test_observer_state_in_fake_quant_state_dict():
 def test_percentile_value_is_validated(bad):
     with pytest.raises(QConfigError, match="percentile"):
         QuantSpec(observer="percentile", percentile=bad)
+
+
+def test_wider_than_8_bit_grids_prepare_and_use_their_range():
+    """12-bit weights and 16-bit activations: torch.ao's observers need a qint32 dtype for such ranges."""
+    import fxqat
+    from fxqat.modules.conv_bn_act import ConvBnAct
+
+    m = fxqat.prepare_qat("yolov8n.yaml", "version: 1\nweight: {bits: 12}\nactivation: {bits: 16}\n")
+    fxqat.calibrate(m, [torch.rand(1, 3, 64, 64)], progress=False)
+    conv = next(mod for mod in m.modules() if isinstance(mod, ConvBnAct))
+    codes = conv.weight_codes()[0]
+    assert codes.min() >= -2048 and codes.max() <= 2047 and codes.abs().max() >= 2047  # the 12-bit grid, used to its end
+    assert codes.unique().numel() > 256
