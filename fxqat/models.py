@@ -12,9 +12,9 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-SUPPORTED = "a detection, segment, pose or OBB model: a YAML name such as yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, " \
-            "yolov8n-seg.yaml, yolo11n-pose.yaml or yolov8n-obb.yaml, a .pt checkpoint, an ultralytics YOLO object or " \
-            "a DetectionModel (or its Segmentation/Pose/OBB subclass)"
+SUPPORTED = "a detection, segment, pose or OBB model: a shipped model (fxqat-signs-yolov8n), a YAML name such as " \
+            "yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, yolov8n-seg.yaml, yolo11n-pose.yaml or yolov8n-obb.yaml, a .pt " \
+            "checkpoint, an ultralytics YOLO object or a DetectionModel (or its Segmentation/Pose/OBB subclass)"
 TASKS = ("detect", "segment", "pose", "obb")  # the Detect-family heads fxqat traces
 
 
@@ -89,6 +89,10 @@ def load_model(spec, nc: int | None = None, trust: bool | None = None) -> nn.Mod
     """
     if isinstance(spec, (str, Path)):
         s = str(spec)
+        from .zoo import SHIPPED, load_shipped
+
+        if s in SHIPPED:
+            return load_shipped(s)
         if s.endswith((".yaml", ".yml")):
             return _check_detection(_from_yaml(s, nc), s)
         if s.endswith((".pt", ".pth")):
