@@ -137,8 +137,9 @@ def build(args, work: Path, spec: str = "yolov8n.yaml") -> tuple[dict, list[str]
     rows["fxqat INT8 torch"] = (int8, "torch", int8_pt)
     qdq = fxqat.export_onnx(qat, work / "fxqat_qdq.onnx", imgsz=args.imgsz)
     rows["fxqat QDQ on ONNX Runtime"] = (OnnxRunner(qdq, threads=args.threads), "ort", qdq)
-    if has_ov:
-        rows["fxqat QDQ on OpenVINO"] = (openvino_runner(qdq, args.threads), "openvino", qdq)
+    if has_ov:  # the OpenVINO form (fxqat export format=openvino): no requantization after shared ops
+        qdq_ov = fxqat.export_onnx(qat, work / "fxqat_qdq_ov.onnx", imgsz=args.imgsz, requantize_shared=False)
+        rows["fxqat QDQ on OpenVINO"] = (openvino_runner(qdq_ov, args.threads), "openvino", qdq_ov)
     ortq = fxqat.prepare_qat(model, "onnxruntime.yaml")  # pre-activation grids: QLinearConv in ONNX Runtime
     fxqat.calibrate(ortq, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
     qdq_ort = fxqat.export_onnx(ortq.eval(), work / "fxqat_qdq_ort.onnx", imgsz=args.imgsz)

@@ -77,7 +77,8 @@ def forms(model, imgsz: int, threads: int, trust: bool | None = None) -> dict:
     if importlib.util.find_spec("openvino") is not None:
         from .deploy import OpenVINORunner
 
-        out["fxqat QDQ ONNX (OpenVINO)"] = OpenVINORunner(onnx_path, threads=threads)
+        ov_path = export_onnx(qat, onnx_path.with_name("model_openvino.onnx"), imgsz=imgsz, requantize_shared=False)
+        out["fxqat QDQ (OpenVINO)"] = OpenVINORunner(ov_path, threads=threads)
     return out
 
 

@@ -128,7 +128,8 @@ def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
         onnx_path = Path(out) if out and format == "onnx" else Path(model).with_suffix(".onnx")
         if format == "openvino":  # the QDQ ONNX model is OpenVINO's input here, not a result
             onnx_path = Path(tmp) / Path(model).with_suffix(".onnx").name
-        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights)
+        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights,
+                    requantize_shared=format != "openvino")  # OpenVINO folds DQ through shared ops itself
         rep = format_report(qdq_report(onnx_path)) if report not in (False, "false") else None
         if format == "openvino":
             path = export_openvino(onnx_path, target)

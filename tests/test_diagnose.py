@@ -46,6 +46,9 @@ def exports(tmp_path_factory):
         qat = fxqat.prepare_qat(model, qc, example_inputs=(x,))
         paths[name] = fxqat.export_onnx(qat.eval(), out / f"{name}.onnx", imgsz=IMGSZ)
         paths[f"{name}_ckpt"] = save_checkpoint(out / f"{name}.pt", qat)
+        if name == "plain":  # the OpenVINO form: no requantization after Concat / MaxPool / Resize / Split
+            paths["plain_noreq"] = fxqat.export_onnx(qat, out / "plain_noreq.onnx", imgsz=IMGSZ,
+                                                     requantize_shared=False)
     return paths
 
 
@@ -114,3 +117,30 @@ def test_export_report_true_runs_the_diagnosis(exports, tmp_path, capsys):
     assert "skip3 on onnxruntime:" in text
     floats = text.split("float layers between dequantize and quantize: ")[1].split("Q/DQ nodes")[0]
     assert "/model.3/Conv" in floats and "/model.1/" not in floats and "/model.5/" not in floats
+
+
+def test_openvino_form_leaves_out_the_shared_requantization(exports):
+    import numpy as np
+
+    from fxqat.checkpoint import load_checkpoint
+    from fxqat.export import export_graph, qdq_report
+
+    shared = ("Concat→Q", "MaxPool→Q", "Slice→Q", "Split→Q", "Resize→Q")
+    full, noreq = qdq_report(exports["plain"])["by_op"], qdq_report(exports["plain_noreq"])["by_op"]
+    assert full.get("Slice→Q", 0) + full.get("Split→Q", 0) > 0 and full.get("MaxPool→Q", 0) > 0
+    assert not any(noreq.get(k) for k in shared), noreq
+    # the same values: the requantization is an identity (the exported graphs in torch agree bit for bit)
+    qat = load_checkpoint(exports["plain_ckpt"])
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        assert torch.equal(export_graph(qat)(x), export_graph(qat, requantize_shared=False)(x))
+    if "openvino" in RUNTIMES:
+        import openvino as ov
+
+        xn = x.numpy()
+        a, b = (ov.Core().compile_model(str(exports[k]), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})({0: xn})[0]
+                for k in ("plain", "plain_noreq"))
+        np.testing.assert_allclose(a, b, atol=1e-3)  # float round-off in the decode only
+        req = [diagnose(exports[k], "openvino", runs=1).issues(("qdq",)) for k in ("plain", "plain_noreq")]
+        assert sum(r.op == "requantize" for r in req[0]) > 0  # OpenVINO runs these as separate nodes ...
+        assert sum(r.op == "requantize" for r in req[1]) == 0  # ... and folds the DQ through the ops without them
