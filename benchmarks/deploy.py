@@ -8,10 +8,11 @@ model file size, peak memory (RSS high-water mark of a child process that loads 
 Then per model the ratios the targets are stated in. Also (first model): prepare time and QAT step time / memory vs
 an FP32 training step. Peers that are not installed are skipped with a note.
 
-    python -m benchmarks [--models yolov8n,yolov8s,yolo11n,yolo11s] [--imgsz 640] [--rounds 5] [--quick]
+    python -m benchmarks [--models yolov8n,yolov8s,yolo11n,yolo11s] [--imgsz 640] [--rounds 5] [--quick] [--placement-ab]
                          [--fp32 best.pt] [--data data.yaml] [--no-memory] [--no-train]
 
-``--quick``: 3 rounds, no peak-memory children, no QAT step (about 1.5 min per n model on 2 busy cores).
+``--quick``: 3 rounds of 1 warm-up + 3 timed calls per row, no peak-memory children, no QAT step.
+``--placement-ab``: adds the OpenVINO row of the ONNX form (requantization after shared ops) beside the OpenVINO form.
 """
 
 from __future__ import annotations
@@ -140,6 +141,8 @@ def build(args, work: Path, spec: str = "yolov8n.yaml") -> tuple[dict, list[str]
     if has_ov:  # the OpenVINO form (fxqat export format=openvino): no requantization after shared ops
         qdq_ov = fxqat.export_onnx(qat, work / "fxqat_qdq_ov.onnx", imgsz=args.imgsz, requantize_shared=False)
         rows["fxqat QDQ on OpenVINO"] = (openvino_runner(qdq_ov, args.threads), "openvino", qdq_ov)
+        if getattr(args, "placement_ab", False):
+            rows["fxqat QDQ on OpenVINO, ONNX form"] = (openvino_runner(qdq, args.threads), "openvino", qdq)
     ortq = fxqat.prepare_qat(model, "onnxruntime.yaml")  # pre-activation grids: QLinearConv in ONNX Runtime
     fxqat.calibrate(ortq, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
     qdq_ort = fxqat.export_onnx(ortq.eval(), work / "fxqat_qdq_ort.onnx", imgsz=args.imgsz)
@@ -193,6 +196,7 @@ SUMMARY = (  # (label, numerator row, denominator row, target)
     ("ONNX Runtime: fxqat [onnxruntime.yaml] / quantize_static", "fxqat QDQ [onnxruntime.yaml] on ONNX Runtime",
      "ONNX Runtime INT8 (quantize_static)", "<= 0.8"),
     ("OpenVINO: fxqat QDQ / OpenVINO FP32", "fxqat QDQ on OpenVINO", "OpenVINO FP32", "<= 0.5 (stretch)"),
+    ("OpenVINO: OpenVINO form / ONNX form", "fxqat QDQ on OpenVINO", "fxqat QDQ on OpenVINO, ONNX form", "< 1"),
     ("fxqat INT8 torch / torch FP32", "fxqat INT8 torch", "torch FP32", "<= 0.33"),
 )
 
@@ -201,7 +205,8 @@ def run_model(a, spec: str, work: Path) -> tuple[list[dict], list[dict], list[st
     """Build one model's rows, time them in interleaved rounds, measure size / peak memory: (rows, ratios, notes)."""
     rows, notes = build(a, work, spec)
     times = interleaved_times({k: fn for k, (fn, _, _) in rows.items()}, torch.rand(1, 3, a.imgsz, a.imgsz),
-                              a.rounds, engines={k: "onednn" for k in rows if "torch.ao" in k})
+                              a.rounds, engines={k: "onednn" for k in rows if "torch.ao" in k},
+                              warmup=1 if a.quick else 2, reps=3 if a.quick else 5)
     med = {k: statistics.median(v) for k, v in times.items()}
     name = Path(a.fp32).stem if a.fp32 else Path(spec).stem
     out = []
@@ -226,7 +231,9 @@ def main(argv=None):
     ap.add_argument("--data", default=None, help="data YAML for calibration images (default: generated signs)")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-train", action="store_true", help="skip prepare time and the QAT step measurement")
-    ap.add_argument("--quick", action="store_true", help="3 rounds, --no-memory, --no-train")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 1 + 3 calls per row, --no-memory, --no-train")
+    ap.add_argument("--placement-ab", action="store_true",
+                    help="also time the OpenVINO model exported in the ONNX form (requantized shared ops)")
     a = ap.parse_args(argv)
     if a.quick:
         a.rounds, a.no_memory, a.no_train = min(a.rounds, 3), True, True

@@ -22,8 +22,9 @@ def _time(fn, warmup=2, reps=5) -> float:
     return statistics.median(ts)
 
 
-def interleaved_times(fns: dict, x: torch.Tensor, rounds: int, engines: dict | None = None) -> dict[str, list[float]]:
-    """Per-round ms (each the median of 5 calls after 2 warm-up calls) of each ``fns[name](x)`` over ``rounds``
+def interleaved_times(fns: dict, x: torch.Tensor, rounds: int, engines: dict | None = None, warmup: int = 2,
+                      reps: int = 5) -> dict[str, list[float]]:
+    """Per-round ms (each the median of ``reps`` calls after ``warmup`` calls) of each ``fns[name](x)`` over ``rounds``
     interleaved rounds, so machine noise hits every row alike; the row order rotates by one each round, so no row
     always runs right after the same neighbour.
 
@@ -36,7 +37,7 @@ def interleaved_times(fns: dict, x: torch.Tensor, rounds: int, engines: dict | N
             for name in names[r % len(names):] + names[:r % len(names)]:
                 if engines and engines.get(name):
                     torch.backends.quantized.engine = engines[name]
-                times[name].append(_time(lambda fn=fns[name]: fn(x)))
+                times[name].append(_time(lambda fn=fns[name]: fn(x), warmup, reps))
     return times
 
 
