@@ -4,7 +4,9 @@
   input from ``DequantizeLinear(QuantizeLinear(x))``.
 * Shared grids are preserved: Concat / MaxPool / Resize / Split outputs are re-quantized with the *same* scale and
   zero-point as their inputs (an exact identity, and the pattern ONNX Runtime, OpenVINO and TensorRT fuse into INT8
-  Concat/MaxPool/Resize), so no DQ→Q pair around them changes scale.
+  Concat/MaxPool/Resize), so no DQ→Q pair around them changes scale. The OpenVINO form
+  (``requantize_shared=False``, what ``fxqat export format=openvino`` converts) leaves that identity out: OpenVINO
+  moves the dequantize through those ops itself, and ran each requantize after a Split / Resize as its own node.
 * DFL, box decode and the class sigmoid stay float. The output is the decoded (B, 4 + nc, anchors) tensor.
 """
 
