@@ -12,6 +12,8 @@ import importlib.util
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxqat
 from fxqat.checkpoint import save_checkpoint
@@ -144,3 +146,15 @@ def test_openvino_form_leaves_out_the_shared_requantization(exports):
         req = [diagnose(exports[k], "openvino", runs=1).issues(("qdq",)) for k in ("plain", "plain_noreq")]
         assert sum(r.op == "requantize" for r in req[0]) > 0  # OpenVINO runs these as separate nodes ...
         assert sum(r.op == "requantize" for r in req[1]) == 0  # ... and folds the DQ through the ops without them
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=12).filter(lambda s: "=" not in s and not s.startswith("-") and s.strip() == s))
+def test_export_report_argument_any_text(value):
+    ok = {"1": "true", "true": "true", "yes": "true", "on": "true", "0": "false", "false": "false", "no": "false",
+          "off": "false", "qdq": "qdq", "openvino": "openvino", "onnxruntime": "onnxruntime"}
+    if value.lower() in ok:
+        assert parse_args(["m.pt", f"report={value}"], COMMANDS["export"], "export")["report"] == ok[value.lower()]
+    else:
+        with pytest.raises(UsageError, match="valid choices"):
+            parse_args(["m.pt", f"report={value}"], COMMANDS["export"], "export")
