@@ -1,13 +1,18 @@
-"""The deployment suite: one table, every row measured in the same run, ratios against torch FP32.
+"""The deployment suite: one table per model, every row of a model timed in the same interleaved rounds.
 
-Rows (yolov8n, 640, batch 1, 2 threads): torch FP32; ONNX Runtime FP32 and its INT8 PTQ (quantize_static, QDQ,
+Rows (640, batch 1, 2 threads, per model): torch FP32; ONNX Runtime FP32 and its INT8 PTQ (quantize_static, QDQ,
 per-channel); OpenVINO FP32 and NNCF INT8 (MIXED preset, head arithmetic ignored); plain torch.ao INT8 (onednn);
-fxqat INT8 torch; fxqat QDQ on ONNX Runtime and on OpenVINO. Columns: median latency over interleaved rounds,
+fxqat INT8 torch; fxqat QDQ on ONNX Runtime (default and ``onnxruntime.yaml``) and on OpenVINO. Columns: median
+latency over interleaved rounds (row order rotating each round) and its spread (interquartile range / median),
 model file size, peak memory (RSS high-water mark of a child process that loads the model and runs 5 inferences).
-Also: prepare time and QAT step time / memory vs an FP32 training step. Peers that are not installed are skipped
-with a note.
+Then per model the ratios the targets are stated in. Also (first model): prepare time and QAT step time / memory vs
+an FP32 training step. Peers that are not installed are skipped with a note.
 
-    python -m benchmarks [--imgsz 640] [--rounds 5] [--fp32 best.pt] [--data data.yaml]
+    python -m benchmarks [--models yolov8n,yolov8s,yolo11n,yolo11s] [--imgsz 640] [--rounds 5] [--quick] [--placement-ab]
+                         [--fp32 best.pt] [--data data.yaml] [--no-memory] [--no-train]
+
+``--quick``: 3 rounds of 1 warm-up + 3 timed calls per row, no peak-memory children, no QAT step.
+``--placement-ab``: adds the OpenVINO row of the ONNX form (requantization after shared ops) beside the OpenVINO form.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ import importlib.util
 import multiprocessing as mp
 import os
 import resource
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +37,9 @@ from fxqat.data.toy import toy_batch  # noqa: E402
 from fxqat.evaluate import OnnxRunner  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 
-from .common import interleaved_medians, save, table  # noqa: E402
+from fxqat.bench import interleaved_times, spread  # noqa: E402
+
+from .common import save, table  # noqa: E402
 from .peers import (  # noqa: E402
     export_fp32_onnx,
     nncf_ptq,
@@ -95,10 +104,10 @@ def peak_memory_mb(kind, arg, threads, imgsz) -> float:
     return q.get()
 
 
-def build(args, work: Path) -> tuple[dict, list[str]]:
-    """{row: (runner, kind, artifact path)} and notes for skipped peers."""
+def build(args, work: Path, spec: str = "yolov8n.yaml") -> tuple[dict, list[str]]:
+    """{row: (runner, kind, artifact path)} and notes for skipped peers, for one model (``args.fp32`` or ``spec``)."""
     notes: list[str] = []
-    model = load_model(args.fp32 or "yolov8n.yaml", nc=None if args.fp32 else 10).eval()
+    model = load_model(args.fp32 or spec, nc=None if args.fp32 else 10).eval()
     calib = _calib_images(args.data, args.imgsz)
     rows: dict[str, tuple] = {}
     fp32_pt = work / "fp32_model.pt"
@@ -129,8 +138,11 @@ def build(args, work: Path) -> tuple[dict, list[str]]:
     rows["fxqat INT8 torch"] = (int8, "torch", int8_pt)
     qdq = fxqat.export_onnx(qat, work / "fxqat_qdq.onnx", imgsz=args.imgsz)
     rows["fxqat QDQ on ONNX Runtime"] = (OnnxRunner(qdq, threads=args.threads), "ort", qdq)
-    if has_ov:
-        rows["fxqat QDQ on OpenVINO"] = (openvino_runner(qdq, args.threads), "openvino", qdq)
+    if has_ov:  # the OpenVINO form (fxqat export format=openvino): no requantization after shared ops
+        qdq_ov = fxqat.export_onnx(qat, work / "fxqat_qdq_ov.onnx", imgsz=args.imgsz, requantize_shared=False)
+        rows["fxqat QDQ on OpenVINO"] = (openvino_runner(qdq_ov, args.threads), "openvino", qdq_ov)
+        if getattr(args, "placement_ab", False):
+            rows["fxqat QDQ on OpenVINO, ONNX form"] = (openvino_runner(qdq, args.threads), "openvino", qdq)
     ortq = fxqat.prepare_qat(model, "onnxruntime.yaml")  # pre-activation grids: QLinearConv in ONNX Runtime
     fxqat.calibrate(ortq, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
     qdq_ort = fxqat.export_onnx(ortq.eval(), work / "fxqat_qdq_ort.onnx", imgsz=args.imgsz)
@@ -179,48 +191,84 @@ def qat_step(model_spec: str, imgsz: int, batch: int = 8, steps: int = 3, thread
     return out
 
 
+SUMMARY = (  # (label, numerator row, denominator row, target)
+    ("OpenVINO: fxqat QDQ / NNCF PTQ", "fxqat QDQ on OpenVINO", "OpenVINO NNCF INT8 (PTQ)", "<= 1.0"),
+    ("ONNX Runtime: fxqat [onnxruntime.yaml] / quantize_static", "fxqat QDQ [onnxruntime.yaml] on ONNX Runtime",
+     "ONNX Runtime INT8 (quantize_static)", "<= 0.8"),
+    ("OpenVINO: fxqat QDQ / OpenVINO FP32", "fxqat QDQ on OpenVINO", "OpenVINO FP32", "<= 0.5 (stretch)"),
+    ("OpenVINO: OpenVINO form / ONNX form", "fxqat QDQ on OpenVINO", "fxqat QDQ on OpenVINO, ONNX form", "< 1"),
+    ("fxqat INT8 torch / torch FP32", "fxqat INT8 torch", "torch FP32", "<= 0.33"),
+)
+
+
+def run_model(a, spec: str, work: Path) -> tuple[list[dict], list[dict], list[str]]:
+    """Build one model's rows, time them in interleaved rounds, measure size / peak memory: (rows, ratios, notes)."""
+    rows, notes = build(a, work, spec)
+    times = interleaved_times({k: fn for k, (fn, _, _) in rows.items()}, torch.rand(1, 3, a.imgsz, a.imgsz),
+                              a.rounds, engines={k: "onednn" for k in rows if "torch.ao" in k},
+                              warmup=1 if a.quick else 2, reps=3 if a.quick else 5)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    name = Path(a.fp32).stem if a.fp32 else Path(spec).stem
+    out = []
+    for row, (_, kind, path) in rows.items():
+        size = _size_mb(path, str(path).replace(".xml", ".bin") if str(path).endswith(".xml") else None) if path else None
+        mem = float("nan") if a.no_memory or kind is None else peak_memory_mb(kind, str(path), a.threads, a.imgsz)
+        out.append({"model": name, "row": row, "ms": med[row], "spread": spread(times[row]),
+                    "speedup_vs_fp32": med["torch FP32"] / med[row], "size_mb": size, "peak_rss_mb": mem,
+                    "rounds_ms": times[row]})
+    ratios = [{"model": name, "ratio": label, "value": med[n] / med[d], "target": target}
+              for label, n, d, target in SUMMARY if n in med and d in med]
+    return out, ratios, notes
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="yolov8n", help="comma-separated Ultralytics model names (YAML, random init)")
     ap.add_argument("--imgsz", type=int, default=640)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--fp32", default=None, help="FP32 Ultralytics .pt (default: yolov8n.yaml, random weights)")
+    ap.add_argument("--fp32", default=None, help="FP32 Ultralytics .pt (default: --models YAMLs, random weights)")
     ap.add_argument("--data", default=None, help="data YAML for calibration images (default: generated signs)")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--no-train", action="store_true", help="skip prepare time and the QAT step measurement")
+    ap.add_argument("--quick", action="store_true", help="3 rounds of 1 + 3 calls per row, --no-memory, --no-train")
+    ap.add_argument("--placement-ab", action="store_true",
+                    help="also time the OpenVINO model exported in the ONNX form (requantized shared ops)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.rounds, a.no_memory, a.no_train = min(a.rounds, 3), True, True
     torch.set_num_threads(a.threads)
-    work = Path(tempfile.mkdtemp(prefix="fxqat_bench_"))
-    rows, notes = build(a, work)
-    med = interleaved_medians({k: fn for k, (fn, _, _) in rows.items()}, torch.rand(1, 3, a.imgsz, a.imgsz), a.rounds,
-                              engines={k: "onednn" for k in rows if "torch.ao" in k})
-    fp32 = med["torch FP32"]
-    out = []
-    for name, (_, kind, path) in rows.items():
-        size = _size_mb(path, str(path).replace(".xml", ".bin") if str(path).endswith(".xml") else None) if path else None
-        mem = float("nan") if a.no_memory or kind is None else peak_memory_mb(kind, str(path), a.threads, a.imgsz)
-        out.append({"model": name, "ms": med[name], "speedup_vs_fp32": fp32 / med[name], "size_mb": size,
-                    "peak_rss_mb": mem})
-    print(f"yolov8n {a.imgsz}x{a.imgsz}, batch 1, {a.threads} threads; median of {a.rounds} interleaved rounds")
-    print(table(out, ["model", "ms", "speedup_vs_fp32", "size_mb", "peak_rss_mb"]))
-    by = {r["model"]: r["ms"] for r in out}
-    if "OpenVINO NNCF INT8 (PTQ)" in by and "fxqat QDQ on OpenVINO" in by:
-        print(f"OpenVINO: fxqat QDQ / NNCF PTQ = {by['fxqat QDQ on OpenVINO'] / by['OpenVINO NNCF INT8 (PTQ)']:.2f} "
-              "(target <= 1.0)")
-    ort_best = min(by["fxqat QDQ on ONNX Runtime"], by["fxqat QDQ [onnxruntime.yaml] on ONNX Runtime"])
-    print(f"ONNX Runtime: fxqat QDQ (best preset) / quantize_static = "
-          f"{ort_best / by['ONNX Runtime INT8 (quantize_static)']:.2f} (target <= 1.0)")
-    t = time.perf_counter()
-    fxqat.prepare_qat(load_model("yolov8n.yaml"))
-    prep = time.perf_counter() - t
-    steps = qat_step("yolov8n.yaml", imgsz=320, threads=a.threads)
-    ratio = steps["fxqat QAT"]["step_s"] / steps["FP32"]["step_s"]
-    mem_ratio = steps["fxqat QAT"]["peak_rss_mb"] / steps["FP32"]["peak_rss_mb"]
-    print(f"prepare_qat yolov8n: {prep:.2f} s; QAT step / FP32 step (320, batch 8): {ratio:.2f}x time, "
-          f"{mem_ratio:.2f}x peak RSS (target <= 1.3x)")
+    specs = [m if m.endswith((".yaml", ".pt")) else f"{m}.yaml" for m in a.models.split(",") if m]
+    if a.fp32:
+        specs = specs[:1]
+    rows, ratios, notes = [], [], []
+    for spec in specs:
+        work = Path(tempfile.mkdtemp(prefix="fxqat_bench_"))
+        r, q, n = run_model(a, spec, work)
+        rows += r
+        ratios += q
+        notes += [x for x in n if x not in notes]
+        print(f"\n{r[0]['model']} {a.imgsz}x{a.imgsz}, batch 1, {a.threads} threads; median of {a.rounds} interleaved "
+              "rounds, spread = interquartile range / median")
+        print(table([{**x, "spread": f"{100 * x['spread']:.1f}%"} for x in r],
+                    ["row", "ms", "spread", "speedup_vs_fp32", "size_mb", "peak_rss_mb"]), flush=True)
+        shutil.rmtree(work, ignore_errors=True)
+    print("\nratios (each model's rows timed in the same interleaved rounds):")
+    print(table(ratios, ["model", "ratio", "value", "target"]))
+    extra = {"imgsz": a.imgsz, "threads": a.threads, "rounds": a.rounds, "notes": notes, "ratios": ratios}
+    if not a.no_train:
+        t = time.perf_counter()
+        fxqat.prepare_qat(load_model(specs[0]))
+        prep = time.perf_counter() - t
+        steps = qat_step(specs[0], imgsz=320, threads=a.threads)
+        ratio = steps["fxqat QAT"]["step_s"] / steps["FP32"]["step_s"]
+        mem_ratio = steps["fxqat QAT"]["peak_rss_mb"] / steps["FP32"]["peak_rss_mb"]
+        print(f"prepare_qat {specs[0]}: {prep:.2f} s; QAT step / FP32 step (320, batch 8): {ratio:.2f}x time, "
+              f"{mem_ratio:.2f}x peak RSS (target <= 1.3x)")
+        extra.update(prepare_s=prep, qat_step=steps)
     for n in notes:
         print("note:", n)
-    print("saved", save("deploy", out, {"imgsz": a.imgsz, "threads": a.threads, "notes": notes,
-                                         "prepare_s": prep, "qat_step": steps}))
+    print("saved", save("deploy" if specs == ["yolov8n.yaml"] else "deploy_models", rows, extra))
 
 
 if __name__ == "__main__":

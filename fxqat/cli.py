@@ -140,6 +140,22 @@ def _export_format(v):
     return _one_of("onnx", "openvino")(v)
 
 
+REPORTS = ("false", "qdq", "true", "openvino", "onnxruntime")
+
+
+def _report(v) -> str:
+    """export's report=: false | qdq (the Q/DQ structure) | true (+ a placement diagnosis on the format's runtime) |
+    openvino | onnxruntime (+ the diagnosis on that runtime)."""
+    s = str(v).lower()
+    if s in ("1", "true", "yes", "on"):
+        return "true"
+    if s in ("0", "false", "no", "off"):
+        return "false"
+    if s in REPORTS:
+        return s
+    raise ValueError(f"valid choices: {', '.join(REPORTS)}")
+
+
 def _positive_float(v):
     return None if v > 0 and v != float("inf") else "must be a positive finite number"
 
@@ -210,7 +226,9 @@ COMMANDS: dict[str, Command] = {
         "format": Arg(str, "onnx", "onnx | openvino", _export_format),
         "imgsz": Arg(int, 640, "input size", _stride_multiple),
         "dynamic": Arg(_bool, False, "dynamic batch and image size"),
-        "report": Arg(_bool, True, "print the Q/DQ structure report"),
+        "report": Arg(_report, "qdq", "qdq: the Q/DQ structure report; true: also run the model on the format's "
+                      "runtime and list float layers, unfolded Q/DQ and their time share (openvino | onnxruntime: on "
+                      "that runtime); false: none"),
         "weights": Arg(str, "int8", "int8 (TensorRT's form) | uint8 (+128, zero point 128: exact in ONNX Runtime on "
                        "CPUs without VNNI)", _one_of("int8", "uint8")),
         "out": Arg(str, None, "output .onnx file, or *_openvino_model folder")}),

@@ -128,14 +128,21 @@ def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
         onnx_path = Path(out) if out and format == "onnx" else Path(model).with_suffix(".onnx")
         if format == "openvino":  # the QDQ ONNX model is OpenVINO's input here, not a result
             onnx_path = Path(tmp) / Path(model).with_suffix(".onnx").name
-        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights)
-        rep = format_report(qdq_report(onnx_path)) if report else None
+        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights,
+                    requantize_shared=format != "openvino")  # OpenVINO folds DQ through shared ops itself
+        rep = format_report(qdq_report(onnx_path)) if report not in (False, "false") else None
         if format == "openvino":
             path = export_openvino(onnx_path, target)
             print(f"OpenVINO INT8 model written: {path}/ ({time.perf_counter() - t:.1f} s)")
         else:
             path = onnx_path
             print(f"QDQ ONNX written: {path} ({time.perf_counter() - t:.1f} s)")
+        if report in ("true", "openvino", "onnxruntime"):  # placement diagnosis (fxqat.diagnose) on a runtime
+            from .diagnose import diagnose
+
+            runtime = report if report != "true" else ("openvino" if format == "openvino" else "onnxruntime")
+            diag = diagnose(path if runtime == "openvino" else onnx_path, runtime, imgsz=imgsz, label=Path(model).stem)
+            rep = f"{rep}\n{diag.format()}"
     if rep:
         print(rep)
     source = None

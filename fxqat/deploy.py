@@ -205,13 +205,14 @@ class OpenVINORunner(BatchRunner):
     """A compiled OpenVINO model as a callable on torch tensors (CPU, f32 float parts): fxqat's own runner for
     evaluating the OpenVINO form (``fxqat.evaluate.evaluate(openvino_predictor(folder), data)``)."""
 
-    def __init__(self, path):
+    def __init__(self, path, threads: int | None = None):
         ov = require_openvino()
         p = Path(path)
-        xml = p if p.suffix == ".xml" else next(iter(sorted(p.glob("*.xml"))), None)
+        xml = p if p.suffix in (".xml", ".onnx") else next(iter(sorted(p.glob("*.xml"))), None)
         if xml is None:
             raise ModelLoadError(f"{p}: no OpenVINO .xml model in this folder")
-        self.compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        cfg = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        self.compiled = ov.Core().compile_model(str(xml), "CPU", cfg)
         dim0 = self.compiled.input(0).get_partial_shape()[0]
         self.static_batch = dim0.get_length() if dim0.is_static else None
 

@@ -4,7 +4,9 @@
   input from ``DequantizeLinear(QuantizeLinear(x))``.
 * Shared grids are preserved: Concat / MaxPool / Resize / Split outputs are re-quantized with the *same* scale and
   zero-point as their inputs (an exact identity, and the pattern ONNX Runtime, OpenVINO and TensorRT fuse into INT8
-  Concat/MaxPool/Resize), so no DQ→Q pair around them changes scale.
+  Concat/MaxPool/Resize), so no DQ→Q pair around them changes scale. The OpenVINO form
+  (``requantize_shared=False``, what ``fxqat export format=openvino`` converts) leaves that identity out: OpenVINO
+  moves the dequantize through those ops itself, and ran each requantize after a Split / Resize as its own node.
 * DFL, box decode and the class sigmoid stay float. The output is the decoded (B, 4 + nc, anchors) tensor.
 """
 
@@ -28,11 +30,11 @@ from .passes.pipeline import export_passes, onnx_passes
 WEIGHT_FORMS = ("int8", "uint8")
 
 
-def export_graph(qat_model: fx.GraphModule) -> fx.GraphModule:
+def export_graph(qat_model: fx.GraphModule, requantize_shared: bool = True) -> fx.GraphModule:
     """The graph that is exported: the export pass list (folded convs, decode in export mode, re-quantization
-    after shared ops) run on a copy of ``qat_model``."""
+    after shared ops unless ``requantize_shared=False``) run on a copy of ``qat_model``."""
     gm = copy.deepcopy(qat_model).cpu().eval()
-    return run_passes(gm, export_passes(), "export")
+    return run_passes(gm, export_passes(requantize_shared), "export")
 
 
 def fold_weight_quantizers(model) -> None:
@@ -124,11 +126,16 @@ def scalar_qparams(model) -> None:
 
 
 def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = False, opset: int = 17,
-                batch: int = 1, weights: str = "int8") -> Path:
+                batch: int = 1, weights: str = "int8", requantize_shared: bool = True) -> Path:
     """Write a QDQ ONNX model of ``qat_model`` to ``path`` and return the path (checked with onnx.checker).
 
     ``weights``: "int8" (TensorRT's explicit-quantization form) or "uint8" (the same values as uint8 + zero point
-    128: exact in ONNX Runtime on CPUs without VNNI, see :func:`uint8_weights`)."""
+    128: exact in ONNX Runtime on CPUs without VNNI, see :func:`uint8_weights`).
+    ``requantize_shared``: True (default) quantizes the outputs of Concat / MaxPool / Resize / Split again on their
+    input's grid, which ONNX Runtime and TensorRT need to run them in INT8. False leaves that identity out: the
+    OpenVINO form (``fxqat export format=openvino``), because OpenVINO moves the dequantize through those ops itself
+    and otherwise runs each requantize after a Split / Resize as a separate node (``fxqat.diagnose``: 22 on yolov8n).
+    Both forms compute the same values."""
     import onnx
 
     if weights not in WEIGHT_FORMS:
@@ -138,7 +145,7 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
     path.parent.mkdir(parents=True, exist_ok=True)
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     check_initialized(qat_model, "export")
-    gm = export_graph(qat_model)
+    gm = export_graph(qat_model, requantize_shared)
     segment = getattr(qat_model, "meta", {}).get("task") == "segment"
     outputs = ["output0", "output1"] if segment else ["output0"]  # Ultralytics' names: predictions (+ prototypes)
     x = torch.zeros(batch, 3, h, w)

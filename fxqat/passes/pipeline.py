@@ -3,7 +3,7 @@
     trace    YoloTracer ─► SplitSharedModules
     prepare  FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers          = the QAT GraphModule
     convert  LowerInt8 ─► BinsLastHead ─► CatWholeChunks ─► DenseSplitHalves                = the INT8 GraphModule
-    export   FoldConvsForExport ─► DecodeForExport ─► RequantizeSharedOps ─► (torch.onnx) ─►
+    export   FoldConvsForExport ─► DecodeForExport ─► RequantizeSharedOps (not for OpenVINO) ─► (torch.onnx) ─►
              FoldWeightQuantizers ─► ScalarQParams (─► Uint8Weights) ─► ultralytics metadata = the QDQ ONNX file
 
 ``AnnotateQConfig`` decides every node's quantization (``node.meta["fxqat"].qspec``: weight spec, output spec, the
@@ -45,10 +45,11 @@ def convert_passes() -> list[FxqatPass]:
     return [LowerInt8(), BinsLastHead(), CatWholeChunks(), DenseSplitHalves()]
 
 
-def export_passes() -> list[FxqatPass]:
+def export_passes(requantize_shared: bool = True) -> list[FxqatPass]:
+    """``requantize_shared=False`` leaves out RequantizeSharedOps (the OpenVINO form: see ``fxqat.export_onnx``)."""
     from .export_qdq import DecodeForExport, FoldConvsForExport, RequantizeSharedOps
 
-    return [FoldConvsForExport(), DecodeForExport(), RequantizeSharedOps()]
+    return [FoldConvsForExport(), DecodeForExport()] + ([RequantizeSharedOps()] if requantize_shared else [])
 
 
 def onnx_passes(weights: str = "int8") -> list:
