@@ -244,6 +244,7 @@ def _trainer_cls():
             if self.best.exists():
                 gm = load_checkpoint(self.best)
                 self.validator.args.plots = False
+                self.validator.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
                 best = QATDetectionModel(gm).to(self.device)
                 best.args = self.args  # as set_model_attributes does: the loss reads its gains from it
                 if self.world_size > 1:  # every rank validates its shard of the val set, rank 0 gathers (as in
