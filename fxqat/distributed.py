@@ -20,6 +20,7 @@ syncs its gradient). ``python -m fxqat.distributed ARGS`` is ``fxqat qat ARGS``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -242,6 +243,34 @@ def check_ranks_agree(model: nn.Module) -> str:
         print(f"DDP: all {world} ranks end with identical weights and quantizer state (sha256 {mine[:16]})",
               flush=True)
     return mine
+
+
+@contextlib.contextmanager
+def cpu_ddp(active: bool):
+    """Ultralytics wraps the model in ``DistributedDataParallel(model, device_ids=[device.index])``, which DDP
+    refuses for a CPU module ([None]); for CPU ranks the trainer module sees a DDP without device ids."""
+    if not active:
+        yield
+        return
+    import types
+
+    import ultralytics.engine.trainer as ul_trainer
+
+    def ddp(module, device_ids=None, **kw):
+        return nn.parallel.DistributedDataParallel(module, **kw)
+
+    class _NN:
+        parallel = types.SimpleNamespace(DistributedDataParallel=ddp)
+
+        def __getattr__(self, name):
+            return getattr(nn, name)
+
+    saved = ul_trainer.nn
+    ul_trainer.nn = _NN()
+    try:
+        yield
+    finally:
+        ul_trainer.nn = saved
 
 
 if __name__ == "__main__":  # ``python -m fxqat.distributed ARGS`` = ``fxqat qat ARGS``

@@ -10,6 +10,11 @@ Default QAT recipe (a fine-tuning recipe for a converged model, chosen by measur
 frozen after half the epochs, observers frozen for the last epoch. On a converged yolov8n (signs, 320 px) one QAT
 epoch at lr0 1e-4 kept mAP50-95 within 0.1 pt of FP32, while lr0 1e-3 lost 0.9 pt (benchmarks/README.md, Accuracy).
 The module is ``fxqat.training``; ``fxqat.train`` is its :func:`train` function.
+
+Several processes (``fxqat qat ... device=0,1`` / ``device=cpu nproc=2``, or ``torchrun -m fxqat.cli qat``): each rank
+joins the process group before prepare/calibrate (:mod:`fxqat.distributed`), the trainer runs Ultralytics' DDP loop
+(its sampler shards the data, DDP averages gradients, rank 0 writes checkpoints, validation is sharded and gathered
+on rank 0) and :func:`fxqat.distributed.sync_quant_state` merges quantizer ranges and BN statistics after every batch.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, trusted
-from .distributed import check_ranks_agree, rank_device, sync_quant_state
+from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_state
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
@@ -112,34 +117,6 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
             m.bn_frozen = s.bn_frozen
 
 
-@contextlib.contextmanager
-def _cpu_ddp(active: bool):
-    """Ultralytics wraps the model in ``DistributedDataParallel(model, device_ids=[device.index])``, which DDP
-    refuses for a CPU module ([None]); for CPU ranks the trainer module sees a DDP without device ids."""
-    if not active:
-        yield
-        return
-    import types
-
-    import ultralytics.engine.trainer as ul_trainer
-
-    def ddp(module, device_ids=None, **kw):
-        return nn.parallel.DistributedDataParallel(module, **kw)
-
-    class _NN:
-        parallel = types.SimpleNamespace(DistributedDataParallel=ddp)
-
-        def __getattr__(self, name):
-            return getattr(nn, name)
-
-    saved = ul_trainer.nn
-    ul_trainer.nn = _NN()
-    try:
-        yield
-    finally:
-        ul_trainer.nn = saved
-
-
 def _trainer_cls():
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
@@ -205,7 +182,7 @@ def _trainer_cls():
             return scales_without_decay(super().build_optimizer(model, *args, **kwargs), model)
 
         def _setup_train(self):
-            with _cpu_ddp(self.world_size > 1 and self.device.type == "cpu"):
+            with cpu_ddp(self.world_size > 1 and self.device.type == "cpu"):
                 super()._setup_train()
             self.ema = FxqatEMA(self.model)
             if self.resume_state:

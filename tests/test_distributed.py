@@ -178,3 +178,25 @@ def test_cli_relaunches_itself_under_torchrun(monkeypatch):
     assert seen["args"] == ["qat", "m.pt", "data=d.yaml", "epochs=2", "lr0=0.001", "device=cpu"]
     monkeypatch.setattr(d, "launch", lambda args, world, env=None: 3)
     assert main(["qat", "m.pt", "data=d.yaml", "device=cpu", "nproc=2"]) == 1  # a failed worker fails the command
+
+
+def test_cpu_ddp_lets_ultralytics_wrap_a_cpu_module():
+    """Ultralytics calls DistributedDataParallel(model, device_ids=[None]) on CPU, which DDP refuses; inside
+    cpu_ddp the trainer module's DDP drops the device ids; outside, Ultralytics' module is untouched."""
+    import torch.distributed as dist
+    import ultralytics.engine.trainer as ul_trainer
+
+    from fxqat.distributed import cpu_ddp
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        m = nn.Linear(2, 2)
+        with pytest.raises(ValueError, match="device_ids"):
+            ul_trainer.nn.parallel.DistributedDataParallel(m, device_ids=[None])
+        with cpu_ddp(True):
+            ddp = ul_trainer.nn.parallel.DistributedDataParallel(m, device_ids=[None], find_unused_parameters=True)
+            assert ul_trainer.nn.Module is nn.Module  # everything else is torch.nn
+        assert isinstance(ddp, nn.parallel.DistributedDataParallel) and ul_trainer.nn is nn
+        assert torch.equal(ddp(torch.ones(1, 2)), m(torch.ones(1, 2)))
+    finally:
+        dist.destroy_process_group()
