@@ -214,6 +214,8 @@ COMMANDS: dict[str, Command] = {
                                 _at_least(0)),
         "lr0": Arg(float, None, "initial learning rate (default 1e-4)", _positive_float),
         "resume": Arg(str, None, "an fxqat last.pt to resume from (restores every training argument)"),
+        "device": Arg(str, None, "cpu | 0 | 0,1,... (several GPUs: DDP, one process each; default: GPU 0 or cpu)"),
+        "nproc": Arg(int, None, "with device=cpu: DDP on this many CPU processes (gloo)", _at_least(1)),
     }, given_only=True, positionals_optional_with="resume"),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
         "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size", _stride_multiple),

@@ -35,17 +35,34 @@ def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust):
 
 
 def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn, freeze_observers, lr0, resume,
-            workers, trust):
-    """Arguments not on the command line arrive as None: train_qat applies the defaults, or the checkpoint's."""
+            workers, trust, device=None, nproc=None):
+    """Arguments not on the command line arrive as None: train_qat applies the defaults, or the checkpoint's.
+    Several ranks (device=0,1 or device=cpu nproc=N) and no launcher yet: re-run this command under torchrun."""
+    from .distributed import launch, launched_world, plan_devices
+
+    if launched_world()[0] == 1 and plan_devices(device, nproc).world > 1:
+        given = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project, name=name,
+                     freeze_bn=freeze_bn, freeze_observers=freeze_observers, lr0=lr0, resume=resume, workers=workers,
+                     trust=trust, device=device)
+        args = ["qat", *([str(model)] if model is not None else [])]
+        args += [f"{k}={v}" for k, v in given.items() if v is not None]
+        rc = launch(args, plan_devices(device, nproc).world)
+        if rc:
+            raise FxqatError(f"DDP workers failed (exit status {rc}); their messages are above")
+        return
     from .training import train_qat
 
     if workers is None and not resume:
         workers = 2  # the CLI's default (Ultralytics' is 8)
-    kw = {k: v for k, v in (("lr0", lr0), ("workers", workers)) if v is not None}
+    kw = {k: v for k, v in (("lr0", lr0), ("workers", workers), ("device", device), ("nproc", nproc))
+          if v is not None}
     _, best = train_qat(model, data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project,
                         name=name, freeze_bn_epoch=freeze_bn, freeze_observer_epoch=freeze_observers, resume=resume,
                         trust=trust, **kw)
-    print(f"QAT checkpoint: {best}")
+    from .distributed import launched_world
+
+    if launched_world()[1] == 0:
+        print(f"QAT checkpoint: {best}")
 
 
 def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):

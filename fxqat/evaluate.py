@@ -123,8 +123,9 @@ def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=
     read_data_yaml(data)
     pred = as_predictor(model, names, stride, trust)
     refuse_task(pred.task, "evaluation")
-    args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, device="cpu", rect=False,
-                verbose=verbose, save_json=False, workers=0)
+    dev = next((p.device for p in pred.parameters()), torch.device("cpu"))  # a graph on a GPU is evaluated there
+    args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, rect=False, verbose=verbose, save_json=False,
+                workers=0, device=str(dev.index or 0) if dev.type == "cuda" else "cpu")
     v = DetectionValidator(args=args)
     with torch.no_grad():
         stats = v(model=pred)

@@ -10,6 +10,11 @@ Default QAT recipe (a fine-tuning recipe for a converged model, chosen by measur
 frozen after half the epochs, observers frozen for the last epoch. On a converged yolov8n (signs, 320 px) one QAT
 epoch at lr0 1e-4 kept mAP50-95 within 0.1 pt of FP32, while lr0 1e-3 lost 0.9 pt (benchmarks/README.md, Accuracy).
 The module is ``fxqat.training``; ``fxqat.train`` is its :func:`train` function.
+
+Several processes (``fxqat qat ... device=0,1`` / ``device=cpu nproc=2``, or ``torchrun -m fxqat.cli qat``): each rank
+joins the process group before prepare/calibrate (:mod:`fxqat.distributed`), the trainer runs Ultralytics' DDP loop
+(its sampler shards the data, DDP averages gradients, rank 0 writes checkpoints, validation is sharded and gathered
+on rank 0) and :func:`fxqat.distributed.sync_quant_state` merges quantizer ranges and BN statistics after every batch.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, trusted
+from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_state
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
@@ -128,11 +135,15 @@ def _trainer_cls():
             if resume_state:  # Ultralytics keeps results.csv when args.resume is set; fxqat restores the state itself
                 overrides = dict(overrides, resume=str(resume_state.get("_path", True)))
             super().__init__(overrides=overrides)
+            if dist.is_available() and dist.is_initialized():  # a DDP rank (fxqat.distributed joined the group):
+                self.world_size = dist.get_world_size()  # Ultralytics counts devices in args.device, one here
+            self._quant_synced = False
             self.run_args = dict(run_args or {})
             self.qat_model = qat_model
             self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
             self.resume_state = resume_state
             self.add_callback("on_train_epoch_start", QATTrainer._schedule)
+            self.add_callback("on_train_batch_end", QATTrainer._sync_after_batch)
 
         def check_resume(self, overrides):
             self.resume = False  # never let Ultralytics unpickle the checkpoint: resume_state holds it, read safely
@@ -141,13 +152,38 @@ def _trainer_cls():
             self.model = self.qat_model
             return None
 
+        def _setup_ddp(self):
+            """The process group is already joined (fxqat.distributed.rank_device, before prepare/calibrate); CPU ranks
+            use gloo, which Ultralytics' own set-up (CUDA only) does not offer."""
+            if self.device.type == "cuda":
+                from ultralytics.utils.torch_utils import get_torch_device_backend
+
+                self.accelerator = get_torch_device_backend(self.device)
+                self.accelerator.set_device(self.device.index)
+
+        def optimizer_step(self):
+            self._sync_quant()  # before the EMA update inside, so the EMA copies the synced quantizer state
+            super().optimizer_step()
+
+        def _sync_quant(self):
+            if self.world_size > 1:
+                sync_quant_state(unwrap_model(self.model))
+                self._quant_synced = True
+
+        @staticmethod
+        def _sync_after_batch(trainer):
+            if not trainer._quant_synced:  # a batch without optimizer step (gradient accumulation)
+                trainer._sync_quant()
+            trainer._quant_synced = False
+
         def build_optimizer(self, model, *args, **kwargs):
             """Ultralytics' optimizer, with learned quantizer scales (LSQ) moved out of the weight-decay group:
             decay would pull every learned scale toward zero."""
             return scales_without_decay(super().build_optimizer(model, *args, **kwargs), model)
 
         def _setup_train(self):
-            super()._setup_train()
+            with cpu_ddp(self.world_size > 1 and self.device.type == "cpu"):
+                super()._setup_train()
             self.ema = FxqatEMA(self.model)
             if self.resume_state:
                 rs = self.resume_state
@@ -185,8 +221,21 @@ def _trainer_cls():
             if self.best.exists():
                 gm = load_checkpoint(self.best)
                 self.validator.args.plots = False
-                self.metrics = self.validator(model=QATDetectionModel(gm).to(self.device))
-                self.metrics.pop("fitness", None)
+                self.validator.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
+                best = QATDetectionModel(gm).to(self.device)
+                best.args = self.args  # as set_model_attributes does: the loss reads its gains from it
+                if self.world_size > 1:  # every rank validates its shard of the val set, rank 0 gathers (as in
+                    ema, self.ema.ema = self.ema.ema, best  # training; Ultralytics' model= path assumes CUDA ranks)
+                    try:
+                        metrics = self.validator(self)
+                    finally:
+                        self.ema.ema = ema
+                    if metrics is not None:
+                        self.metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+                else:
+                    self.metrics = self.validator(model=best)
+                if self.metrics is not None:
+                    self.metrics.pop("fitness", None)
 
     return QATTrainer
 
@@ -256,6 +305,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     from .data.images import iter_image_batches, read_data_yaml
     from .tracing import refuse_task, task_of
 
+    # where this process trains; under a launcher (torchrun, or fxqat qat device=0,1) this joins the process group
+    device, trainer_device, _ = rank_device(overrides.pop("device", None), overrides.pop("nproc", None))
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
                  batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
                  freeze_observer_epoch=freeze_observer_epoch)
@@ -305,7 +356,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
         if det.model[-1].nc != nc:
             raise FxqatError(f"model has {det.model[-1].nc} classes but data={run['data']} has {nc}; train an FP32 "
                              "model on this data first (fxqat train) or start from a YAML")
-        gm = prepare_qat(det, qconfig)
+        gm = prepare_qat(det, qconfig).to(device)
         calibrate(gm, iter_image_batches(run["data"], imgsz=run["imgsz"], batch=run["batch"], split="train"),
                   batches=calib_batches, progress=True)
     refuse_task(task_of(gm), "QAT training")
@@ -316,15 +367,21 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     run["freeze_bn_epoch"] = fb if fb is not None else max(1, epochs // 2)
     run["freeze_observer_epoch"] = fo if fo is not None else max(1, epochs - 1)
     over = dict(overrides)  # on resume: the interrupted run's overrides (+ the ones a resume may change)
+    over.pop("device", None)  # this process's device (rank_device above), never a saved one
     run["overrides"] = _scalars(over)
     args = dict(QAT_DEFAULTS)
     args.update(model="fxqat-qat.yaml", data=str(run["data"]), epochs=epochs, imgsz=run["imgsz"], batch=run["batch"],
-                project=run["project"], name=run["name"], exist_ok=True,
-                device="cpu" if not torch.cuda.is_available() else over.pop("device", 0))
+                project=run["project"], name=run["name"], exist_ok=True, device=trainer_device)
     args.update(over)
-    trainer = _trainer_cls()(QATDetectionModel(gm), args, run["freeze_bn_epoch"], run["freeze_observer_epoch"],
-                             resume_state, run_args=run)
-    trainer.train()
+    trainer = _trainer_cls()(QATDetectionModel(gm.to(device)), args, run["freeze_bn_epoch"],
+                             run["freeze_observer_epoch"], resume_state, run_args=run)
+    try:
+        trainer.train()
+        if trainer.world_size > 1:
+            check_ranks_agree(trainer.model.module.gm if hasattr(trainer.model, "module") else trainer.model.gm)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
     return trainer, trainer.best if trainer.best.exists() else trainer.last
 
 

@@ -34,6 +34,11 @@ ACT_KINDS = {nn.SiLU: "swish", SplitSiLU: "swish", nn.ReLU: "relu", nn.Identity:
 
 
 class ConvBnAct(nn.Module):
+    # training with live BN: rescale the fake-quantized folded weight by 1 / f instead of the conv output (float32
+    # rounding differs: ~1e-6 relative, tested). False: torch.ao's order (output / f), the reference for the tests and
+    # benchmarks/qat_step.py.
+    RESCALE_WEIGHT = True
+
     def __init__(self, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, act: nn.Module | None,
                  weight_spec: QuantSpec | None = None):
         super().__init__()
@@ -131,6 +136,10 @@ class ConvBnAct(nn.Module):
             w, b = self.folded()
             return self._act(self._conv(x, self._qw(w), b))
         f = self._bn_factor()
+        if ConvBnAct.RESCALE_WEIGHT:  # conv(x, q(w f) / f) = conv(x, q(w f)) / f per output channel: the division
+            # runs on the weight, not on the activation (no full-size pass forward nor backward)
+            f4 = f.reshape(-1, 1, 1, 1)
+            return self._act(self.bn(self._conv(x, self._qw(self.conv.weight * f4) / f4, self.conv.bias)))
         y = self._conv(x, self._qw(self.conv.weight * f.reshape(-1, 1, 1, 1)), None)
         y = y / f.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:

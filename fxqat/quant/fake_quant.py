@@ -14,6 +14,12 @@ from .backend import make_observer
 from .spec import QuantSpec
 
 SCALE_EPS = 1e-8
+# Min/max and moving-average observers update in place with a few tensor ops (fast path, below) instead of torch.ao's
+# observer call + calculate_qparams: the same operations, so the same bits (tested), without their per-call Python
+# work and their host syncs (``min_val == inf``, ``all(min_val <= max_val)``: one GPU→CPU wait each). False: the
+# observer path, kept as the reference the tests and benchmarks/qat_step.py compare against.
+FAST_OBSERVE = True
+FAST_KINDS = ("minmax", "moving_average")
 
 
 class FakeQuant(nn.Module):
@@ -40,6 +46,12 @@ class FakeQuant(nn.Module):
         self.fake_quant_enabled = True
         self.calibrating = False
         self.always_observe = False  # weight quantizers: the scale always follows the current weights
+        self._ready = bool(self.initialized)  # host copy of ``initialized`` once it is True (no device read per call)
+        self._fast = spec.observer in FAST_KINDS and not spec.learnable
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # re-read ``initialized`` on the next call
 
     def extra_repr(self) -> str:
         obs = f"percentile({self.spec.percentile})" if self.spec.observer == "percentile" else self.spec.observer
@@ -54,18 +66,82 @@ class FakeQuant(nn.Module):
         if self.spec.learnable and bool(self.initialized) and not self.calibrating:
             return
         self.observer(x.detach().float())
+        self.refresh_qparams()
+
+    @torch.no_grad()
+    def refresh_qparams(self) -> None:
+        """Take scale / zero-point from the observer's current state (after observing, or after
+        :func:`fxqat.distributed.sync_quant_state` merged the ranks' observers)."""
         scale, zp = self.observer.calculate_qparams()
         scale = scale.to(self.scale.device).reshape(-1).clamp_min(SCALE_EPS)
         self.scale.data.copy_(scale.expand_as(self.scale) if scale.numel() == 1 else scale)
         self.zero_point.copy_(zp.to(self.zero_point).reshape(-1).expand_as(self.zero_point))
         self.initialized.fill_(True)
+        self._ready = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):  # fake-quant in float32 under AMP: a float16 /
+                return self._forward(x.float())  # bfloat16 grid value is not the INT8 model's value
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observe_enabled and (self.training or self.calibrating or self.always_observe):
-            self.observe(x)
-        if not self.fake_quant_enabled or not bool(self.initialized):
+            if self._fast and FAST_OBSERVE:
+                self._observe_fast(x)
+            else:
+                self.observe(x)
+        if not self.fake_quant_enabled or not self._initialized():
             return x
         return self.fake_quant(x)
+
+    def _initialized(self) -> bool:
+        if not self._ready:
+            self._ready = bool(self.initialized)
+        return self._ready
+
+    @torch.no_grad()
+    def _observe_fast(self, x: torch.Tensor) -> None:
+        """torch.ao's MinMax / MovingAverageMinMax (per-tensor or per-channel) observer update and its
+        ``_calculate_qparams``, op for op, then the scale / zero-point copy of :meth:`refresh_qparams`."""
+        obs = self.observer
+        if x.numel() == 0:
+            return
+        lo0, hi0 = obs.min_val, obs.max_val
+        y = x.detach().to(lo0.dtype)
+        if self.ch_axis is None:
+            lo, hi = torch.aminmax(y)
+        else:
+            lo, hi = torch.aminmax(torch.flatten(y.transpose(0, self.ch_axis) if self.ch_axis else y, 1), dim=1)
+        if self.ch_axis is None or lo0.numel():
+            if self.spec.observer == "minmax":
+                lo, hi = torch.min(lo, lo0), torch.max(hi, hi0)
+            else:
+                c = obs.averaging_constant
+                nlo, nhi = lo0 + c * (lo - lo0), hi0 + c * (hi - hi0)
+                if self.ch_axis is None:  # the first observation takes the batch's range
+                    first = torch.isposinf(lo0) & torch.isneginf(hi0)
+                    nlo, nhi = torch.where(first, lo, nlo), torch.where(first, hi, nhi)
+                lo, hi = nlo, nhi
+        if self.ch_axis is not None:
+            lo0.resize_(lo.shape)
+            hi0.resize_(hi.shape)
+        lo0.copy_(lo)
+        hi0.copy_(hi)
+        qmin, qmax = obs.quant_min, obs.quant_max
+        lo, hi = torch.min(lo, torch.zeros_like(lo)), torch.max(hi, torch.zeros_like(hi))
+        if self.spec.symmetric:
+            scale = torch.max(torch.max(-lo, hi) / (float(qmax - qmin) / 2), obs.eps)
+            zp = torch.full_like(scale, 0 if qmin < 0 else (qmin + qmax) // 2, dtype=torch.int32)
+        else:
+            scale = torch.max((hi - lo) / float(qmax - qmin), obs.eps)
+            zp = torch.clamp(qmin - torch.round(lo / scale).to(torch.int), qmin, qmax)
+        scale = scale.reshape(-1).clamp_min(SCALE_EPS)
+        self.scale.data.copy_(scale.expand_as(self.scale) if scale.numel() == 1 else scale)
+        self.zero_point.copy_(zp.reshape(-1).expand_as(self.zero_point))
+        if not self._ready:
+            self.initialized.fill_(True)
+            self._ready = True
 
     def effective_scale(self) -> torch.Tensor:
         """The scale the forward pass uses: a learned scale is kept positive (``|s|``, at least 1e-8)."""

@@ -80,3 +80,31 @@ def test_split_silu_quantizes_the_sigmoid_on_its_fixed_grid():
     assert (y - pre * s).abs().max() <= pre.abs().max() / 510 + 1e-6  # at most half a step of the sigmoid grid
     fused.set_preact_spec(ACT_UINT8, None)  # back to a plain SiLU
     assert isinstance(fused.act, torch.nn.SiLU)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_weight_side_rescale_matches_output_rescale(bias, monkeypatch):
+    """Training with live BN: conv(x, q(w f) / f) against torch.ao's conv(x, q(w f)) / f — outputs, BN statistics
+    and gradients agree to float32 rounding (rtol 1e-5 after BN's normalization; the quantized codes are the same
+    because q(w f) is computed identically)."""
+    _, a = _pair()
+    if bias:
+        a.conv.bias = torch.nn.Parameter(torch.randn(16) * 0.1)
+    a.set_weight_spec(WEIGHT_INT8)
+    a.set_preact_spec(None)
+    b = copy.deepcopy(a)
+    a.train(), b.train()
+    x = torch.randn(4, 8, 16, 16, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(ConvBnAct, "RESCALE_WEIGHT", True)
+    ya = a(x)
+    (ya * torch.linspace(-1, 1, ya.numel()).reshape(ya.shape)).sum().backward()
+    monkeypatch.setattr(ConvBnAct, "RESCALE_WEIGHT", False)
+    yb = b(x)
+    (yb * torch.linspace(-1, 1, yb.numel()).reshape(yb.shape)).sum().backward()
+    torch.testing.assert_close(ya, yb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(a.bn.running_mean, b.bn.running_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a.bn.running_var, b.bn.running_var, rtol=1e-5, atol=1e-6)
+    assert torch.equal(a.weight_fq.scale, b.weight_fq.scale)
+    for pa, pb in zip(a.parameters(), b.parameters()):  # (a conv bias before BN has a zero gradient in exact
+        # arithmetic: both give float32 noise of ~1e-5 there, hence atol 1e-4; the other gradients are O(1)-O(100))
+        torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4)
