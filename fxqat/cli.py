@@ -216,6 +216,8 @@ COMMANDS: dict[str, Command] = {
         "resume": Arg(str, None, "an fxqat last.pt to resume from (restores every training argument)"),
         "device": Arg(str, None, "cpu | 0 | 0,1,... (several GPUs: DDP, one process each; default: GPU 0 or cpu)"),
         "nproc": Arg(int, None, "with device=cpu: DDP on this many CPU processes (gloo)", _at_least(1)),
+        "ptq_epoch0": Arg(_bool, None, "validate the PTQ start as epoch 0; it stays best.pt unless QAT beats it "
+                          "(default true)"),
     }, given_only=True, positionals_optional_with="resume"),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
         "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size", _stride_multiple),

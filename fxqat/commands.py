@@ -35,7 +35,7 @@ def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust):
 
 
 def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn, freeze_observers, lr0, resume,
-            workers, trust, device=None, nproc=None):
+            workers, trust, device=None, nproc=None, ptq_epoch0=None):
     """Arguments not on the command line arrive as None: train_qat applies the defaults, or the checkpoint's.
     Several ranks (device=0,1 or device=cpu nproc=N) and no launcher yet: re-run this command under torchrun."""
     from .distributed import launch, launched_world, plan_devices
@@ -58,7 +58,7 @@ def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn
           if v is not None}
     _, best = train_qat(model, data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project,
                         name=name, freeze_bn_epoch=freeze_bn, freeze_observer_epoch=freeze_observers, resume=resume,
-                        trust=trust, **kw)
+                        trust=trust, ptq_epoch0=ptq_epoch0, **kw)
     from .distributed import launched_world
 
     if launched_world()[1] == 0:

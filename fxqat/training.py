@@ -119,6 +119,7 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
 
 def _trainer_cls():
     from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import LOGGER, RANK
     from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
     class FxqatEMA(ModelEMA):
@@ -131,7 +132,7 @@ def _trainer_cls():
 
         def __init__(self, qat_model: QATDetectionModel, overrides: dict, freeze_bn_epoch: int | None = None,
                      freeze_observer_epoch: int | None = None, resume_state: dict | None = None,
-                     run_args: dict | None = None):
+                     run_args: dict | None = None, ptq_epoch0: bool = True):
             if resume_state:  # Ultralytics keeps results.csv when args.resume is set; fxqat restores the state itself
                 overrides = dict(overrides, resume=str(resume_state.get("_path", True)))
             super().__init__(overrides=overrides)
@@ -142,6 +143,7 @@ def _trainer_cls():
             self.qat_model = qat_model
             self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
             self.resume_state = resume_state
+            self.ptq_epoch0 = ptq_epoch0
             self.add_callback("on_train_epoch_start", QATTrainer._schedule)
             self.add_callback("on_train_batch_end", QATTrainer._sync_after_batch)
 
@@ -193,6 +195,37 @@ def _trainer_cls():
                 self.start_epoch = rs["epoch"] + 1
                 self.best_fitness = rs.get("best_fitness")
                 self.scheduler.last_epoch = self.start_epoch - 1
+            elif self.ptq_epoch0 and RANK in {-1, 0}:
+                self._validate_start()
+
+        def _validate_start(self):
+            """Epoch 0: the PTQ-initialized model, before any QAT step, is validated and saved as best.pt. A QAT
+            epoch replaces it only with a higher fitness, so QAT never ends below the PTQ model it starts from."""
+            v = self.get_validator()
+            v.args.plots = False
+            v.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
+            start = QATDetectionModel(self._gm_copy(self.ema.ema.gm)).to(self.device)
+            start.args = self.args
+            metrics = v(model=start)
+            self.best_fitness = self.fitness = metrics.pop("fitness", None)
+            self.metrics = metrics
+            save_checkpoint(self.best, start.gm, **self._extra(epoch=-1))
+            LOGGER.info(f"fxqat: epoch 0 (PTQ start) fitness {self.fitness:.4f}, saved as best.pt; QAT epochs "
+                        "replace it only when they do better")
+
+        @staticmethod
+        def _gm_copy(gm):
+            out = copy.deepcopy(gm)
+            out.meta = gm.meta
+            return out
+
+        def _extra(self, epoch: int) -> dict:
+            return dict(epoch=epoch, best_fitness=self.best_fitness, updates=self.ema.updates,
+                        optimizer=self.optimizer.state_dict(), ema=self.ema.ema.gm.state_dict(),
+                        train_args={k: v for k, v in vars(self.args).items()
+                                    if isinstance(v, (int, float, str, bool, type(None)))},
+                        metrics={k: float(v) for k, v in (self.metrics or {}).items()},
+                        run_args=self.run_args)
 
         @staticmethod
         def _schedule(trainer):
@@ -203,15 +236,8 @@ def _trainer_cls():
                 set_observers(model, False)
 
         def save_model(self):
-            ema = self.ema.ema
-            extra = dict(epoch=self.epoch, best_fitness=self.best_fitness, updates=self.ema.updates,
-                         optimizer=self.optimizer.state_dict(), ema=ema.gm.state_dict(),
-                         train_args={k: v for k, v in vars(self.args).items()
-                                     if isinstance(v, (int, float, str, bool, type(None)))},
-                         metrics={k: float(v) for k, v in (self.metrics or {}).items()},
-                         run_args=self.run_args)
-            model_gm = copy.deepcopy(ema.gm)
-            model_gm.meta = ema.gm.meta
+            extra = self._extra(epoch=self.epoch)
+            model_gm = self._gm_copy(self.ema.ema.gm)
             save_checkpoint(self.last, model_gm, **extra)
             if self.best_fitness == self.fitness:
                 save_checkpoint(self.best, model_gm, **extra)
@@ -292,7 +318,7 @@ def _resume_args(resume, ckpt: dict, given: dict, overrides: dict) -> tuple[dict
 def train_qat(model=None, data: str | None = None, epochs: int | None = None, imgsz: int | None = None, qconfig=None,
               batch: int | None = None, project: str | None = None, name: str | None = None,
               freeze_bn_epoch: int | None = None, freeze_observer_epoch: int | None = None, calib_batches: int = 8,
-              resume: str | None = None, trust: bool | None = None, **overrides):
+              resume: str | None = None, trust: bool | None = None, ptq_epoch0: bool | None = None, **overrides):
     """QAT fine-tuning of ``model`` (YAML name, Ultralytics ``.pt``, DetectionModel or prepared QAT graph).
 
     Returns ``(trainer, best_checkpoint_path)``. Defaults: epochs 3, imgsz 320, batch 16, project runs/fxqat, name
@@ -300,6 +326,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     ``freeze_observer_epoch`` (default: the last epoch). ``resume``: an fxqat ``last.pt``; every argument of the
     interrupted run is restored from it (in the same run folder, so results.csv keeps its rows), and an argument
     given here that differs from the checkpoint's is an error. ``trust``: see :func:`fxqat.models.load_model`.
+    ``ptq_epoch0`` (default True): validate the PTQ-initialized model first and keep it as best.pt unless a QAT
+    epoch does better.
     """
     from .calibrate import calibrate
     from .data.images import iter_image_batches, read_data_yaml
@@ -309,7 +337,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     device, trainer_device, _ = rank_device(overrides.pop("device", None), overrides.pop("nproc", None))
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
                  batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
-                 freeze_observer_epoch=freeze_observer_epoch)
+                 freeze_observer_epoch=freeze_observer_epoch, ptq_epoch0=ptq_epoch0)
     resume_state = None
     if resume:
         gm, ckpt = load_checkpoint(resume, with_extra=True)
@@ -374,7 +402,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
                 project=run["project"], name=run["name"], exist_ok=True, device=trainer_device)
     args.update(over)
     trainer = _trainer_cls()(QATDetectionModel(gm.to(device)), args, run["freeze_bn_epoch"],
-                             run["freeze_observer_epoch"], resume_state, run_args=run)
+                             run["freeze_observer_epoch"], resume_state, run_args=run,
+                             ptq_epoch0=run.get("ptq_epoch0", True) is not False)
     try:
         trainer.train()
         if trainer.world_size > 1:

@@ -58,4 +58,4 @@ def tiny_qat_run(tiny_data, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("runs")
     return train_qat("yolov8n.yaml", tiny_data, epochs=2, imgsz=128, batch=8, project=str(out), name="qat",
-                     workers=0, calib_batches=1, verbose=False)
+                     workers=0, calib_batches=1, verbose=False, ptq_epoch0=False)

@@ -17,7 +17,7 @@ MAP = "metrics/mAP50-95(B)"
 
 
 def _qat(data, project, name, extra, env=None):
-    cmd = [sys.executable, "-m", "fxqat.cli", "qat", "yolov8n.yaml", f"data={data}", "epochs=1", "imgsz=128",
+    cmd = [sys.executable, "-m", "fxqat.cli", "qat", "fxqat-signs-yolov8n", f"data={data}", "epochs=1", "imgsz=192",
            "batch=8", "workers=0", f"project={project}", f"name={name}", *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "YOLO_OFFLINE": "1", **(env or {})},
                        timeout=1500)
@@ -36,7 +36,9 @@ def _qat_resume(path):
 def signs32(tmp_path_factory):
     from fxqat.data.signs import generate
 
-    return generate(tmp_path_factory.mktemp("signs32"), train=32, val=8, imgsz=128, seed=0, progress=False)
+    # the shipped model's data settings: a trained start, so the mAP comparisons below compare real numbers
+    return generate(tmp_path_factory.mktemp("signs32"), train=32, val=16, imgsz=192, seed=0, progress=False,
+                    min_size=0.12)
 
 
 def test_two_gloo_ranks_train_like_one(signs32, tmp_path):
@@ -53,14 +55,14 @@ def test_two_gloo_ranks_train_like_one(signs32, tmp_path):
     # only rank 0 writes checkpoints, and its best.pt loads
     best = tmp_path / "r2" / "weights" / "best.pt"
     gm, ck = load_checkpoint(best, with_extra=True)
-    assert ck["epoch"] == 0 and "optimizer" in ck
+    assert ck["epoch"] in (-1, 0) and "optimizer" in ck  # -1: the PTQ start (epoch 0) stayed best
     # its mAP (validated during the DDP run, val set sharded over the ranks) is what fxqat eval reports for it
     out = tmp_path / "eval.json"
     from fxqat.cli import main
 
-    assert main(["eval", str(best), f"data={signs32}", "imgsz=128", "batch=8", "onnx=false", f"out={out}"]) == 0
+    assert main(["eval", str(best), f"data={signs32}", "imgsz=192", "batch=8", "onnx=false", f"out={out}"]) == 0
     row = json.loads(out.read_text())[0]
-    assert row["mAP50-95"] == pytest.approx(ck["metrics"][MAP], abs=1e-6)
+    assert row["mAP50-95"] == pytest.approx(ck["metrics"][MAP], abs=1e-6) and row["mAP50-95"] > 0.2
     # resume under DDP: the interrupted run's last.pt (here: the finished 1-epoch run re-labelled as 2 epochs) trains
     # its second epoch on 2 ranks, in the same run folder
     from fxqat.checkpoint import save_checkpoint
