@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import FxqatError
 
 
-def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size):
+def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size, task="detect"):
     if kind != "signs":
         raise FxqatError(f"{kind}: unknown generator; valid: signs")
     from .data.signs import generate
