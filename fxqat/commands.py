@@ -18,7 +18,8 @@ def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size, task="detec
     if target.exists() and not target.is_dir():
         raise FxqatError(f"{target}: exists and is not a folder; give a new or existing folder for the dataset")
     try:
-        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed, min_size=min_size, max_size=max_size)
+        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed, min_size=min_size, max_size=max_size,
+                        task=task)
     except ValueError as e:
         raise FxqatError(str(e)) from None
     except OSError as e:
@@ -92,7 +93,7 @@ def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
         if hasattr(m, "meta"):
             meta = (m.meta["names"], m.meta["stride"])
         results.append({"model": label, **r})
-    _print_table(results, ["model", "mAP50", "mAP50-95", "precision", "recall"])
+    _print_table(results, ["model", *[k for k in results[0] if k != "model"]])  # the task's metrics (fxqat.tasks)
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
 

@@ -27,6 +27,7 @@ from .checkpoint import load_checkpoint, save_checkpoint, trusted
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
+from .tasks import head_values, spec
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -44,6 +45,8 @@ class _Head:
         self.reg_max = int(meta.get("reg_max", 16))
         self.max_det = 300
         self.end2end = False
+        for k, v in head_values(meta).items():  # the task head's attributes its loss reads (fxqat.tasks)
+            setattr(self, k, copy.deepcopy(v))
 
 
 def _detection_model_base():
@@ -53,7 +56,8 @@ def _detection_model_base():
 
 
 class QATDetectionModel(_detection_model_base()):
-    """An Ultralytics ``DetectionModel`` whose forward runs fxqat's QAT graph (``self.gm``)."""
+    """An Ultralytics ``DetectionModel`` whose forward runs fxqat's QAT graph (``self.gm``); its task (the graph's
+    ``meta["task"]``) picks the loss of the task's Ultralytics model class (:mod:`fxqat.tasks`)."""
 
     def __init__(self, gm: fx.GraphModule):
         nn.Module.__init__(self)
@@ -64,8 +68,13 @@ class QATDetectionModel(_detection_model_base()):
         self.nc = int(gm.meta["nc"])
         self.yaml = copy.deepcopy(gm.meta.get("yaml") or {})
         self.save = []
-        self.task = "detect"
+        self.task = gm.meta.get("task", "detect")
         self.end2end = False
+        if "kpt_shape" in gm.meta:
+            self.kpt_shape = list(gm.meta["kpt_shape"])
+
+    def init_criterion(self):
+        return spec(self.task).cls("model").init_criterion(self)  # the task's loss (v8SegmentationLoss, ...)
 
     def _predict_once(self, x, profile=False, visualize=False, embed=None):
         return self.gm(x)
@@ -110,8 +119,8 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
             m.bn_frozen = s.bn_frozen
 
 
-def _trainer_cls():
-    from ultralytics.models.yolo.detect import DetectionTrainer
+def _trainer_cls(task: str = "detect"):
+    DetectionTrainer = spec(task).cls("trainer")  # the task's trainer: its loss, augmentation, validator
     from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
     class FxqatEMA(ModelEMA):
@@ -120,7 +129,8 @@ def _trainer_cls():
             _sync_quant_state(self.ema, unwrap_model(model))
 
     class QATTrainer(DetectionTrainer):
-        """Ultralytics' DetectionTrainer on an fxqat QAT model."""
+        """Ultralytics' DetectionTrainer (or the task's SegmentationTrainer / PoseTrainer / OBBTrainer) on an fxqat
+        QAT model."""
 
         def __init__(self, qat_model: QATDetectionModel, overrides: dict, freeze_bn_epoch: int | None = None,
                      freeze_observer_epoch: int | None = None, resume_state: dict | None = None,
@@ -191,12 +201,6 @@ def _trainer_cls():
     return QATTrainer
 
 
-def _fp32_model(model, nc, trust=None):
-    from .models import load_model
-
-    return load_model(model, nc=nc, trust=trust)
-
-
 RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat")
 # overrides a resumed run may change (they do not change what is learned); everything else must match or be omitted
 RESUME_MAY_CHANGE = {"workers", "device", "verbose", "plots", "patience", "cache", "save_period", "exist_ok"}
@@ -254,7 +258,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     """
     from .calibrate import calibrate
     from .data.images import iter_image_batches, read_data_yaml
-    from .tracing import refuse_task, task_of
+    from .tasks import check_data, fp32_model
+    from .tracing import task_of
 
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
                  batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
@@ -300,15 +305,15 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     elif isinstance(model, fx.GraphModule):
         gm = model
     else:
-        det = _fp32_model(model, nc, trust)
-        refuse_task(task_of(det), "QAT training")
+        det = fp32_model(model, nc, data_info, trust)
         if det.model[-1].nc != nc:
             raise FxqatError(f"model has {det.model[-1].nc} classes but data={run['data']} has {nc}; train an FP32 "
                              "model on this data first (fxqat train) or start from a YAML")
         gm = prepare_qat(det, qconfig)
         calibrate(gm, iter_image_batches(run["data"], imgsz=run["imgsz"], batch=run["batch"], split="train"),
                   batches=calib_batches, progress=True)
-    refuse_task(task_of(gm), "QAT training")
+    task = task_of(gm)
+    check_data(task, data_info, gm.meta)
     gm.meta["names"] = names
     epochs = int(run["epochs"])
     fb = run.get("freeze_bn_epoch")
@@ -322,7 +327,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
                 project=run["project"], name=run["name"], exist_ok=True,
                 device="cpu" if not torch.cuda.is_available() else over.pop("device", 0))
     args.update(over)
-    trainer = _trainer_cls()(QATDetectionModel(gm), args, run["freeze_bn_epoch"], run["freeze_observer_epoch"],
+    trainer = _trainer_cls(task)(QATDetectionModel(gm), args, run["freeze_bn_epoch"], run["freeze_observer_epoch"],
                              resume_state, run_args=run)
     trainer.train()
     return trainer, trainer.best if trainer.best.exists() else trainer.last
