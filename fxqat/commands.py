@@ -79,10 +79,10 @@ def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
 
 
 def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
-    from .data.images import read_data_yaml
     from .evaluate import evaluate
+    from .tasks import read_data
 
-    read_data_yaml(data)  # a bad data YAML is reported before any model work
+    read_data(data)  # a bad data YAML (or classify folder) is reported before any model work
     results = []
     meta = None
     for label, m in _rows_for(model, fp32, imgsz, onnx, trust):

@@ -123,10 +123,9 @@ def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=
     """The task's validator metrics of ``model`` on ``data``'s val split (Ultralytics metrics): ``mAP50``,
     ``mAP50-95``, ``precision``, ``recall`` of the boxes, plus ``mask_*`` (segment) or ``pose_*`` (pose); see
     :data:`fxqat.tasks.TASKS`. ``trust``: see :func:`fxqat.models.load_model`."""
-    from .data.images import read_data_yaml
-    from .tasks import check_data, metrics_of, spec
+    from .tasks import check_data, metrics_of, read_data, spec
 
-    info = read_data_yaml(data)
+    info = read_data(data)  # a data YAML, or a classify folder
     pred = as_predictor(model, names, stride, trust)
     task_spec = spec(pred.task)
     check_data(pred.task, info)

@@ -9,6 +9,10 @@ look a task up here instead of assuming Detect:
     segment   SegmentationModel    SegmentationTrainer   SegmentationValidator  + mask_coefficient proto
     pose      PoseModel            PoseTrainer           PoseValidator          + kpts / kpt_shape
     obb       OBBModel             OBBTrainer            OBBValidator           + angle (decoded, in the raw output)
+    classify  ClassificationModel  ClassificationTrainer ClassificationValidator the logits (training output)
+
+Classify data is a folder (``train/<class>/*``, ``val/<class>/*``, as Ultralytics reads it), not a YAML:
+:func:`read_data` reads either form.
 
 The head attributes the loss reads come from the QAT graph's ``meta`` (recorded by :func:`fxqat.trace`).
 ``fxqat analyze`` measures the head-output error on Detect's box and class outputs and, for a task model, on each of
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import FxqatError
 
@@ -66,6 +71,11 @@ TASKS: dict[str, TaskSpec] = {
     "obb": TaskSpec("obb", "ultralytics.nn.tasks:OBBModel", "ultralytics.models.yolo.obb:OBBTrainer",
                     "ultralytics.models.yolo.obb:OBBValidator", (*_DET, "angle"), (), _box_metrics("B"), "mAP50-95",
                     outputs=("obb.angle_last",)),
+    "classify": TaskSpec("classify", "ultralytics.nn.tasks:ClassificationModel",
+                         "ultralytics.models.yolo.classify:ClassificationTrainer",
+                         "ultralytics.models.yolo.classify:ClassificationValidator", ("logits",), (),
+                         (("top1", "metrics/accuracy_top1"), ("top5", "metrics/accuracy_top5")), "top1",
+                         outputs=("classify.linear",)),
 }
 
 
@@ -90,10 +100,34 @@ def metrics_of(task: str, stats: dict) -> dict:
     return {name: float(stats[key]) for name, key in spec(task).metrics}
 
 
+def read_data(path) -> dict:
+    """A data YAML (:func:`fxqat.data.images.read_data_yaml`) or a classify folder: ``names`` from the class
+    folders of ``train/``, ``classify: True``, ``train`` / ``val`` folders."""
+    from .data.images import read_data_yaml
+
+    p = Path(path)
+    if not p.is_dir():
+        return read_data_yaml(p)
+    classes = sorted(d.name for d in (p / "train").iterdir() if d.is_dir()) if (p / "train").is_dir() else []
+    if not classes:
+        raise FxqatError(f"{p}: a classify data folder holds train/<class>/ image folders (and val/<class>/); make "
+                         "one with fxqat data signs OUT task=classify")
+    return {"names": dict(enumerate(classes)), "nc": len(classes), "path": p, "train": p / "train",
+            "val": p / "val", "classify": True, "yaml_file": str(p)}
+
+
+def calibration_source(data: dict, given):
+    """What to calibrate on: a classify folder's train/ images, else the data YAML itself."""
+    return str(data["train"]) if data.get("classify") else given
+
+
 def check_data(task: str, data: dict, meta: dict | None = None) -> None:
-    """``data`` (a read data YAML) has what ``task`` needs, and fits the model's head (``meta``)."""
+    """``data`` (from :func:`read_data`) has what ``task`` needs, and fits the model's head (``meta``)."""
     s = spec(task)
     where = data.get("yaml_file", "data")
+    if bool(data.get("classify")) != (task == "classify"):
+        need = "a class-folder dataset (train/<class>/, val/<class>/)" if task == "classify" else "a data YAML"
+        raise FxqatError(f"{where}: a {task} model needs {need}; make one with fxqat data signs OUT task={task}")
     for key in s.data_keys:
         if key not in data:
             raise FxqatError(f"{where}: a {task} data YAML needs {key}: (e.g. kpt_shape: [4, 3]; make one with "
@@ -109,6 +143,8 @@ def fp32_model(model, nc: int, data: dict, trust: bool | None = None):
     with the data's ``kpt_shape`` as Ultralytics' PoseTrainer builds it."""
     from .models import load_model
 
+    if isinstance(model, Path):
+        model = str(model)
     if isinstance(model, str) and model.endswith((".yaml", ".yml")) and "kpt_shape" in data:
         from ultralytics.nn.tasks import guess_model_task, yaml_model_load
 

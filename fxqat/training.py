@@ -42,7 +42,7 @@ class _Head:
     def __init__(self, meta: dict):
         self.stride = meta["stride"].clone()
         self.nc = int(meta["nc"])
-        self.reg_max = int(meta.get("reg_max", 16))
+        self.reg_max = int(meta.get("reg_max") or 16)  # None: a Classify head (its loss reads no reg_max)
         self.max_det = 300
         self.end2end = False
         for k, v in head_values(meta).items():  # the task head's attributes its loss reads (fxqat.tasks)
@@ -257,8 +257,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     given here that differs from the checkpoint's is an error. ``trust``: see :func:`fxqat.models.load_model`.
     """
     from .calibrate import calibrate
-    from .data.images import iter_image_batches, read_data_yaml
-    from .tasks import check_data, fp32_model
+    from .data.images import iter_image_batches
+    from .tasks import calibration_source, check_data, fp32_model, read_data
     from .tracing import task_of
 
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
@@ -291,7 +291,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
                "calib_batches": calib_batches, "overrides": _scalars(overrides)}
         if isinstance(model, (str, Path)):
             run["model"] = str(model)
-    data_info = read_data_yaml(run["data"])
+    data_info = read_data(run["data"])  # a data YAML, or a classify folder
     names, nc = data_info["names"], data_info["nc"]
     for key in ("epochs", "imgsz", "batch"):
         if not isinstance(run[key], int) or run[key] < 1:
@@ -306,11 +306,14 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
         gm = model
     else:
         det = fp32_model(model, nc, data_info, trust)
-        if det.model[-1].nc != nc:
-            raise FxqatError(f"model has {det.model[-1].nc} classes but data={run['data']} has {nc}; train an FP32 "
+        head = det.model[-1]
+        model_nc = head.nc if hasattr(head, "nc") else head.linear.out_features  # Classify: its Linear's outputs
+        if model_nc != nc:
+            raise FxqatError(f"model has {model_nc} classes but data={run['data']} has {nc}; train an FP32 "
                              "model on this data first (fxqat train) or start from a YAML")
         gm = prepare_qat(det, qconfig)
-        calibrate(gm, iter_image_batches(run["data"], imgsz=run["imgsz"], batch=run["batch"], split="train"),
+        calibrate(gm, iter_image_batches(calibration_source(data_info, run["data"]), imgsz=run["imgsz"],
+                                         batch=run["batch"], split="train"),
                   batches=calib_batches, progress=True)
     task = task_of(gm)
     check_data(task, data_info, gm.meta)

@@ -56,12 +56,14 @@ DETECT_OUTPUTS = ("detect.box_last", "detect.cls_last")
 
 
 def head_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
-    """Head-output groups: "detect" (box and class maps) and each of the task's own output roles."""
+    """Head-output groups: "detect" (box and class maps) and each of the task's own output roles (a classify
+    model: its logits only)."""
     from ..tasks import spec
 
     nodes = list(gm.graph.nodes)
-    groups = {"detect": [n for n in nodes if info(n).role in DETECT_OUTPUTS]}
-    for role in spec(getattr(gm, "meta", {}).get("task", "detect")).outputs:
+    task = getattr(gm, "meta", {}).get("task", "detect")
+    groups = {} if task == "classify" else {"detect": [n for n in nodes if info(n).role in DETECT_OUTPUTS]}
+    for role in spec(task).outputs:
         groups[role] = [n for n in nodes if info(n).role == role]
     missing = [k for k, v in groups.items() if not v]
     if missing:

@@ -23,3 +23,14 @@ def test_analyze_measures_the_task_outputs(name, output, branch):
     rows = [r for r in rep.layers if r["role"].startswith(branch)]
     assert rows and all(r["alone_nsr"] > 0 for r in rows)
     assert "head outputs, all quantized: detect" in rep.table()
+
+
+def test_analyze_a_classifier_measures_its_logits():
+    from ..conftest_helpers import liven
+
+    rep = fxqat.analyze(liven(load_model("yolov8n-cls.yaml", nc=3)), signs_like_images(2, 64), imgsz=64, images=2,
+                        progress=False)
+    assert list(rep.summary["outputs_sqnr_db"]) == ["classify.linear"]  # no Detect outputs in a classifier
+    assert rep.summary["head_sqnr_db"] == rep.summary["outputs_sqnr_db"]["classify.linear"]
+    rows = {r["role"]: r for r in rep.layers}
+    assert rows["classify.linear"]["alone_nsr"] > 0 and rows["classify.conv"]["alone_nsr"] > 0
