@@ -146,7 +146,7 @@ def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
         d = yaml.safe_load(Path(data).read_text()) or {}
         val = Path(d.get("path") or Path(data).parent) / str(d.get("val", ""))
         source = val if d.get("val") and val.exists() else None
-    for line in next_commands(path, imgsz, data=data, source=source):
+    for line in next_commands(path, imgsz, data=data, source=source, task=gm.meta.get("task", "detect")):
         print(line)
 
 

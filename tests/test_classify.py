@@ -143,3 +143,18 @@ def test_classify_qat_checkpoint_and_eval(cls_run, tmp_path):
     n_val = len(list((data / "val").rglob("*.png")))
     for row in rows[1:]:  # INT8 and ONNX: at most two images change class (one-code rounding differences)
         assert abs(row["top1"] - r["top1"]) <= 2 / n_val + 1e-6 and abs(row["top5"] - r["top5"]) <= 2 / n_val + 1e-6
+
+
+def test_cli_export_of_a_classify_checkpoint(tmp_path, capsys):
+    import onnx
+
+    from fxqat.checkpoint import save_checkpoint
+    from fxqat.cli import main
+
+    gm = fxqat.prepare_qat(load_model("yolov8n-cls.yaml", nc=NC), example_inputs=(torch.rand(1, 3, 64, 64),))
+    ckpt = save_checkpoint(tmp_path / "cls.pt", gm)
+    assert main(["export", str(ckpt), "imgsz=64", f"out={tmp_path / 'cls.onnx'}"]) == 0
+    assert "yolo predict task=classify" in capsys.readouterr().out
+    m = onnx.load(str(tmp_path / "cls.onnx"))
+    assert len(m.graph.output) == 1  # the softmax, as Ultralytics exports a classifier
+    assert {p.key: p.value for p in m.metadata_props}["task"] == "classify"
