@@ -88,3 +88,41 @@ def test_cli_eval_every_form_with_the_task_validator(task_run, tmp_path, capsys)
         assert list(r) == ["model", *names] and all(0.0 <= r[k] <= 1.0 for k in names)
     header = capsys.readouterr().out.splitlines()[-4].split()
     assert header == ["model", *names]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["pose", "classify"])
+def test_task_resume_continues_with_the_task_trainer(task, tmp_path, monkeypatch):
+    """An interrupted 2-epoch run resumes from last.pt: the task's model class is rebuilt from the checkpoint's
+    YAML, the task's trainer runs epoch 2 only, in the same run folder."""
+    import fxqat.training as T
+    from fxqat.data.signs import generate
+
+    model = "yolov8n-cls.yaml" if task == "classify" else MODELS[task]
+    data = generate(tmp_path / "data", train=40 if task == "classify" else 8, val=16 if task == "classify" else 4,
+                    imgsz=128 if task == "classify" else 64, seed=0, task=task, progress=False, min_size=0.2,
+                    max_size=0.4)
+    real = T._trainer_cls
+
+    def interrupting(t="detect"):
+        class Interrupted(real(t)):
+            def save_model(self):
+                out = super().save_model()
+                if self.epoch == 0:
+                    raise KeyboardInterrupt("Ctrl-C after epoch 1 of 2")
+                return out
+
+        return Interrupted
+
+    monkeypatch.setattr(T, "_trainer_cls", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        T.train_qat(model, str(data), epochs=2, imgsz=64, batch=4, project=str(tmp_path / "runs"), name="run",
+                    workers=0, calib_batches=1, verbose=False)
+    monkeypatch.setattr(T, "_trainer_cls", real)
+    last = tmp_path / "runs" / "run" / "weights" / "last.pt"
+    trainer, _ = T.train_qat(resume=str(last))
+    assert type(trainer).__mro__[1].__name__ == TASKS[task].trainer.split(":")[1]
+    assert trainer.start_epoch == 1 and trainer.epoch == 1  # epoch 2 of 2 ran, epoch 1 was not repeated
+    assert load_checkpoint(last).meta["task"] == task
+    rows = (tmp_path / "runs" / "run" / "results.csv").read_text().strip().splitlines()[1:]
+    assert [int(float(r.split(",")[0])) for r in rows] == [1, 2]
