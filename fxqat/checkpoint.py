@@ -306,14 +306,18 @@ def save_checkpoint(path, gm: fx.GraphModule, **extra) -> Path:
 
 
 def rebuild(ckpt: dict, source: str = "checkpoint") -> fx.GraphModule:
-    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn.tasks import guess_model_task
 
     from .passes.pipeline import prepare_qat
     from .qconfig.io import load_qconfig
+    from .tasks import TASKS
 
     args = ckpt.get("prepare_args") or {}
     leaves = [_leaf_resolve(str(s)) for s in args.get("leaf_modules", [])]
-    det = DetectionModel(copy.deepcopy(ckpt["yaml"]), nc=int(args.get("nc") or ckpt["nc"]), verbose=False)
+    task = guess_model_task(ckpt["yaml"])  # the task's model class, as Ultralytics builds it from the YAML
+    if task not in TASKS:
+        raise ModelLoadError(f"{source}: a {task} model; fxqat checkpoints hold {', '.join(TASKS)} models")
+    det = TASKS[task].cls("model")(copy.deepcopy(ckpt["yaml"]), nc=int(args.get("nc") or ckpt["nc"]), verbose=False)
     det.names = dict(ckpt["names"])
     gm = prepare_qat(det, load_qconfig(ckpt["qconfig"]), leaf_modules=leaves)
     missing, unexpected = gm.load_state_dict(ckpt["state_dict"], strict=False)

@@ -192,7 +192,9 @@ COMMANDS: dict[str, Command] = {
         "imgsz": Arg(int, 320, "image size (a multiple of 32, at least 64)", _at_least(64)),
         "seed": Arg(int, 0, "seed (deterministic)"),
         "min_size": Arg(float, 0.05, "smallest sign, as a fraction of the image side"),
-        "max_size": Arg(float, 0.45, "largest sign, as a fraction of the image side")}),
+        "max_size": Arg(float, 0.45, "largest sign, as a fraction of the image side"),
+        "task": Arg(str, "detect", "labels for: detect | segment | pose | obb | classify (crops in class folders)",
+                    _one_of("detect", "segment", "pose", "obb", "classify"))}),
     "trace": Command(_lazy("cmd_trace"), "trace a YOLO model into an FX graph and print its summary", ("model",), {
         "mode": Arg(str, "eval", "train | eval", _one_of("train", "eval")),
         "imgsz": Arg(_imgsz, 320, "input size for shapes, N or H,W", _stride_multiple),

@@ -9,7 +9,7 @@ from pathlib import Path
 from .errors import FxqatError
 
 
-def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size):
+def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size, task="detect"):
     if kind != "signs":
         raise FxqatError(f"{kind}: unknown generator; valid: signs")
     from .data.signs import generate
@@ -18,7 +18,8 @@ def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size):
     if target.exists() and not target.is_dir():
         raise FxqatError(f"{target}: exists and is not a folder; give a new or existing folder for the dataset")
     try:
-        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed, min_size=min_size, max_size=max_size)
+        path = generate(target, train=train, val=val, imgsz=imgsz, seed=seed, min_size=min_size, max_size=max_size,
+                        task=task)
     except ValueError as e:
         raise FxqatError(str(e)) from None
     except OSError as e:
@@ -95,10 +96,10 @@ def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
 
 
 def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
-    from .data.images import read_data_yaml
     from .evaluate import evaluate
+    from .tasks import read_data
 
-    read_data_yaml(data)  # a bad data YAML is reported before any model work
+    read_data(data)  # a bad data YAML (or classify folder) is reported before any model work
     results = []
     meta = None
     for label, m in _rows_for(model, fp32, imgsz, onnx, trust):
@@ -109,7 +110,7 @@ def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
         if hasattr(m, "meta"):
             meta = (m.meta["names"], m.meta["stride"])
         results.append({"model": label, **r})
-    _print_table(results, ["model", "mAP50", "mAP50-95", "precision", "recall"])
+    _print_table(results, ["model", *[k for k in results[0] if k != "model"]])  # the task's metrics (fxqat.tasks)
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
 
@@ -169,7 +170,7 @@ def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
         d = yaml.safe_load(Path(data).read_text()) or {}
         val = Path(d.get("path") or Path(data).parent) / str(d.get("val", ""))
         source = val if d.get("val") and val.exists() else None
-    for line in next_commands(path, imgsz, data=data, source=source):
+    for line in next_commands(path, imgsz, data=data, source=source, task=gm.meta.get("task", "detect")):
         print(line)
 
 

@@ -310,9 +310,10 @@ def as_yolo(model, task: str = TASK, names=None, stride=None):
 
 
 # ----------------------------------------------------------------------------------------------------- CLI hints
-def next_commands(model_path, imgsz, data=None, source=None) -> list[str]:
-    """What a user runs next on an export: Ultralytics' own ``yolo predict`` / ``yolo val`` lines."""
+def next_commands(model_path, imgsz, data=None, source=None, task: str = TASK) -> list[str]:
+    """What a user runs next on an export: Ultralytics' own ``yolo predict`` / ``yolo val`` lines (for the model's
+    ``task``: detect, segment, pose, obb or classify)."""
     m = str(model_path) + ("/" if Path(model_path).is_dir() else "")
-    lines = [f"Predict:   yolo predict task={TASK} model={m} imgsz={imgsz} source={source or 'path/to/images'}"]
-    lines.append(f"Validate:  yolo val task={TASK} model={m} imgsz={imgsz} data={data or 'path/to/data.yaml'}")
+    lines = [f"Predict:   yolo predict task={task} model={m} imgsz={imgsz} source={source or 'path/to/images'}"]
+    lines.append(f"Validate:  yolo val task={task} model={m} imgsz={imgsz} data={data or 'path/to/data.yaml'}")
     return lines

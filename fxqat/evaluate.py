@@ -1,4 +1,5 @@
-"""mAP with Ultralytics' DetectionValidator for every form of a model, side by side.
+"""The task's Ultralytics validator metrics for every form of a model, side by side: mAP (detect, OBB), box and
+mask mAP (segment), box and pose mAP (pose) — the validator is the task's (:mod:`fxqat.tasks`).
 
     FP32 (Ultralytics .pt / YAML), fake-quant QAT graph (fxqat checkpoint or GraphModule),
     converted INT8 torch model, QDQ ONNX model in ONNX Runtime.
@@ -24,7 +25,7 @@ class Predictor(nn.Module):
 
     def __init__(self, fn, names: dict, stride, label: str = "", task: str = "detect"):
         super().__init__()
-        self.task = task  # evaluate() refuses what is not "detect"
+        self.task = task  # picks the validator (fxqat.tasks)
         self.fn = fn
         self.names = dict(names)
         self.register_buffer("stride", torch.as_tensor(stride, dtype=torch.float32).reshape(-1))
@@ -34,7 +35,9 @@ class Predictor(nn.Module):
 
     def forward(self, x, *args, **kwargs):
         out = self.fn(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(out, (tuple, list)) and isinstance(out[-1], dict):
+            return out[0]  # a graph in eval mode: (predictions, raw head outputs); segment: ((y, proto), raw)
+        return out  # y, or (y, proto) from a runtime
 
 
 class BatchRunner:
@@ -51,7 +54,10 @@ class BatchRunner:
         if b is not None and x.shape[0] != b:  # a fixed-batch model: run in chunks of its batch size
             if x.shape[0] % b:
                 raise ValueError(f"batch {x.shape[0]} is not a multiple of the model's fixed batch {b}")
-            return torch.cat([self(x[i:i + b]) for i in range(0, x.shape[0], b)])
+            parts = [self(x[i:i + b]) for i in range(0, x.shape[0], b)]
+            if isinstance(parts[0], tuple):  # several outputs (segment: predictions, prototypes)
+                return tuple(torch.cat(p) for p in zip(*parts))
+            return torch.cat(parts)
         return self.run(x.detach().cpu().float().numpy())
 
     def run(self, x: np.ndarray) -> torch.Tensor:
@@ -72,8 +78,9 @@ class OnnxRunner(BatchRunner):
         dim0 = self.session.get_inputs()[0].shape[0]
         self.static_batch = dim0 if isinstance(dim0, int) else None
 
-    def run(self, x: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(self.session.run(None, {self.input: x.astype(np.float32)})[0])
+    def run(self, x: np.ndarray):
+        outs = [torch.from_numpy(o) for o in self.session.run(None, {self.input: x.astype(np.float32)})]
+        return outs[0] if len(outs) == 1 else tuple(outs)  # segment: (predictions, prototypes)
 
 
 def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> Predictor:
@@ -113,21 +120,19 @@ def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> P
 
 def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=None, verbose: bool = False,
              trust: bool | None = None) -> dict:
-    """mAP50 and mAP50-95 of ``model`` on ``data``'s val split (Ultralytics metrics). ``trust``: see
-    :func:`fxqat.models.load_model`."""
-    from ultralytics.models.yolo.detect import DetectionValidator
+    """The task's validator metrics of ``model`` on ``data``'s val split (Ultralytics metrics): ``mAP50``,
+    ``mAP50-95``, ``precision``, ``recall`` of the boxes, plus ``mask_*`` (segment) or ``pose_*`` (pose); see
+    :data:`fxqat.tasks.TASKS`. ``trust``: see :func:`fxqat.models.load_model`."""
+    from .tasks import check_data, metrics_of, read_data, spec
 
-    from .data.images import read_data_yaml
-    from .tracing import refuse_task
-
-    read_data_yaml(data)
+    info = read_data(data)  # a data YAML, or a classify folder
     pred = as_predictor(model, names, stride, trust)
-    refuse_task(pred.task, "evaluation")
+    task_spec = spec(pred.task)
+    check_data(pred.task, info)
     dev = next((p.device for p in pred.parameters()), torch.device("cpu"))  # a graph on a GPU is evaluated there
     args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, rect=False, verbose=verbose, save_json=False,
-                workers=0, device=str(dev.index or 0) if dev.type == "cuda" else "cpu")
-    v = DetectionValidator(args=args)
+                workers=0, task=pred.task, device=str(dev.index or 0) if dev.type == "cuda" else "cpu")
+    v = task_spec.cls("validator")(args=args)
     with torch.no_grad():
         stats = v(model=pred)
-    return {"mAP50": float(stats["metrics/mAP50(B)"]), "mAP50-95": float(stats["metrics/mAP50-95(B)"]),
-            "precision": float(stats["metrics/precision(B)"]), "recall": float(stats["metrics/recall(B)"])}
+    return metrics_of(pred.task, stats)

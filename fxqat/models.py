@@ -12,10 +12,11 @@ from torch import nn
 
 from .errors import ModelLoadError
 
-SUPPORTED = "a detection, segment, pose or OBB model: a shipped model (fxqat-signs-yolov8n), a YAML name such as " \
-            "yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, yolov8n-seg.yaml, yolo11n-pose.yaml or yolov8n-obb.yaml, a .pt " \
-            "checkpoint, an ultralytics YOLO object or a DetectionModel (or its Segmentation/Pose/OBB subclass)"
-TASKS = ("detect", "segment", "pose", "obb")  # the Detect-family heads fxqat traces
+SUPPORTED = "a detection, segment, pose, OBB or classify model: a shipped model (fxqat-signs-yolov8n), a YAML name " \
+            "such as yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, yolov8n-seg.yaml, yolo11n-pose.yaml, yolov8n-obb.yaml or " \
+            "yolov8n-cls.yaml, a .pt checkpoint, an ultralytics YOLO object or a DetectionModel (or its " \
+            "Segmentation/Pose/OBB subclass) or ClassificationModel"
+TASKS = ("detect", "segment", "pose", "obb", "classify")  # the heads fxqat traces
 
 
 def _detection_model_cls():
@@ -29,7 +30,11 @@ def _check_detection(model: nn.Module, source: str) -> nn.Module:
     from ultralytics.nn.tasks import ClassificationModel
 
     if isinstance(model, ClassificationModel):
-        raise ModelLoadError(f"{source}: is a classify model; fxqat supports {', '.join(TASKS)} models ({SUPPORTED})")
+        from ultralytics.nn.modules import Classify
+
+        if not isinstance(model.model[-1], Classify):  # e.g. a torchvision backbone wrapped by Ultralytics
+            raise ModelLoadError(f"{source}: a classify model without a YOLO Classify head ({SUPPORTED})")
+        return model
     if not isinstance(model, DetectionModel):
         raise ModelLoadError(f"{source}: {type(model).__name__} is not an Ultralytics detection model ({SUPPORTED})")
     head = model.model[-1]
@@ -51,7 +56,10 @@ def _from_yaml(spec: str, nc: int | None) -> nn.Module:
     from ultralytics.nn.tasks import OBBModel, PoseModel, SegmentationModel
 
     task = guess_model_task(cfg)
-    classes = {"detect": _detection_model_cls(), "segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel}
+    from ultralytics.nn.tasks import ClassificationModel
+
+    classes = {"detect": _detection_model_cls(), "segment": SegmentationModel, "pose": PoseModel, "obb": OBBModel,
+               "classify": ClassificationModel}
     if task not in classes:
         raise ModelLoadError(f"{spec}: is a {task} model; fxqat supports {', '.join(TASKS)} models ({SUPPORTED})")
     try:

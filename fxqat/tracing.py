@@ -98,15 +98,21 @@ def _obb_forward(self, x):
     return self.decode(boxes, scores, list(x), _branch(self, x, bs, self.ne))  # leaf: OBBDecode (angle sigmoid)
 
 
+def _classify_forward(self, x):
+    if isinstance(x, list):
+        x = torch.cat(x, 1)
+    return self.decode(self.linear(self.drop(self.pool(self.conv(x)).flatten(1))))  # leaf: ClassifyDecode (softmax)
+
+
 def traceable_forwards() -> dict[type, Callable | None]:
     """Ultralytics class → traceable forward (None: refused with a clear error). Exact types: a subclass (e.g.
     ``Segment`` of ``Detect``) is traced through its own forward unless listed itself."""
-    from ultralytics.nn.modules import OBB, C2PSA, C2f, C2fAttn, C3k2, Detect, Pose, Segment
+    from ultralytics.nn.modules import OBB, C2PSA, C2f, C2fAttn, C3k2, Classify, Detect, Pose, Segment
     from ultralytics.nn.modules.block import Attention
 
     return {C2f: _c2f_forward, C3k2: _c2f_forward, C2fAttn: None, C2PSA: _c2psa_forward,
             Attention: _attention_forward, Detect: _detect_forward, Segment: _segment_forward, Pose: _pose_forward,
-            OBB: _obb_forward}
+            OBB: _obb_forward, Classify: _classify_forward}
 
 
 class YoloRoot(nn.Module):
@@ -225,11 +231,11 @@ def _install_decode(model: nn.Module) -> None:
 
 
 def head_task(head) -> str:
-    """The task of an Ultralytics head, by type: segment | pose | obb | detect."""
-    from ultralytics.nn.modules import OBB, Pose, Segment
+    """The task of an Ultralytics head, by type: segment | pose | obb | classify | detect."""
+    from ultralytics.nn.modules import OBB, Classify, Pose, Segment
 
-    return next((t for cls, t in ((Segment, "segment"), (Pose, "pose"), (OBB, "obb")) if isinstance(head, cls)),
-                "detect")
+    return next((t for cls, t in ((Segment, "segment"), (Pose, "pose"), (OBB, "obb"), (Classify, "classify"))
+                 if isinstance(head, cls)), "detect")
 
 
 def task_of(model) -> str:
@@ -279,10 +285,11 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
     gm = run_passes(gm, trace_passes(), "trace")
     gm.train(mode == "train")
     head = det.model[-1]
+    nc = head.nc if hasattr(head, "nc") else head.linear.out_features  # Classify: its Linear's outputs
     gm.meta = {
-        "names": dict(getattr(det, "names", {}) or {i: str(i) for i in range(head.nc)}),
-        "nc": head.nc,
-        "reg_max": head.reg_max,
+        "names": dict(getattr(det, "names", {}) or {i: str(i) for i in range(nc)}),
+        "nc": nc,
+        "reg_max": getattr(head, "reg_max", None),  # None: a Classify head (no box distribution)
         "stride": det.stride.detach().clone(),
         "yaml": copy.deepcopy(getattr(det, "yaml", {})),
         "leaf_modules": list(leaf_modules),

@@ -34,6 +34,7 @@ from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_sta
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
+from .tasks import head_values, spec
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -48,9 +49,11 @@ class _Head:
     def __init__(self, meta: dict):
         self.stride = meta["stride"].clone()
         self.nc = int(meta["nc"])
-        self.reg_max = int(meta.get("reg_max", 16))
+        self.reg_max = int(meta.get("reg_max") or 16)  # None: a Classify head (its loss reads no reg_max)
         self.max_det = 300
         self.end2end = False
+        for k, v in head_values(meta).items():  # the task head's attributes its loss reads (fxqat.tasks)
+            setattr(self, k, copy.deepcopy(v))
 
 
 def _detection_model_base():
@@ -60,7 +63,8 @@ def _detection_model_base():
 
 
 class QATDetectionModel(_detection_model_base()):
-    """An Ultralytics ``DetectionModel`` whose forward runs fxqat's QAT graph (``self.gm``)."""
+    """An Ultralytics ``DetectionModel`` whose forward runs fxqat's QAT graph (``self.gm``); its task (the graph's
+    ``meta["task"]``) picks the loss of the task's Ultralytics model class (:mod:`fxqat.tasks`)."""
 
     def __init__(self, gm: fx.GraphModule):
         nn.Module.__init__(self)
@@ -71,8 +75,13 @@ class QATDetectionModel(_detection_model_base()):
         self.nc = int(gm.meta["nc"])
         self.yaml = copy.deepcopy(gm.meta.get("yaml") or {})
         self.save = []
-        self.task = "detect"
+        self.task = gm.meta.get("task", "detect")
         self.end2end = False
+        if "kpt_shape" in gm.meta:
+            self.kpt_shape = list(gm.meta["kpt_shape"])
+
+    def init_criterion(self):
+        return spec(self.task).cls("model").init_criterion(self)  # the task's loss (v8SegmentationLoss, ...)
 
     def _predict_once(self, x, profile=False, visualize=False, embed=None):
         return self.gm(x)
@@ -117,8 +126,8 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
             m.bn_frozen = s.bn_frozen
 
 
-def _trainer_cls():
-    from ultralytics.models.yolo.detect import DetectionTrainer
+def _trainer_cls(task: str = "detect"):
+    DetectionTrainer = spec(task).cls("trainer")  # the task's trainer: its loss, augmentation, validator
     from ultralytics.utils import LOGGER, RANK
     from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
@@ -128,7 +137,8 @@ def _trainer_cls():
             _sync_quant_state(self.ema, unwrap_model(model))
 
     class QATTrainer(DetectionTrainer):
-        """Ultralytics' DetectionTrainer on an fxqat QAT model."""
+        """Ultralytics' DetectionTrainer (or the task's SegmentationTrainer / PoseTrainer / OBBTrainer) on an fxqat
+        QAT model."""
 
         def __init__(self, qat_model: QATDetectionModel, overrides: dict, freeze_bn_epoch: int | None = None,
                      freeze_observer_epoch: int | None = None, resume_state: dict | None = None,
@@ -266,12 +276,6 @@ def _trainer_cls():
     return QATTrainer
 
 
-def _fp32_model(model, nc, trust=None):
-    from .models import load_model
-
-    return load_model(model, nc=nc, trust=trust)
-
-
 RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat")
 # overrides a resumed run may change (they do not change what is learned); everything else must match or be omitted
 RESUME_MAY_CHANGE = {"workers", "device", "verbose", "plots", "patience", "cache", "save_period", "exist_ok"}
@@ -330,8 +334,9 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     epoch does better.
     """
     from .calibrate import calibrate
-    from .data.images import iter_image_batches, read_data_yaml
-    from .tracing import refuse_task, task_of
+    from .data.images import iter_image_batches
+    from .tasks import calibration_source, check_data, fp32_model, read_data
+    from .tracing import task_of
 
     # where this process trains; under a launcher (torchrun, or fxqat qat device=0,1) this joins the process group
     device, trainer_device, _ = rank_device(overrides.pop("device", None), overrides.pop("nproc", None))
@@ -365,7 +370,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
                "calib_batches": calib_batches, "overrides": _scalars(overrides)}
         if isinstance(model, (str, Path)):
             run["model"] = str(model)
-    data_info = read_data_yaml(run["data"])
+    data_info = read_data(run["data"])  # a data YAML, or a classify folder
     names, nc = data_info["names"], data_info["nc"]
     for key in ("epochs", "imgsz", "batch"):
         if not isinstance(run[key], int) or run[key] < 1:
@@ -379,15 +384,18 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     elif isinstance(model, fx.GraphModule):
         gm = model
     else:
-        det = _fp32_model(model, nc, trust)
-        refuse_task(task_of(det), "QAT training")
-        if det.model[-1].nc != nc:
-            raise FxqatError(f"model has {det.model[-1].nc} classes but data={run['data']} has {nc}; train an FP32 "
+        det = fp32_model(model, nc, data_info, trust)
+        head = det.model[-1]
+        model_nc = head.nc if hasattr(head, "nc") else head.linear.out_features  # Classify: its Linear's outputs
+        if model_nc != nc:
+            raise FxqatError(f"model has {model_nc} classes but data={run['data']} has {nc}; train an FP32 "
                              "model on this data first (fxqat train) or start from a YAML")
         gm = prepare_qat(det, qconfig).to(device)
-        calibrate(gm, iter_image_batches(run["data"], imgsz=run["imgsz"], batch=run["batch"], split="train"),
+        calibrate(gm, iter_image_batches(calibration_source(data_info, run["data"]), imgsz=run["imgsz"],
+                                         batch=run["batch"], split="train"),
                   batches=calib_batches, progress=True)
-    refuse_task(task_of(gm), "QAT training")
+    task = task_of(gm)
+    check_data(task, data_info, gm.meta)
     gm.meta["names"] = names
     epochs = int(run["epochs"])
     fb = run.get("freeze_bn_epoch")
@@ -401,9 +409,9 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     args.update(model="fxqat-qat.yaml", data=str(run["data"]), epochs=epochs, imgsz=run["imgsz"], batch=run["batch"],
                 project=run["project"], name=run["name"], exist_ok=True, device=trainer_device)
     args.update(over)
-    trainer = _trainer_cls()(QATDetectionModel(gm.to(device)), args, run["freeze_bn_epoch"],
-                             run["freeze_observer_epoch"], resume_state, run_args=run,
-                             ptq_epoch0=run.get("ptq_epoch0", True) is not False)
+    trainer = _trainer_cls(task)(QATDetectionModel(gm.to(device)), args, run["freeze_bn_epoch"],
+                                 run["freeze_observer_epoch"], resume_state, run_args=run,
+                                 ptq_epoch0=run.get("ptq_epoch0", True) is not False)
     try:
         trainer.train()
         if trainer.world_size > 1:

@@ -15,7 +15,7 @@ from fxqat.cli import COMMANDS, main
 
 VALUES = ["-1", "0", "1", "2", "abc", "", "1.5", "nan", "inf", "-inf", "true", "false", "maybe", "31", "33", "64",
           "320", "32,48", "x", "1,2,3", "/nonexistent/data.yaml", "missing.pt", "a=b", "--", "é"]
-MODELS = ["missing.pt", "nope.yaml", "yolov8n-cls.yaml", "model.onnx", "/nonexistent/last.pt", "weights.bin"]
+MODELS = ["missing.pt", "nope.yaml", "yolo26n-depth.yaml", "model.onnx", "/nonexistent/last.pt", "weights.bin"]
 FORCED_BAD = {"data": "train=0", "demo": "seed=abc"}
 
 

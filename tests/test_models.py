@@ -8,7 +8,7 @@ from fxqat.models import load_model
 
 @pytest.mark.parametrize("spec, fragment", [
     ("yolov9000.yaml", "no such model YAML"),
-    ("yolov8n-cls.yaml", "is a classify model"),
+    ("yolo26n-sem.yaml", "is a semantic model"),
     ("/nonexistent/best.pt", "checkpoint not found"),
     ("model.onnx", "unknown model file type"),
 ])

@@ -67,30 +67,6 @@ def test_obb_angle_decoded_in_raw_output():
     assert a.min() >= -torch.pi / 4 and a.max() <= 3 * torch.pi / 4
 
 
-def test_entry_points_refuse_tasks_they_cannot_handle(tmp_path, capsys):
-    """QAT training, evaluation and sensitivity analysis still assume Detect: one clear line each, no traceback."""
-    from fxqat.cli import main
-    from fxqat.errors import FxqatError
-    from fxqat.evaluate import evaluate
-    from fxqat.training import train_qat
-
-    data = tmp_path / "data.yaml"
-    data.write_text("path: .\ntrain: images\nval: images\nnames: [a, b]\n")
-    gm = fxqat.trace(load_model("yolov8n-seg.yaml", nc=2), "train")
-    with pytest.raises(FxqatError, match="QAT training of segment models is not supported yet"):
-        train_qat(gm, str(data))
-    with pytest.raises(FxqatError, match="evaluation of segment models is not supported yet"):
-        evaluate(gm, str(data))
-    with pytest.raises(FxqatError, match="evaluation of pose models"):
-        evaluate(load_model("yolov8n-pose.yaml", nc=2), str(data))
-    with pytest.raises(FxqatError, match="sensitivity analysis of obb models"):
-        fxqat.analyze("yolov8n-obb.yaml", torch.rand(1, 3, 64, 64), progress=False)
-    assert main(["qat", "yolov8n-pose.yaml", f"data={data}"]) == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fxqat qat: QAT training of pose models is not supported yet; "
-                   "trace/prepare/calibrate/convert/export are"]
-
-
 def test_cli_trace_and_export_accept_task_models(tmp_path, capsys):
     from fxqat.checkpoint import save_checkpoint
     from fxqat.cli import main

@@ -129,8 +129,8 @@ def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_d
     shutil.copy(tiny_data, data)
     real = T._trainer_cls
 
-    def interrupting():
-        class Interrupted(real()):
+    def interrupting(task="detect"):
+        class Interrupted(real(task)):
             def save_model(self):
                 out = super().save_model()
                 if self.epoch == 0:
@@ -169,7 +169,7 @@ def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_d
 
     seen = {}
     real_init = real()
-    monkeypatch.setattr(T, "_trainer_cls", lambda: type("Spy", (real_init,), {
+    monkeypatch.setattr(T, "_trainer_cls", lambda task="detect": type("Spy", (real_init,), {
         "_setup_train": lambda self: (real_init._setup_train(self), seen.update(start=self.start_epoch))[0]}))
     assert main(["qat", f"resume={last}", "workers=0"]) == 0
     assert seen["start"] == 1  # epoch 2 of 2 ran, epoch 1 was not repeated

@@ -40,6 +40,9 @@ class SensitivityReport:
                  f"qconfig: {self.summary.get('head_sqnr_db_critical_raised', float('nan')):.2f} dB "
                  f"({self.summary['units']} layers, {self.summary['images']} images)",
                  f"{'rank':<5}{'layer':<24}{'role':<18}{'w SQNR':>8}{'a SQNR':>8}{'alone':>10}{'gain':>8}"]
+        outputs = self.summary.get("outputs_sqnr_db", {})
+        if len(outputs) > 1:  # a task model: each head output's SQNR (the first line is their mean NSR in dB)
+            lines.insert(1, "head outputs, all quantized: " + ", ".join(f"{k} {v:.2f} dB" for k, v in outputs.items()))
         for i, r in enumerate(self.ranking()[:k], 1):
             lines.append(f"{i:<5}{r['name']:<24}{r['role']:<18}{r.get('weight_sqnr', float('nan')):>8.1f}"
                          f"{r.get('act_sqnr', float('nan')):>8.1f}{r['alone_nsr']:>10.2e}{r['gain']:>8.1%}")
@@ -109,7 +112,8 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
     from ..data.images import image_files, load_images
     from ..errors import FxqatError
     from ..qconfig import as_qconfig
-    from ..tracing import refuse_task, task_of
+    from ..tasks import spec
+    from ..tracing import task_of
 
     if metric not in ("sqnr", "map"):
         raise FxqatError(f"metric={metric!r}: valid choices are 'sqnr', 'map'")
@@ -121,7 +125,6 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
         x = load_images(image_files(data, "val")[:images], imgsz)
     base = as_qconfig(qconfig)
     gm = fxqat.prepare_qat(model, base)
-    refuse_task(task_of(gm), "sensitivity analysis")  # it measures Detect's box and class outputs only
     fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=progress)
     layers, summary = sweep(gm, x, progress=progress)
     summary["images"] = len(x)
@@ -135,8 +138,10 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
     if metric == "map":
         from ..evaluate import evaluate
 
-        summary["map_uniform"] = evaluate(gm, data, imgsz=imgsz)["mAP50-95"]
-        summary["map_critical_float"] = evaluate(gm2, data, imgsz=imgsz)["mAP50-95"]
+        main = spec(task_of(gm)).main  # the task's main metric: box, mask or pose mAP50-95
+        summary["map_metric"] = main
+        summary["map_uniform"] = evaluate(gm, data, imgsz=imgsz)[main]
+        summary["map_critical_float"] = evaluate(gm2, data, imgsz=imgsz)[main]
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

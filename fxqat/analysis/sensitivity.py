@@ -7,6 +7,11 @@ output lands on. For every unit fxqat measures, on the calibration images,
 * ``alone_nsr``: head-output noise-to-signal ratio vs FP32 with ONLY this unit quantized;
 * ``gain``: how much of the fully-quantized model's head-output noise disappears when ONLY this unit stays float.
 
+The head output is Detect's box and class maps; a segment / pose / OBB model adds its own outputs (mask
+coefficients and prototypes, keypoints, angle logits: ``fxqat.tasks.TaskSpec.outputs``), each measured as a
+separate group: the noise-to-signal ratio is the mean of the groups' ratios, so a small output (the angle) counts as
+much as a large one (the prototypes). ``summary["outputs_sqnr_db"]`` has each group's SQNR.
+
 Each measurement re-runs just the part of the graph downstream of the unit, starting from cached activations of the
 float (or fully quantized) run, so a sweep costs about half a forward pass per unit and mode.
 """
@@ -47,17 +52,48 @@ class Unit:
     first: int  # index of the first node whose output changes when the unit is toggled
 
 
-class Runner(fx.Interpreter):
-    """Runs ``gm`` from node index ``start`` with earlier values taken from ``cache``; returns the head outputs."""
+DETECT_OUTPUTS = ("detect.box_last", "detect.cls_last")
 
-    def __init__(self, gm: fx.GraphModule, head: list[fx.Node]):
+
+def head_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
+    """Head-output groups: "detect" (box and class maps) and each of the task's own output roles (a classify
+    model: its logits only)."""
+    from ..tasks import spec
+
+    nodes = list(gm.graph.nodes)
+    task = getattr(gm, "meta", {}).get("task", "detect")
+    groups = {} if task == "classify" else {"detect": [n for n in nodes if info(n).role in DETECT_OUTPUTS]}
+    for role in spec(task).outputs:
+        groups[role] = [n for n in nodes if info(n).role == role]
+    missing = [k for k, v in groups.items() if not v]
+    if missing:
+        raise ValueError(f"no head outputs found for {missing} (roles {', '.join(DETECT_OUTPUTS)} and the task's)")
+    return groups
+
+
+def group_nsr(ref: list[torch.Tensor], x: list[torch.Tensor]) -> float:
+    """Mean noise-to-signal ratio over head-output groups (one group: :func:`nsr`)."""
+    return sum(nsr(r, y) for r, y in zip(ref, x)) / len(ref)
+
+
+def group_sqnr_db(ref: list[torch.Tensor], x: list[torch.Tensor]) -> float:
+    if len(ref) == 1:
+        return sqnr_db(ref[0], x[0])
+    return float(-10 * torch.log10(torch.tensor(max(group_nsr(ref, x), 1e-20))))
+
+
+class Runner(fx.Interpreter):
+    """Runs ``gm`` from node index ``start`` with earlier values taken from ``cache``; returns the head outputs, one
+    flattened tensor per group."""
+
+    def __init__(self, gm: fx.GraphModule, head: list[list[fx.Node]]):
         super().__init__(gm)
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.head = head
         self.cache: dict[fx.Node, object] | None = None
 
-    def run_from(self, x: torch.Tensor, start: int = 0, keep: bool = False) -> torch.Tensor:
+    def run_from(self, x: torch.Tensor, start: int = 0, keep: bool = False) -> list[torch.Tensor]:
         env: dict[fx.Node, object] = {}
         for i, n in enumerate(self.nodes):
             if n.op == "output":
@@ -73,7 +109,7 @@ class Runner(fx.Interpreter):
             env[n] = getattr(self, n.op)(n.target, args, kwargs)
         if keep:
             self.cache = env
-        return torch.cat([env[h].flatten(1) for h in self.head], 1)
+        return [torch.cat([env[h].flatten(1) for h in group], 1) for group in self.head]
 
 
 def find_units(gm: fx.GraphModule) -> list[Unit]:
@@ -110,12 +146,10 @@ def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tu
     from tqdm.auto import tqdm
 
     gm.eval()
-    head = [n for n in gm.graph.nodes if info(n).role in ("detect.box_last", "detect.cls_last")]
-    if not head:
-        raise ValueError("no Detect head outputs found (roles detect.box_last / detect.cls_last)")
+    groups = head_groups(gm)
     units = find_units(gm)
     all_fq = [m for m in gm.modules() if isinstance(m, FakeQuant)]
-    runner = Runner(gm, head)
+    runner = Runner(gm, list(groups.values()))
 
     _set(all_fq, False)
     ref = runner.run_from(images, keep=True)  # FP32 reference, activations cached
@@ -138,17 +172,17 @@ def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tu
             u.act_fq.fake_quant_enabled = False
         _set([u.weight_fq, u.act_fq], True)
         runner.cache = float_cache
-        r["alone_nsr"] = nsr(ref, runner.run_from(images, u.first))
+        r["alone_nsr"] = group_nsr(ref, runner.run_from(images, u.first))
         _set([u.weight_fq, u.act_fq], False)
         bar.update()
 
     _set(all_fq, True)
     runner.cache = None
     full = runner.run_from(images, keep=True)
-    total = nsr(ref, full)
+    total = group_nsr(ref, full)
     for u in units:  # "all quantized but this one"
         _set([u.weight_fq, u.act_fq], False)
-        rest = nsr(ref, runner.run_from(images, u.first))
+        rest = group_nsr(ref, runner.run_from(images, u.first))
         _set([u.weight_fq, u.act_fq], True)
         rows[u.name]["gain"] = (total - rest) / total if total > 0 else 0.0
         bar.update()
@@ -156,7 +190,8 @@ def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tu
     out = list(rows.values())
     for r in out:
         r["score"] = max(r["gain"], 0.0) + r["alone_nsr"] / max(total, 1e-20) * 0.5
-    summary = {"head_sqnr_db": sqnr_db(ref, full), "head_nsr": total, "units": len(units)}
+    summary = {"head_sqnr_db": group_sqnr_db(ref, full), "head_nsr": total, "units": len(units),
+               "outputs_sqnr_db": {k: sqnr_db(r, y) for k, r, y in zip(groups, ref, full)}}
     return out, summary
 
 
@@ -164,12 +199,11 @@ def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tu
 def head_sqnr(gm: fx.GraphModule, images: torch.Tensor) -> float:
     """Head-output SQNR (dB) of ``gm`` as configured vs the same graph with every quantizer off."""
     gm.eval()
-    head = [n for n in gm.graph.nodes if info(n).role in ("detect.box_last", "detect.cls_last")]
-    runner = Runner(gm, head)
+    runner = Runner(gm, list(head_groups(gm).values()))
     fqs = [m for m in gm.modules() if isinstance(m, FakeQuant)]
     states = [m.fake_quant_enabled for m in fqs]
     _set(fqs, False)
     ref = runner.run_from(images)
     for m, s in zip(fqs, states):
         m.fake_quant_enabled = s
-    return sqnr_db(ref, runner.run_from(images))
+    return group_sqnr_db(ref, runner.run_from(images))

@@ -154,12 +154,29 @@ def _place(rng, canvas: np.ndarray, owner: np.ndarray, idx: int, sign: np.ndarra
         oy = int(box[1] + rng.uniform(-0.3, 0.7) * bh)
         p1 = (ox + int(bw * rng.uniform(0.2, 0.5)), oy + int(bh * rng.uniform(0.2, 0.5)))
         cv2.rectangle(canvas, (ox, oy), p1, rng.integers(0, 120, 3).tolist(), -1)
-        cv2.rectangle(owner, (ox, oy), p1, -1, -1)
-    return box, len(xs)
+        cv2.rectangle(owner, (ox, oy), p1, OCCLUDER, -1)
+    # the sign's full silhouette and the 4 corners of its (warped) square: TL, TR, BR, BL
+    return box, len(xs), alpha[..., 0] > 0.5, dst.astype(np.float64)
 
 
-def make_image(index: int, seed: int, split: str, cfg: SignsConfig = SignsConfig()):
-    """One image (H×W×3 uint8, RGB) and its labels [(cls, cx, cy, w, h)] normalized; deterministic."""
+@dataclass(frozen=True)
+class Sign:
+    """One labeled sign of a scene: what every task's labels are made from (pixel coordinates)."""
+
+    idx: int  # the sign's value in ``owner``
+    cls: int
+    box: tuple  # x0, y0, x1, y1: the silhouette's box, occluded part included (the detect label)
+    quad: np.ndarray  # (4, 2): the corners of the sign's square after warp and rotation, TL, TR, BR, BL
+    silhouette: np.ndarray  # (S, S) bool: every pixel of the sign, occluded or not
+    visible: np.ndarray  # (S, S) bool: the pixels where this sign is seen (not covered by another sign or occluder)
+    owner: np.ndarray  # (S, S) int32: the scene's owner map (sign index, -1 background, OCCLUDER), shared by signs
+
+
+OCCLUDER = -2  # owner-map value of an occluding object
+
+
+def make_scene(index: int, seed: int, split: str, cfg: SignsConfig = SignsConfig()):
+    """One image (H×W×3 uint8, RGB) and its labeled signs (:class:`Sign`); deterministic."""
     h = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(h[:8], "little"))
     S = cfg.imgsz
@@ -172,24 +189,40 @@ def make_image(index: int, seed: int, split: str, cfg: SignsConfig = SignsConfig
         res = _place(rng, canvas, owner, idx, render_sign(cls), max(size, 6), cfg)
         if res is not None:
             placed.append((idx, cls, *res))
-    labels = []
-    for idx, cls, (x0, y0, x1, y1), area in placed:
+    signs = []
+    for idx, cls, box, area, silhouette, quad in placed:
         if (owner == idx).sum() >= 0.4 * area:  # label signs that stay at least 40 % visible
-            labels.append((cls, (x0 + x1) / 2 / S, (y0 + y1) / 2 / S, (x1 - x0) / S, (y1 - y0) / S))
+            signs.append(Sign(idx, cls, tuple(int(v) for v in box), quad, silhouette, owner == idx, owner))
     if rng.random() < cfg.blur:
         k = int(rng.choice([3, 5]))
         canvas = cv2.GaussianBlur(canvas, (k, k), 0)
     if rng.random() < cfg.noise:
         canvas = canvas + rng.normal(0, rng.uniform(2, 10), canvas.shape)
-    return np.clip(canvas, 0, 255).astype(np.uint8), labels
+    return np.clip(canvas, 0, 255).astype(np.uint8), signs
+
+
+def make_image(index: int, seed: int, split: str, cfg: SignsConfig = SignsConfig()):
+    """One image (H×W×3 uint8, RGB) and its labels [(cls, cx, cy, w, h)] normalized; deterministic."""
+    img, signs = make_scene(index, seed, split, cfg)
+    S = cfg.imgsz
+    return img, [(s.cls, (s.box[0] + s.box[2]) / 2 / S, (s.box[1] + s.box[3]) / 2 / S, (s.box[2] - s.box[0]) / S,
+                  (s.box[3] - s.box[1]) / S) for s in signs]
 
 
 def generate(out, train: int = 800, val: int = 200, imgsz: int = 320, seed: int = 0, progress: bool = True,
-             min_size: float = SignsConfig.min_size, max_size: float = SignsConfig.max_size) -> Path:
-    """Write the dataset under ``out`` (images/, labels/, data.yaml) and return the data.yaml path.
+             min_size: float = SignsConfig.min_size, max_size: float = SignsConfig.max_size,
+             task: str = "detect") -> Path:
+    """Write the dataset under ``out`` and return its data.yaml path (classify: the dataset folder).
 
-    ``min_size``/``max_size``: the range of sign sizes as a fraction of the image side (log-uniform)."""
+    ``min_size``/``max_size``: the range of sign sizes as a fraction of the image side (log-uniform).
+    ``task``: detect | segment | pose | obb | classify: the same scenes, labeled for that task
+    (:mod:`fxqat.data.signs_tasks`); detect, segment, pose and obb write images/, labels/ and data.yaml, classify
+    writes ImageNet-style folders OUT/train/<class>/*.png and OUT/val/<class>/*.png of sign crops."""
+    from .signs_tasks import TASKS, crop, data_yaml_extra, label_lines
+
     out = Path(out).resolve()
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: valid choices are {', '.join(TASKS)}")
     if train < 1 or val < 1:
         raise ValueError(f"train={train}, val={val}: both must be at least 1")
     if imgsz < 64 or imgsz % 32:
@@ -199,19 +232,34 @@ def generate(out, train: int = 800, val: int = 200, imgsz: int = 320, seed: int 
     cfg = SignsConfig(imgsz=imgsz, min_size=min_size, max_size=max_size)
     bar = tqdm(total=train + val, desc=f"signs → {out}", disable=not progress, unit="img")
     for split, n in (("train", train), ("val", val)):
-        (out / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out / "labels" / split).mkdir(parents=True, exist_ok=True)
+        if task != "classify":
+            (out / "images" / split).mkdir(parents=True, exist_ok=True)
+            (out / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i in range(n):
-            img, labels = make_image(i, seed, split, cfg)
-            cv2.imwrite(str(out / "images" / split / f"{i:06d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-            (out / "labels" / split / f"{i:06d}.txt").write_text(
-                "".join(f"{c} {x:.6f} {y:.6f} {w:.6f} {h:.6f}\n" for c, x, y, w, h in labels))
+            img, signs = make_scene(i, seed, split, cfg)
+            if task == "classify":
+                for k, sign in enumerate(signs):
+                    folder = out / split / CLASSES[sign.cls]
+                    folder.mkdir(parents=True, exist_ok=True)
+                    cv2.imwrite(str(folder / f"{i:06d}_{k}.png"), cv2.cvtColor(crop(img, sign), cv2.COLOR_RGB2BGR))
+            else:
+                cv2.imwrite(str(out / "images" / split / f"{i:06d}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+                (out / "labels" / split / f"{i:06d}.txt").write_text(
+                    "".join(line + "\n" for line in label_lines(task, signs, imgsz)))
             bar.update()
     bar.close()
+    info = {"generator": "signs", "task": task, "train": train, "val": val, "imgsz": imgsz, "seed": seed,
+            "min_size": min_size, "max_size": max_size}
+    if task == "classify":
+        missing = {split: [c for c in CLASSES if not (out / split / c).is_dir()] for split in ("train", "val")}
+        missing = {k: v for k, v in missing.items() if v}
+        if missing:
+            raise ValueError(f"task=classify: no crop of {'; '.join(f'{k}: {v}' for k, v in missing.items())} in "
+                             f"{out}; generate more images (train=, val=) so every class appears in both splits")
+        (out / "fxqat.yaml").write_text(yaml.safe_dump(info, sort_keys=False))
+        return out
     data = {"path": str(out), "train": "images/train", "val": "images/val", "nc": len(CLASSES),
-            "names": dict(enumerate(CLASSES)),
-            "fxqat": {"generator": "signs", "train": train, "val": val, "imgsz": imgsz, "seed": seed,
-                      "min_size": min_size, "max_size": max_size}}
+            "names": dict(enumerate(CLASSES)), **data_yaml_extra(task), "fxqat": info}
     path = out / "data.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path

@@ -95,11 +95,19 @@ OBB = Pattern("obb", ("OBB",), (
     Role("obb.angle", "conv", "cv4.*.[01]*"), Role("obb.angle_last", "conv", "cv4.*.2"),
 ), (("obb.angle", "obb.angle_last"),), "QATOBBHead")
 
+# Classify — conv ─► global average pool ─► dropout ─► Linear (as a 1×1 conv: LinearAsConv) ─► flatten ─► softmax
+#   the Linear keeps INT8 per-channel weights and a float output (logits); the softmax (ClassifyDecode) is float
+CLASSIFY = Pattern("classify", ("Classify",), (
+    Role("classify.conv", "conv", "conv"), Role("classify.linear", "conv", "linear"),
+    Role("classify.decode", "decode", "decode"),
+), (("classify.conv", "classify.linear"), ("classify.linear", "classify.decode")), "QATClassifyHead")
+
 # Neck joins and resizes: Concat(…) and nn.Upsample layers.
 CONCAT = Pattern("concat", ("Concat",), (Role("concat", "cat"),))
 UPSAMPLE = Pattern("upsample", ("Upsample",), (Role("upsample", "resize"),))
 
-PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, OBB, CONCAT, UPSAMPLE)
+PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, OBB, CLASSIFY, CONCAT,
+                                 UPSAMPLE)
 ROLES: tuple[str, ...] = ("first_conv", "conv") + tuple(r.name for p in PATTERNS for r in p.roles)
 
 

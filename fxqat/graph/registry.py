@@ -107,6 +107,9 @@ def _register_fxqat_modules() -> None:
     register_module(ConvBnAct, "conv")
     register_module(DetectDecode, "decode")
     register_module(DFL, "decode")
+    from ..modules.heads import ClassifyDecode
+
+    register_module(ClassifyDecode, "decode")
     register_module(FakeQuant, "quant")
 
 

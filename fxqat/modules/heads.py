@@ -16,6 +16,7 @@ and ``BinsLastHead`` skips these heads.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -95,8 +96,36 @@ class OBBDecode(DetectDecode):
         return y if self.export else (y, raw)
 
 
+class ClassifyDecode(nn.Module):
+    """Classify's tail: the logits in training, ``(softmax, logits)`` in eval, the softmax in export mode — decided
+    at run time like Ultralytics' ``Classify`` (its conv, pool and Linear are traced; the softmax stays float)."""
+
+    supports_bins_last = False
+
+    def __init__(self, classify: nn.Module, *, export: bool | None = None):
+        super().__init__()
+        self.nc = classify.linear.out_features
+        self.export = bool(getattr(classify, "export", False)) if export is None else bool(export)
+
+    def with_options(self, export: bool | None = None, fast_dfl: bool = False, bins_last: bool = False):
+        """A copy with another ``export`` flag (what the INT8 and export passes install). ``fast_dfl`` is accepted
+        because those passes ask every decode for it; Classify has no DFL. ``bins_last`` is refused (Detect only)."""
+        if bins_last:
+            raise ValueError("ClassifyDecode: bins_last is not implemented for this head (Detect only)")
+        new = copy.deepcopy(self)
+        if export is not None:
+            new.export = bool(export)
+        return new
+
+    def forward(self, logits):
+        if self.training:
+            return logits
+        y = logits.softmax(1)
+        return y if self.export else (y, logits)
+
+
 def head_decodes() -> dict[type, type]:
     """Ultralytics head type (exact) → its decode leaf."""
-    from ultralytics.nn.modules import OBB, Detect, Pose, Segment
+    from ultralytics.nn.modules import OBB, Classify, Detect, Pose, Segment
 
-    return {Detect: DetectDecode, Segment: SegmentDecode, Pose: PoseDecode, OBB: OBBDecode}
+    return {Detect: DetectDecode, Segment: SegmentDecode, Pose: PoseDecode, OBB: OBBDecode, Classify: ClassifyDecode}

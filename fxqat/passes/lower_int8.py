@@ -176,6 +176,8 @@ def lower_decode(c: Lowering, n: fx.Node) -> None:
     m = c.module(n)
     if not hasattr(m, "with_options"):  # a bare DFL leaf: float
         return lower_float(c, n)
+    if len(n.args) == 1:  # Classify's softmax on the float logits
+        return c.set(n, c.call(n.target, m.with_options(export=True), (c.as_float(n.args[0]),)), None)
     boxes, scores, feats, *extra = n.args
     dec = m.with_options(export=True, fast_dfl=True)
     args = (c.as_float(boxes), c.as_float(scores), [c.env[f] for f in feats], *(c.as_float(e) for e in extra))

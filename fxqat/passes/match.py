@@ -21,4 +21,5 @@ class MatchPatterns(FxqatPass):
 
     def ensures(self, gm: fx.GraphModule) -> None:
         found = {m.pattern for m in gm.meta["patterns"]}
-        assert "detect" in found, "no Detect head matched"
+        head = "classify" if getattr(gm, "meta", {}).get("task") == "classify" else "detect"
+        assert head in found, f"no {head.capitalize()} head matched"

@@ -1,7 +1,7 @@
 """fxqat's pipeline in one place: four ordered lists of small named passes, each pass in its own small file.
 
     trace    YoloTracer ─► SplitSharedModules
-    prepare  FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers          = the QAT GraphModule
+    prepare  LinearAsConv ─► FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers = the QAT GraphModule
     convert  LowerInt8 ─► BinsLastHead ─► CatWholeChunks ─► DenseSplitHalves                = the INT8 GraphModule
     export   FoldConvsForExport ─► DecodeForExport ─► RequantizeSharedOps (not for OpenVINO) ─► (torch.onnx) ─►
              FoldWeightQuantizers ─► ScalarQParams (─► Uint8Weights) ─► ultralytics metadata = the QDQ ONNX file
@@ -26,6 +26,7 @@ from .annotate import AnnotateQConfig
 from .base import FxqatPass, run_passes
 from .fuse_conv_bn_act import FuseConvBnAct
 from .insert_quantizers import InsertQuantizers
+from .linear_as_conv import LinearAsConv
 from .match import MatchPatterns
 from .split_shared_modules import SplitSharedModules
 
@@ -35,7 +36,7 @@ def trace_passes() -> list[FxqatPass]:
 
 
 def prepare_passes(qconfig) -> list[FxqatPass]:
-    return [FuseConvBnAct(), MatchPatterns(), AnnotateQConfig(qconfig), InsertQuantizers()]
+    return [LinearAsConv(), FuseConvBnAct(), MatchPatterns(), AnnotateQConfig(qconfig), InsertQuantizers()]
 
 
 def convert_passes() -> list[FxqatPass]:

@@ -66,6 +66,7 @@ DEFAULT_RULES = (
     Rule("role", "segment.mask_last", activation=FLOAT, where="<default>"),
     Rule("role", "pose.kpt_last", activation=FLOAT, where="<default>"),
     Rule("role", "obb.angle_last", activation=FLOAT, where="<default>"),
+    Rule("role", "classify.linear", activation=FLOAT, where="<default>"),  # logits float: the softmax reads them
 )
 
 
