@@ -83,17 +83,21 @@ class EndToEndDecode(DetectDecode):
 
         return Detect._grouped_topk(x, k, groups)
 
+    def infer(self, boxes, scores, feats, one2one_boxes, one2one_scores):
+        """The eval prediction: top-k of the decoded one-to-one branch, or the decoded one-to-many branch."""
+        if self.one2one:
+            return self.postprocess(self.decode(one2one_boxes, one2one_scores, feats).permute(0, 2, 1))
+        return self.decode(boxes, scores, feats)
+
     def forward(self, boxes, scores, feats, one2one_boxes, one2one_scores):
+        if self.export and not self.training:  # deployed: the unselected branch may be pruned (None), see pass
+            return self.infer(boxes, scores, feats, one2one_boxes, one2one_scores)
         o2o_feats = [f.detach() for f in feats] if self.training else feats
         raw = {"one2many": {"boxes": boxes, "scores": scores, "feats": feats},
                "one2one": {"boxes": one2one_boxes, "scores": one2one_scores, "feats": o2o_feats}}
         if self.training:
             return raw
-        if self.one2one:
-            y = self.postprocess(self.decode(one2one_boxes, one2one_scores, feats).permute(0, 2, 1))
-        else:
-            y = self.decode(boxes, scores, feats)
-        return y if self.export else (y, raw)
+        return self.infer(boxes, scores, feats, one2one_boxes, one2one_scores), raw
 
 
 def e2e_detect_forward(self, x):
