@@ -43,7 +43,9 @@ class _Head:
         self.nc = int(meta["nc"])
         self.reg_max = int(meta.get("reg_max", 16))
         self.max_det = 300
-        self.end2end = False
+        self.end2end = bool(meta.get("end2end", False))  # the graph's eval output: one-to-one top-k rows
+        if "end2end" in meta:  # an end-to-end head (YOLO26, YOLOv10): DetectionModel.init_criterion reads this
+            self.one2one_cv2 = True  # attribute and picks E2ELoss (one-to-many + one-to-one terms), as Ultralytics
 
 
 def _detection_model_base():

@@ -104,15 +104,23 @@ def _set(fqs, enabled: bool) -> None:
             fq.fake_quant_enabled = enabled
 
 
+def head_roles(gm: fx.GraphModule) -> tuple[str, str]:
+    """Roles of the head outputs measured: the deployed branch set's last convs — an end-to-end model on its
+    one-to-one path (``gm.meta["end2end"]``) is measured at ``e2e.box_last`` / ``e2e.cls_last``."""
+    if getattr(gm, "meta", {}).get("end2end"):
+        return ("e2e.box_last", "e2e.cls_last")
+    return ("detect.box_last", "detect.cls_last")
+
+
 @torch.no_grad()
 def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tuple[list[dict], dict]:
     """Per-unit local SQNRs and end-to-end sensitivities (see module doc). ``gm`` must be calibrated."""
     from tqdm.auto import tqdm
 
     gm.eval()
-    head = [n for n in gm.graph.nodes if info(n).role in ("detect.box_last", "detect.cls_last")]
+    head = [n for n in gm.graph.nodes if info(n).role in head_roles(gm)]
     if not head:
-        raise ValueError("no Detect head outputs found (roles detect.box_last / detect.cls_last)")
+        raise ValueError(f"no Detect head outputs found (roles {' / '.join(head_roles(gm))})")
     units = find_units(gm)
     all_fq = [m for m in gm.modules() if isinstance(m, FakeQuant)]
     runner = Runner(gm, head)
@@ -164,7 +172,7 @@ def sweep(gm: fx.GraphModule, images: torch.Tensor, progress: bool = True) -> tu
 def head_sqnr(gm: fx.GraphModule, images: torch.Tensor) -> float:
     """Head-output SQNR (dB) of ``gm`` as configured vs the same graph with every quantizer off."""
     gm.eval()
-    head = [n for n in gm.graph.nodes if info(n).role in ("detect.box_last", "detect.cls_last")]
+    head = [n for n in gm.graph.nodes if info(n).role in head_roles(gm)]
     runner = Runner(gm, head)
     fqs = [m for m in gm.modules() if isinstance(m, FakeQuant)]
     states = [m.fake_quant_enabled for m in fqs]
