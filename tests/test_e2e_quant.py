@@ -130,6 +130,10 @@ def test_e2e_onnx_matches_fake_quant(y26, tmp_path):
 
     gm, _ = y26
     path = fxqat.export_onnx(gm, tmp_path / "y26.onnx", imgsz=320)
+    from fxqat.deploy import read_onnx_metadata
+    from fxqat.evaluate import as_predictor
+
+    assert read_onnx_metadata(path)["end2end"] is True and as_predictor(path).end2end  # validated without NMS
     convs = sum(n.op_type == "Conv" for n in onnx.load(str(path)).graph.node)
     assert convs == sum(op_kind(gm, n) == "conv" for n in gm.graph.nodes) - 24  # no one-to-many branch (24 convs)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])

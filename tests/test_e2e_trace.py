@@ -70,3 +70,31 @@ def test_one2one_branch_does_not_train_the_backbone():
     grads = {n: p.grad for n, p in gm.named_parameters()}
     assert all(g is None for n, g in grads.items() if ".one2one_" not in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".one2one_cv3." in n)
+
+
+def test_e2e_task_heads_refused_with_a_clear_message():
+    from fxqat.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="end-to-end \\(NMS-free\\) Segment26 heads are not supported yet"):
+        load_model("yolo26n-seg.yaml", nc=2)
+
+
+def test_e2e_flag_reaches_checkpoint_predictor_metadata_and_analysis(tmp_path):
+    """The one-to-one choice survives a checkpoint, makes the validator skip NMS (Predictor.end2end), is written to
+    the ONNX metadata, and makes the sensitivity analysis measure the one-to-one head's outputs."""
+    from fxqat.analysis.sensitivity import head_roles
+    from fxqat.checkpoint import load_checkpoint, save_checkpoint
+    from fxqat.deploy import yolo_metadata
+    from fxqat.evaluate import as_predictor
+
+    model = load_model("yolo26n.yaml", nc=2)
+    model.end2end = True
+    gm = fxqat.prepare_qat(model, example_inputs=(torch.rand(1, 3, 64, 64),))
+    back = load_checkpoint(save_checkpoint(tmp_path / "e2e.pt", gm))
+    assert back.meta["end2end"] is True and _decode(back).one2one
+    assert as_predictor(back).end2end and as_predictor(model).end2end
+    assert yolo_metadata(back.meta, 320)["end2end"] is True
+    assert head_roles(back) == ("e2e.box_last", "e2e.cls_last")
+    set_end2end(back, False)
+    assert not as_predictor(back).end2end and yolo_metadata(back.meta, 320)["end2end"] is False
+    assert head_roles(back) == ("detect.box_last", "detect.cls_last")
