@@ -275,6 +275,7 @@ def qat_state(gm: fx.GraphModule) -> dict:
         "prepare_args": prepare_args(gm),
         "state_dict": {k: v.detach().cpu().clone() for k, v in gm.state_dict().items()},
         "flags": _flags(gm),
+        **({"end2end": bool(meta["end2end"])} if "end2end" in meta else {}),  # an end-to-end head's eval path
     }
 
 
@@ -319,6 +320,8 @@ def rebuild(ckpt: dict, source: str = "checkpoint") -> fx.GraphModule:
         raise ModelLoadError(f"{source}: a {task} model; fxqat checkpoints hold {', '.join(TASKS)} models")
     det = TASKS[task].cls("model")(copy.deepcopy(ckpt["yaml"]), nc=int(args.get("nc") or ckpt["nc"]), verbose=False)
     det.names = dict(ckpt["names"])
+    if "end2end" in ckpt:
+        det.end2end = bool(ckpt["end2end"])  # one-to-one (top-k) or one-to-many eval output, as saved
     gm = prepare_qat(det, load_qconfig(ckpt["qconfig"]), leaf_modules=leaves)
     missing, unexpected = gm.load_state_dict(ckpt["state_dict"], strict=False)
     if missing or unexpected:

@@ -47,7 +47,7 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
         torch.backends.quantized.engine = backend
     src = copy.deepcopy(qat_model).cpu().eval()
     out = run_passes(src, convert_passes(), "convert")
-    keep = ("names", "nc", "stride", "yaml", "task", "kpt_shape")
+    keep = ("names", "nc", "stride", "yaml", "task", "kpt_shape", "end2end")
     out.meta = {k: v for k, v in getattr(qat_model, "meta", {}).items() if k in keep}
     out.eval()
     return out

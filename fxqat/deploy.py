@@ -82,7 +82,7 @@ def yolo_metadata(meta: dict, imgsz, batch: int = 1, dynamic: bool = False, fmt:
         "names": names,
         "args": {k: args[k] for k in _ARG_KEYS[fmt]},
         "channels": int(yaml.get("channels", 3)),
-        "end2end": False,
+        "end2end": bool(meta.get("end2end", False)),  # an end-to-end head exported on its one-to-one path
         "producer": "fxqat",
         "fxqat_version": __version__,
         **({"kpt_shape": list(meta["kpt_shape"])} if meta.get("kpt_shape") else {}),

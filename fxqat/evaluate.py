@@ -31,6 +31,7 @@ class Predictor(nn.Module):
         self.register_buffer("stride", torch.as_tensor(stride, dtype=torch.float32).reshape(-1))
         self.yaml = {"channels": 3}
         self.label = label
+        self.end2end = False  # True: predictions are one-to-one top-k rows (B, k, 6); the validator then runs no NMS
         self._net = fn if isinstance(fn, nn.Module) else None  # registers parameters for .to()/.float()
 
     def forward(self, x, *args, **kwargs):
@@ -84,7 +85,27 @@ class OnnxRunner(BatchRunner):
 
 
 def as_predictor(model, names=None, stride=None, trust: bool | None = None) -> Predictor:
-    """Wrap any supported model form (see module doc) as a :class:`Predictor`."""
+    """Wrap any supported model form (see module doc) as a :class:`Predictor` (``end2end`` from its metadata)."""
+    pred = _as_predictor(model, names, stride, trust)
+    if not isinstance(model, Predictor):
+        pred.end2end = _end2end(model, pred.fn)
+    return pred
+
+
+def _end2end(model, fn) -> bool:
+    """Whether a model form returns one-to-one top-k rows: ONNX metadata, a graph's meta, a model's own flag."""
+    import torch.fx as fx
+
+    if isinstance(model, (str, Path)) and str(model).endswith(".onnx"):
+        from .deploy import read_onnx_metadata
+
+        return bool(read_onnx_metadata(model).get("end2end", False))
+    if isinstance(fn, fx.GraphModule):
+        return bool(getattr(fn, "meta", {}).get("end2end", False))
+    return bool(getattr(fn, "end2end", False))
+
+
+def _as_predictor(model, names=None, stride=None, trust: bool | None = None) -> Predictor:
     import torch.fx as fx
 
     from .tracing import task_of
@@ -132,6 +153,8 @@ def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=
     dev = next((p.device for p in pred.parameters()), torch.device("cpu"))  # a graph on a GPU is evaluated there
     args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, rect=False, verbose=verbose, save_json=False,
                 workers=0, task=pred.task, device=str(dev.index or 0) if dev.type == "cuda" else "cpu")
+    if getattr(pred, "end2end", False):  # one-to-one top-k predictions: validated without NMS (Ultralytics' nms=False)
+        args["nms"] = False
     v = task_spec.cls("validator")(args=args)
     with torch.no_grad():
         stats = v(model=pred)

@@ -38,9 +38,11 @@ def _check_detection(model: nn.Module, source: str) -> nn.Module:
     if not isinstance(model, DetectionModel):
         raise ModelLoadError(f"{source}: {type(model).__name__} is not an Ultralytics detection model ({SUPPORTED})")
     head = model.model[-1]
-    if getattr(head, "one2one_cv2", None) is not None:
-        raise ModelLoadError(f"{source}: end-to-end (NMS-free) heads are not supported yet; use a YOLOv8 or YOLO11 "
-                             "detection model")
+    from .modules.e2e import e2e_heads, has_one2one
+
+    if has_one2one(head) and type(head) not in e2e_heads():
+        raise ModelLoadError(f"{source}: end-to-end (NMS-free) {type(head).__name__} heads are not supported yet; "
+                             "end-to-end detection (yolo26n.yaml, yolov10n.yaml) is")
     return model
 
 

@@ -26,11 +26,12 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from .errors import FxqatError, TraceError
+from .errors import TraceError
 from .graph.meta import META_KEY, NodeInfo
 from .graph.registry import module_kind
 from .models import load_model
 from .modules.decode import DetectDecode
+from .modules.e2e import EndToEndDecode, e2e_detect_forward, e2e_forwards, e2e_heads, has_one2one
 from .modules.heads import head_decodes
 
 # --------------------------------------------------------------------------------------------- traceable forwards
@@ -78,6 +79,8 @@ def _branch(self, x, bs: int, channels: int):
 
 
 def _detect_forward(self, x):
+    if has_one2one(self):  # YOLO26: both branch sets, EndToEndDecode
+        return e2e_detect_forward(self, x)
     _, boxes, scores = _detect_head(self, x)
     return self.decode(boxes, scores, list(x))  # leaf: DetectDecode
 
@@ -107,12 +110,12 @@ def _classify_forward(self, x):
 def traceable_forwards() -> dict[type, Callable | None]:
     """Ultralytics class → traceable forward (None: refused with a clear error). Exact types: a subclass (e.g.
     ``Segment`` of ``Detect``) is traced through its own forward unless listed itself."""
-    from ultralytics.nn.modules import OBB, C2PSA, C2f, C2fAttn, C3k2, Classify, Detect, Pose, Segment
+    from ultralytics.nn.modules import OBB, C2PSA, C2f, C2fAttn, C2fCIB, C3k2, Classify, Detect, Pose, Segment
     from ultralytics.nn.modules.block import Attention
 
     return {C2f: _c2f_forward, C3k2: _c2f_forward, C2fAttn: None, C2PSA: _c2psa_forward,
             Attention: _attention_forward, Detect: _detect_forward, Segment: _segment_forward, Pose: _pose_forward,
-            OBB: _obb_forward, Classify: _classify_forward}
+            OBB: _obb_forward, Classify: _classify_forward, C2fCIB: _c2f_forward, **e2e_forwards()}
 
 
 class YoloRoot(nn.Module):
@@ -225,7 +228,7 @@ class YoloTracer(fx.Tracer):
 
 def _install_decode(model: nn.Module) -> None:
     head = model.model[-1]
-    cls = head_decodes().get(type(head))
+    cls = EndToEndDecode if has_one2one(head) and type(head) in e2e_heads() else head_decodes().get(type(head))
     if cls is not None and not hasattr(head, "decode"):
         head.decode = cls(head)
 
@@ -246,12 +249,6 @@ def task_of(model) -> str:
     layers = getattr(inner, "model", inner)
     head = layers[-1] if isinstance(layers, nn.Sequential) else None
     return head_task(head)
-
-
-def refuse_task(task: str, what: str) -> None:
-    """Entry points that still assume Detect (QAT training, evaluation, sensitivity analysis) refuse other tasks."""
-    if task != "detect":
-        raise FxqatError(f"{what} of {task} models is not supported yet; trace/prepare/calibrate/convert/export are")
 
 
 def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | None = None,
@@ -295,6 +292,8 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
         "leaf_modules": list(leaf_modules),
         "task": head_task(head),
     }
+    if has_one2one(head):
+        gm.meta["end2end"] = bool(head.end2end)  # which branch eval returns; fxqat.modules.e2e.set_end2end switches
     if hasattr(head, "kpt_shape"):
         gm.meta["kpt_shape"] = list(head.kpt_shape)
     return gm

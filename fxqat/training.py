@@ -51,7 +51,9 @@ class _Head:
         self.nc = int(meta["nc"])
         self.reg_max = int(meta.get("reg_max") or 16)  # None: a Classify head (its loss reads no reg_max)
         self.max_det = 300
-        self.end2end = False
+        self.end2end = bool(meta.get("end2end", False))  # the graph's eval output: one-to-one top-k rows
+        if "end2end" in meta:  # an end-to-end head (YOLO26, YOLOv10): DetectionModel.init_criterion reads this
+            self.one2one_cv2 = True  # attribute and picks E2ELoss (one-to-many + one-to-one terms), as Ultralytics
         for k, v in head_values(meta).items():  # the task head's attributes its loss reads (fxqat.tasks)
             setattr(self, k, copy.deepcopy(v))
 

@@ -52,7 +52,6 @@ class Unit:
     first: int  # index of the first node whose output changes when the unit is toggled
 
 
-DETECT_OUTPUTS = ("detect.box_last", "detect.cls_last")
 
 
 def head_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
@@ -62,12 +61,13 @@ def head_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
 
     nodes = list(gm.graph.nodes)
     task = getattr(gm, "meta", {}).get("task", "detect")
-    groups = {} if task == "classify" else {"detect": [n for n in nodes if info(n).role in DETECT_OUTPUTS]}
+    detect = head_roles(gm)  # the deployed branch set (an end-to-end model's one-to-one path)
+    groups = {} if task == "classify" else {"detect": [n for n in nodes if info(n).role in detect]}
     for role in spec(task).outputs:
         groups[role] = [n for n in nodes if info(n).role == role]
     missing = [k for k, v in groups.items() if not v]
     if missing:
-        raise ValueError(f"no head outputs found for {missing} (roles {', '.join(DETECT_OUTPUTS)} and the task's)")
+        raise ValueError(f"no head outputs found for {missing} (roles {', '.join(detect)} and the task's)")
     return groups
 
 
@@ -138,6 +138,14 @@ def _set(fqs, enabled: bool) -> None:
     for fq in fqs:
         if fq is not None:
             fq.fake_quant_enabled = enabled
+
+
+def head_roles(gm: fx.GraphModule) -> tuple[str, str]:
+    """Roles of the head outputs measured: the deployed branch set's last convs — an end-to-end model on its
+    one-to-one path (``gm.meta["end2end"]``) is measured at ``e2e.box_last`` / ``e2e.cls_last``."""
+    if getattr(gm, "meta", {}).get("end2end"):
+        return ("e2e.box_last", "e2e.cls_last")
+    return ("detect.box_last", "detect.cls_last")
 
 
 @torch.no_grad()

@@ -67,7 +67,7 @@ SPPF = Pattern("sppf", ("SPPF",), (
 #   P_i ─► cv2.i.0 ─► cv2.i.1 ─► cv2.i.2 (box_last, 1×1) ─► view ─► cat ─┐
 #   P_i ─► cv3.i.0 ─► cv3.i.1 ─► cv3.i.2 (cls_last, 1×1) ─► view ─► cat ─┴─► decode: DFL, anchors, dist2bbox, sigmoid
 # Segment, Pose and OBB are Detect plus a branch: their box / class branches and decode take Detect's roles.
-DETECT_HEADS = ("Detect", "Segment", "Pose", "OBB")
+DETECT_HEADS = ("Detect", "Segment", "Pose", "OBB", "v10Detect")
 DETECT = Pattern("detect", DETECT_HEADS, (
     Role("detect.box", "conv", "cv2.*.[01]*"), Role("detect.box_last", "conv", "cv2.*.2"),
     Role("detect.cls", "conv", "cv3.*.[01]*"), Role("detect.cls_last", "conv", "cv3.*.2"),
@@ -102,12 +102,34 @@ CLASSIFY = Pattern("classify", ("Classify",), (
     Role("classify.decode", "decode", "decode"),
 ), (("classify.conv", "classify.linear"), ("classify.linear", "classify.decode")), "QATClassifyHead")
 
+# End-to-end heads (YOLO26 Detect, YOLOv10 v10Detect): the one-to-one branch set, on detached feature maps, into
+# the same decode (EndToEndDecode: top-k on the one-to-one branch when end2end). YOLO26: reg_max 1, no DFL;
+# class branch DWConv 3×3 + Conv 1×1 twice (v10: grouped Conv 3×3 + Conv 1×1).
+#   P_i ─► detach ─► one2one_cv2.i.0 ─► one2one_cv2.i.1 ─► one2one_cv2.i.2 (box_last) ─► view ─► cat ─┐
+#   P_i ─► detach ─► one2one_cv3.i.0 ─► one2one_cv3.i.1 ─► one2one_cv3.i.2 (cls_last) ─► view ─► cat ─┴─► decode
+E2E = Pattern("e2e", ("Detect", "v10Detect"), (
+    Role("e2e.detach", "detach"), Role("e2e.box", "conv", "one2one_cv2.*.[01]*"),
+    Role("e2e.box_last", "conv", "one2one_cv2.*.2"), Role("e2e.cls", "conv", "one2one_cv3.*.[01]*"),
+    Role("e2e.cls_last", "conv", "one2one_cv3.*.2"),
+), (("e2e.detach", "e2e.box"), ("e2e.detach", "e2e.cls"), ("e2e.box", "e2e.box_last"), ("e2e.cls", "e2e.cls_last")),
+    "QATEndToEndHead")  # the decode keeps Detect's role, detect.decode
+
+# Attention (C2PSA / PSA / C3k2-with-attention PSABlocks): qkv conv, q·k and attn·v matmuls, softmax, positional
+# conv on v, output projection. The matmuls and the softmax are float by default (kinds matmul / softmax).
+#   x ─► qkv ─► view/split ─► q·k (matmul) ─► softmax ─► v·attn (matmul) ─► view ─► + pe(v) ─► proj ─►
+ATTENTION = Pattern("attention", ("Attention",), (
+    Role("attention.qkv", "conv", "qkv"), Role("attention.matmul", "matmul"), Role("attention.softmax", "softmax"),
+    Role("attention.pe", "conv", "pe"), Role("attention.add", "add"), Role("attention.proj", "conv", "proj"),
+), (("attention.qkv", "attention.matmul"), ("attention.matmul", "attention.softmax"),
+    ("attention.softmax", "attention.add"), ("attention.pe", "attention.add"), ("attention.add", "attention.proj")),
+    "QATAttention")
+
 # Neck joins and resizes: Concat(…) and nn.Upsample layers.
 CONCAT = Pattern("concat", ("Concat",), (Role("concat", "cat"),))
 UPSAMPLE = Pattern("upsample", ("Upsample",), (Role("upsample", "resize"),))
 
-PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, OBB, CLASSIFY, CONCAT,
-                                 UPSAMPLE)
+PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, OBB, CLASSIFY, E2E, ATTENTION,
+                                 CONCAT, UPSAMPLE)
 ROLES: tuple[str, ...] = ("first_conv", "conv") + tuple(r.name for p in PATTERNS for r in p.roles)
 
 

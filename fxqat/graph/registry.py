@@ -11,6 +11,9 @@ kind) and the ONNX export.
     pool       yes                                    MaxPool2d (max commutes with dequantization)
     resize     yes                                    nearest Upsample (copies values)
     split      yes                                    chunk / split and their getitems
+    detach     yes                                    Tensor.detach (the one-to-one head's inputs in training)
+    matmul                                            ``@`` / torch.matmul (attention: float unless a rule says)
+    softmax                                           softmax (attention weights): float
     decode                                            a head's float tail (DFL, anchors, box decode, sigmoid)
     quant                                             a fake-quantizer
     io                                                graph input / output
@@ -41,7 +44,7 @@ class OpKind:
 KINDS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("conv", quantizable=True), OpKind("add", quantizable=True),
     OpKind("cat", shares_grid=True), OpKind("pool", shares_grid=True), OpKind("resize", shares_grid=True),
-    OpKind("split", shares_grid=True),
+    OpKind("split", shares_grid=True), OpKind("detach", shares_grid=True), OpKind("matmul"), OpKind("softmax"),
     OpKind("decode"), OpKind("quant"), OpKind("io"), OpKind("other"),
 )}
 
@@ -92,6 +95,12 @@ register_function(operator.getitem, _getitem_kind)
 for _m in ("chunk", "split"):
     register_method(_m, "split")
 register_function(torch.chunk, "split")
+register_method("detach", "detach")
+for _f in (operator.matmul, torch.matmul):
+    register_function(_f, "matmul")
+register_method("softmax", "softmax")
+register_function(torch.softmax, "softmax")
+register_module(nn.Softmax, "softmax")
 
 
 def _register_fxqat_modules() -> None:
@@ -137,7 +146,8 @@ def _node_kind(gm: fx.GraphModule | None, node: fx.Node) -> str:
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """The registered kind of ``node``: conv | add | cat | pool | resize | split | decode | quant | io | other."""
+    """The registered kind of ``node``: conv | add | cat | pool | resize | split | detach | matmul | softmax |
+    decode | quant | io | other."""
     return _node_kind(gm, node)
 
 

@@ -7,7 +7,8 @@ it shares its input's grid):
     conv   ConvBnAct on a grid          ==> Int8ConvBnAct (BN folded, int8 weights, SiLU fused, uint8 or float out)
     quant  FakeQuant after a float op   ==> Quantize (8-bit grids; other widths keep simulating in float)
     add    on a grid                    ==> Int8Add (requantized)
-    cat / split / resize (shared grid)  ==> the same op on uint8;  pool ==> Int8MaxPool
+    cat / split / resize / detach (shared grid) ==> the same op on uint8;  pool ==> Int8MaxPool
+    matmul / softmax                    ==> float (attention math; its inputs dequantized once)
     decode                              ==> the head's float tail, configured for deployment (fast DFL, export)
     other / io                          ==> float op; a uint8 value it reads is dequantized once
 
@@ -193,7 +194,8 @@ def lower_float(c: Lowering, n: fx.Node) -> None:
 
 LOWERINGS: dict[str, Callable[[Lowering, fx.Node], None]] = {
     "io": lower_io, "quant": lower_quant, "conv": lower_conv, "add": lower_add,
-    "cat": lower_shared, "split": lower_shared, "resize": lower_shared, "pool": lower_shared,
+    "cat": lower_shared, "split": lower_shared, "resize": lower_shared, "pool": lower_shared, "detach": lower_shared,
+    "matmul": lower_float, "softmax": lower_float,
     "decode": lower_decode, "other": lower_float,
 }
 

@@ -67,6 +67,8 @@ DEFAULT_RULES = (
     Rule("role", "pose.kpt_last", activation=FLOAT, where="<default>"),
     Rule("role", "obb.angle_last", activation=FLOAT, where="<default>"),
     Rule("role", "classify.linear", activation=FLOAT, where="<default>"),  # logits float: the softmax reads them
+    Rule("role", "e2e.box_last", activation=FLOAT, where="<default>"),  # end-to-end heads' one-to-one branch
+    Rule("role", "e2e.cls_last", activation=FLOAT, where="<default>"),
 )
 
 

@@ -31,7 +31,19 @@ def test_kinds_come_from_types_and_functions_not_names(v8n_graph):
     assert registry.module_kind(FakeQuant(fxqat.quant.spec.ACT_UINT8)) == "quant"
     assert registry.module_kind(nn.Upsample(scale_factor=2, mode="bilinear")) == "other"
     assert DetectDecode in registry._MODULES
-    assert {k for k, v in KINDS.items() if v.shares_grid} == {"cat", "pool", "resize", "split"}
+    assert {k for k, v in KINDS.items() if v.shares_grid} == {"cat", "pool", "resize", "split", "detach"}
+
+
+def test_attention_and_detach_kinds():
+    """Attention's matmuls and softmax, and the end-to-end head's detach, are kinds of their own (by function)."""
+    g = fx.Graph()
+    x = g.placeholder("x")
+    nodes = [g.call_function(operator.matmul, (x, x)), g.call_function(torch.matmul, (x, x)),
+             g.call_method("softmax", (x, -1)), g.call_function(torch.softmax, (x, -1)), g.call_method("detach", (x,))]
+    gm = fx.GraphModule(nn.Module(), g)
+    assert [op_kind(gm, n) for n in nodes] == ["matmul", "matmul", "softmax", "softmax", "detach"]
+    assert registry.module_kind(nn.Softmax(-1)) == "softmax"
+    assert KINDS["detach"].shares_grid and not KINDS["matmul"].quantizable
 
 
 def test_a_kind_without_lowering_rule_makes_convert_raise_naming_it():
