@@ -92,7 +92,9 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     _step(3, n, f"QAT: {cfg.qat_epochs} epoch on {cfg.train} images through the Ultralytics trainer")
     _, qat_ckpt = train_qat(MODEL, data, epochs=cfg.qat_epochs, imgsz=imgsz, batch=cfg.batch, project=str(out),
                             name="qat", workers=2, calib_batches=cfg.calib_batches, verbose=False)
-    qat = load_checkpoint(qat_ckpt).eval()
+    qat, ck = load_checkpoint(qat_ckpt, with_extra=True)
+    qat.eval()
+    qat_kept_ptq = ck.get("epoch") == -1  # the QAT epoch did not beat the PTQ start (epoch 0), which stayed best.pt
 
     _step(4, n, "convert to INT8 torch (oneDNN); export QDQ ONNX for OpenVINO and ONNX Runtime")
     ptq_int8, qat_int8 = fxqat.convert(ptq.eval()), fxqat.convert(qat)
@@ -152,7 +154,8 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     report = {"config": asdict(cfg), "model": MODEL, "shipped_metrics": shipped.get("metrics", {}), "imgsz": imgsz,
               "rows": rows, "critical_layers": critical, "pictures": pictures,
               "machine": {"threads": threads, "torch": torch.__version__, "vnni": cpu_has_vnni()},
-              "seconds": time.perf_counter() - t0, "qat_checkpoint": str(qat_ckpt), "onnx": str(onnx_path),
+              "qat_kept_ptq_start": qat_kept_ptq, "seconds": time.perf_counter() - t0,
+              "qat_checkpoint": str(qat_ckpt), "onnx": str(onnx_path),
               "onnx_onnxruntime": str(ort_path), "openvino": str(ov_dir) if ov_dir else None}
     table = write_reports(report, out, quick)
     print("\n" + table)

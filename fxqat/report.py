@@ -90,6 +90,9 @@ def write_reports(report: dict, out: Path, quick: bool) -> str:
             f"signs at {imgsz} px; QAT {cfg['qat_epochs']} epoch. Latency: batch 1, {threads} threads, median of "
             f"{cfg['rounds']} interleaved rounds in this run. ONNX Runtime runs the model prepared with the "
             "onnxruntime preset (its placement); OpenVINO runs the QAT model's QDQ export.")
+    if report.get("qat_kept_ptq_start"):
+        note += (" The QAT epoch did not beat the PTQ start on the validation images, so best.pt (the QAT rows) is the "
+                 "PTQ start: QAT never ends below it.")
     table = markdown_table(rows)
     critical = ", ".join(report["critical_layers"]) or "n/a"
     md = [f"# fxqat demo ({'quick' if quick else 'default'})", "", table, "", note, "",

@@ -52,7 +52,7 @@ def test_demo_quick(tmp_path, capsys):
 
     assert main(["demo", "--quick", f"project={tmp_path / 'demo'}"]) == 0
     rep = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert rep["model"] == "fxqat-signs-yolov8n"
+    assert rep["model"] == "fxqat-signs-yolov8n" and isinstance(rep["qat_kept_ptq_start"], bool)
     rows = {r["model"]: r for r in rep["rows"]}
     assert list(rows) == ["FP32", "PTQ INT8", "QAT INT8", "QAT INT8 QDQ", "PTQ INT8 QDQ"]
     assert rows["QAT INT8 QDQ"]["runtime"] == "OpenVINO" and "ONNX Runtime" in rows["PTQ INT8 QDQ"]["runtime"]
