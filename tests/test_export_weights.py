@@ -61,3 +61,28 @@ def test_unknown_weight_form_is_refused(exported, tmp_path):
     gm, _ = exported
     with pytest.raises(ConvertError, match="weights='int4': valid choices are int8, uint8"):
         fxqat.export_onnx(gm, tmp_path / "x.onnx", imgsz=160, weights="int4")
+
+
+def test_sub_8_bit_weights_export_on_their_grid_in_int8_containers(tmp_path):
+    """mixed_w4 (4-bit weights in layers 4-6): ONNX Q/DQ has no 4-bit range before opset 21, so the weights are
+    stored on their 4-bit grid in int8 containers with the same scale; ONNX Runtime matches fake-quant."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    import fxqat
+    from fxqat.evaluate import OnnxRunner
+
+    q = fxqat.prepare_qat("yolov8n.yaml", "mixed_w4")
+    x = torch.rand(1, 3, 64, 64)
+    fxqat.calibrate(q, [x, torch.rand(1, 3, 64, 64)], progress=False)
+    q.eval()
+    path = fxqat.export_onnx(q, tmp_path / "w4.onnx", imgsz=64)
+    with torch.no_grad():
+        ref = q(x)
+    ref = ref[0] if isinstance(ref, (tuple, list)) else ref
+    y = OnnxRunner(path)(x)
+    assert (ref - y).abs().max() <= 1e-3 * ref.abs().max()  # tolerance: float rounding of the decode
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+    codes = [v for k, v in inits.items() if v.dtype == np.int8 and v.ndim == 4]
+    assert min(int(c.min()) for c in codes) >= -128 and any(int(np.abs(c).max()) <= 8 for c in codes)  # 4-bit layers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
@@ -37,6 +38,11 @@ class ExportConv(nn.Module):
             if fq is not None:
                 fq.observe_enabled = False
                 fq.always_observe = False
+        fq = self.weight_fq
+        if fq is not None and fq.qmax - fq.qmin < 255 and fq.qmin < 0:  # below 8 bits: ONNX has no such Q/DQ range
+            with torch.no_grad():  # the weights on their own grid, stored in int8 containers with the same scale
+                self.weight.copy_(fq(self.weight))
+            fq.qmin, fq.qmax = -128, 127
         c = m.conv
         self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
         self.act = m.act
