@@ -53,3 +53,34 @@ def assert_traced_matches_in_both_modes(model, gm, sizes):
         for h, w in sizes:
             torch.manual_seed(0)
             assert_bit_exact(model, gm, torch.rand(1, 3, h, w))
+
+
+def prepared_and_calibrated(name: str, nc: int, end2end: bool = False):
+    """A livened model (seed 0) prepared with the default qconfig and calibrated on two 320 px batches:
+    (QAT graph in eval mode, its prepared summary text for the golden files)."""
+    import fxqat
+    from fxqat.models import load_model
+
+    torch.manual_seed(0)  # the model's initial weights
+    model = liven(load_model(name, nc=nc))
+    if end2end:
+        model.end2end = True
+    gm = fxqat.prepare_qat(model)
+    text = fxqat.summary(gm, imgsz=320).to_text()
+    fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(2)], progress=False)
+    return gm.eval(), text
+
+
+def interrupted_after_first_epoch(real):
+    """A ``fxqat.training._trainer_cls`` stand-in whose trainer raises KeyboardInterrupt once epoch 1 is saved."""
+    def trainer_cls(task="detect"):
+        class Interrupted(real(task)):
+            def save_model(self):
+                out = super().save_model()
+                if self.epoch == 0:
+                    raise KeyboardInterrupt("Ctrl-C after epoch 1 of 2")
+                return out
+
+        return Interrupted
+
+    return trainer_cls

@@ -13,12 +13,11 @@ import torch
 import fxqat
 from fxqat.graph.meta import info
 from fxqat.graph.registry import op_kind
-from fxqat.models import load_model
 from fxqat.modules.e2e import set_end2end
 from fxqat.modules.int8 import Int8ConvBnAct
 from fxqat.quant.fake_quant import FakeQuant
 
-from .conftest_helpers import liven, signs_like_images
+from .conftest_helpers import prepared_and_calibrated, signs_like_images
 
 NC = 10
 WITHIN = 0.999
@@ -26,13 +25,7 @@ ANCHORS = 40 * 40 + 20 * 20 + 10 * 10
 
 
 def _prepared(name):
-    torch.manual_seed(0)
-    model = liven(load_model(name, nc=NC))
-    model.end2end = True
-    gm = fxqat.prepare_qat(model)
-    text = fxqat.summary(gm, imgsz=320).to_text()
-    fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(2)], progress=False)
-    return gm.eval(), text
+    return prepared_and_calibrated(name, NC, end2end=True)
 
 
 @pytest.fixture(scope="module")

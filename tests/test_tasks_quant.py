@@ -12,21 +12,16 @@ import torch
 import fxqat
 from fxqat.graph.meta import info
 from fxqat.graph.registry import op_kind
-from fxqat.models import load_model
 from fxqat.quant.fake_quant import FakeQuant
 
-from .conftest_helpers import liven, signs_like_images
+from .conftest_helpers import prepared_and_calibrated, signs_like_images
 
 NC = 10
 WITHIN = 0.999
 
 
 def _prepared(name):
-    torch.manual_seed(0)  # the model's initial weights
-    gm = fxqat.prepare_qat(liven(load_model(name, nc=NC)))
-    text = fxqat.summary(gm, imgsz=320).to_text()
-    fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(2)], progress=False)
-    return gm.eval(), text
+    return prepared_and_calibrated(name, NC)
 
 
 @pytest.fixture(scope="module")

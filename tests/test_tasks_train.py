@@ -102,19 +102,10 @@ def test_task_resume_continues_with_the_task_trainer(task, tmp_path, monkeypatch
     data = generate(tmp_path / "data", train=40 if task == "classify" else 8, val=16 if task == "classify" else 4,
                     imgsz=128 if task == "classify" else 64, seed=0, task=task, progress=False, min_size=0.2,
                     max_size=0.4)
+    from .conftest_helpers import interrupted_after_first_epoch
+
     real = T._trainer_cls
-
-    def interrupting(t="detect"):
-        class Interrupted(real(t)):
-            def save_model(self):
-                out = super().save_model()
-                if self.epoch == 0:
-                    raise KeyboardInterrupt("Ctrl-C after epoch 1 of 2")
-                return out
-
-        return Interrupted
-
-    monkeypatch.setattr(T, "_trainer_cls", interrupting)
+    monkeypatch.setattr(T, "_trainer_cls", interrupted_after_first_epoch(real))
     with pytest.raises(KeyboardInterrupt):
         T.train_qat(model, str(data), epochs=2, imgsz=64, batch=4, project=str(tmp_path / "runs"), name="run",
                     workers=0, calib_batches=1, verbose=False)

@@ -127,19 +127,10 @@ def test_resume_after_interrupt_keeps_every_argument_and_both_epochs_rows(tiny_d
 
     data = tmp_path / "data.yaml"  # a private copy (absolute path:), so the class-count check can edit it
     shutil.copy(tiny_data, data)
+    from .conftest_helpers import interrupted_after_first_epoch
+
     real = T._trainer_cls
-
-    def interrupting(task="detect"):
-        class Interrupted(real(task)):
-            def save_model(self):
-                out = super().save_model()
-                if self.epoch == 0:
-                    raise KeyboardInterrupt("Ctrl-C after epoch 1 of 2")
-                return out
-
-        return Interrupted
-
-    monkeypatch.setattr(T, "_trainer_cls", interrupting)
+    monkeypatch.setattr(T, "_trainer_cls", interrupted_after_first_epoch(real))
     with pytest.raises(KeyboardInterrupt):
         T.train_qat("yolov8n.yaml", str(data), epochs=2, imgsz=128, batch=8, project=str(tmp_path / "runs"),
                     name="run", workers=0, calib_batches=1, verbose=False, freeze_bn_epoch=1)
