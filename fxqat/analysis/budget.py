@@ -103,7 +103,7 @@ class BudgetPlan:
         if self._table is None:
             lo = min(self.choices)
             step = max((self.max_bytes - self.min_bytes) / BINS, 1.0)
-            n = int(math.ceil((self.max_bytes - self.min_bytes) / step))
+            n = int(math.ceil((self.max_bytes - self.min_bytes) / step)) + len(self.layers)  # + rounding slack
             dp = np.zeros(n + 1)  # dp[c]: least NSR over the layers so far with extra cost <= c steps
             pick = np.zeros((len(self.layers), n + 1), dtype=np.int8)
             for i, r in enumerate(self.layers):
