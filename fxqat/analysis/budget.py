@@ -204,7 +204,9 @@ def budget_yaml(plan: BudgetPlan, bits: dict[str, int], base, budget: Budget, me
               f"# predicted size {mb(p['size_bytes'])} ({p['size_bytes']} bytes), predicted head NSR "
               f"{p['nsr']:.3e} (SQNR {p['sqnr_db']:.2f} dB)"
               + (f", measured {measured_db:.2f} dB" if measured_db is not None else "") + "\n"
-              "#   fxqat.prepare_qat(model, qconfig='budget_qconfig.yaml')  or  fxqat qat ... qconfig=budget_qconfig.yaml\n")
+              "#   fxqat.prepare_qat(model, qconfig='budget_qconfig.yaml')  or  fxqat qat ... qconfig=budget_qconfig.yaml\n"
+              + ("# note: 16-bit weights are for fake-quant / QAT; the INT8 kernels of fxqat.convert take weights of at "
+                 "most 8 bits\n" if p["counts"].get(16) else ""))
     rules = [{"match": {"name": r["name"]}, "weight": {"bits": bits[r["name"]]}} for r in plan.layers]
     return dump_qconfig(base, rules, header)
 
