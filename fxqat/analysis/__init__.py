@@ -133,6 +133,10 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
         x = load_images(image_files(data, "val")[:images], imgsz)
     base = as_qconfig(qconfig)
     gm = fxqat.prepare_qat(model, base)
+    if budget is not None:
+        from .budget import sizes
+
+        sizes(gm).check(budget.value)  # an infeasible size is reported before the measurements
     fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=progress)
     layers, summary = sweep(gm, x, progress=progress)
     summary["images"] = len(x)

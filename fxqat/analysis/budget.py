@@ -36,6 +36,7 @@ from .sensitivity import Runner, _set, find_units, group_nsr, head_groups
 CHOICES = (4, 8, 16)
 BINS = 4000
 KINDS = ("size",)
+HEADS = ("detect", "e2e", "segment", "pose", "obb", "classify")  # role prefixes of the head convs
 UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000 ** 2, "kib": 1024, "mib": 1024 ** 2}
 _BUDGET = re.compile(r"(?P<num>[0-9]+(?:\.[0-9]*)?|\.[0-9]+) ?(?P<unit>[a-z]*)")
 EXAMPLES = "e.g. size:2.5MB, size:800KB, size:2500000 (bytes; KB/MB = 1000/1000², KiB/MiB = 1024/1024²)"
@@ -52,14 +53,13 @@ def parse_budget(text: str) -> Budget:
     """``size:2.5MB`` / ``size:800KB`` / ``size:2500000`` → :class:`Budget` (bytes). Anything else: FxqatError."""
     if not isinstance(text, str) or ":" not in text:
         raise FxqatError(f"budget={text!r}: give KIND:VALUE, valid kinds: {', '.join(KINDS)} ({EXAMPLES})")
-    kind, value = (s.strip() for s in text.split(":", 1))
-    kind = kind.lower()
+    kind, value = (s.strip() for s in text.lower().split(":", 1))
     if kind == "latency":
         raise FxqatError(f"budget={text!r}: latency budgets are not supported (no per-layer latency model is "
                          f"built); valid kinds: {', '.join(KINDS)} ({EXAMPLES})")
     if kind not in KINDS:
         raise FxqatError(f"budget={text!r}: unknown kind {kind!r}; valid kinds: {', '.join(KINDS)} ({EXAMPLES})")
-    m = _BUDGET.fullmatch(value.lower()) if value.isascii() else None
+    m = _BUDGET.fullmatch(value) if value.isascii() else None
     if m is None or m["unit"] not in UNITS:
         raise FxqatError(f"budget={text!r}: {value!r} is not a size; {EXAMPLES}")
     size = float(m["num"]) * UNITS[m["unit"]]
@@ -99,6 +99,13 @@ class BudgetPlan:
     def max_bytes(self) -> int:
         return self.size(self.uniform(max(self.choices)))
 
+    def check(self, budget_bytes: float) -> None:
+        if budget_bytes < self.min_bytes:
+            raise FxqatError(f"budget {mb(budget_bytes)} ({int(budget_bytes)} bytes) is below the smallest feasible "
+                             f"size, {mb(self.min_bytes)} ({self.min_bytes} bytes: every layer's weights at "
+                             f"{min(self.choices)} bits plus {self.fixed_bytes} bytes of biases and float "
+                             "parameters); give at least that")
+
     def _dp(self):
         if self._table is None:
             lo = min(self.choices)
@@ -118,11 +125,7 @@ class BudgetPlan:
 
     def solve(self, budget_bytes: float) -> dict[str, int]:
         """The bits per layer of least predicted NSR with :meth:`size` <= ``budget_bytes``."""
-        if budget_bytes < self.min_bytes:
-            raise FxqatError(f"budget {mb(budget_bytes)} ({int(budget_bytes)} bytes) is below the smallest feasible "
-                             f"size, {mb(self.min_bytes)} ({self.min_bytes} bytes: every layer's weights at "
-                             f"{min(self.choices)} bits plus {self.fixed_bytes} bytes of biases and float "
-                             "parameters); give at least that")
+        self.check(budget_bytes)
         step, _, pick = self._dp()
         c = min(int((budget_bytes - self.min_bytes) // step), pick.shape[1] - 1)
         bits: dict[str, int] = {}
@@ -148,48 +151,55 @@ class BudgetPlan:
                 "counts": {b: sum(v == b for v in bits.values()) for b in self.choices}}
 
 
+def sizes(gm, choices=CHOICES) -> BudgetPlan:
+    """The costs alone (no NSRs yet): each weight-quantized layer's bytes per precision, and the fixed bytes."""
+    layers, in_units, fixed = [], set(), 0
+    for u in find_units(gm):
+        m = gm.get_submodule(u.module_path)
+        if m.weight_fq is None:
+            continue
+        in_units.update(f"{u.module_path}.{k}" for k, _ in m.named_parameters())
+        params, scales = m.conv.weight.numel(), m.weight_fq.scale.numel()
+        fixed += 4 * m.conv.weight.shape[0]  # the folded bias, float32
+        layers.append({"name": u.name, "module_path": u.module_path, "role": u.role, "params": params,
+                       "scales": scales, "nsr": {}, "bytes": {b: -(-params * b // 8) + 4 * scales for b in choices}})
+    fixed += 4 * sum(p.numel() for k, p in gm.named_parameters() if k not in in_units and not k.endswith("scale"))
+    return BudgetPlan(layers, 0.0, fixed, tuple(choices))
+
+
 @torch.no_grad()
 def measure(gm, images: torch.Tensor, choices=CHOICES, progress: bool = True) -> BudgetPlan:
     """Per-layer head-output NSR at each weight precision ("alone", see the module doc) on a calibrated graph."""
     from tqdm.auto import tqdm
 
     gm.eval()
-    groups = head_groups(gm)
+    plan = sizes(gm, choices)
     units = [u for u in find_units(gm) if u.weight_fq is not None]
     all_fq = [m for m in gm.modules() if isinstance(m, FakeQuant)]
     weight_fq = {id(u.weight_fq) for u in units}
-    runner = Runner(gm, list(groups.values()))
+    runner = Runner(gm, list(head_groups(gm).values()))
     _set(all_fq, False)
     ref = runner.run_from(images, keep=True)
     float_cache = runner.cache
     acts = [m for m in all_fq if id(m) not in weight_fq]
     _set(acts, True)
     runner.cache = None
-    act_nsr = group_nsr(ref, runner.run_from(images))
+    plan.act_nsr = group_nsr(ref, runner.run_from(images))
     _set(acts, False)
-    layers, in_units = [], set()
     bar = tqdm(total=len(units) * len(choices), desc="budget", disable=not progress, unit="choice")
-    for u in units:
+    for u, row in zip(units, plan.layers):
         m = gm.get_submodule(u.module_path)
         orig = m.weight_fq
-        in_units.update(f"{u.module_path}.{k}" for k, _ in m.named_parameters())
-        params, scales = m.conv.weight.numel(), orig.scale.numel()
-        row = {"name": u.name, "module_path": u.module_path, "role": u.role, "params": params, "scales": scales,
-               "nsr": {}, "bytes": {}}
         for b in choices:
             m.set_weight_spec(orig.spec.with_(bits=b))
             m.weight_fq.to(m.conv.weight.device)
             runner.cache = float_cache
             row["nsr"][b] = group_nsr(ref, runner.run_from(images, u.first))
-            row["bytes"][b] = int(math.ceil(params * b / 8)) + 4 * scales
             bar.update()
         m.weight_fq = orig
-        layers.append(row)
     bar.close()
     _set(all_fq, True)
-    fixed = 4 * sum(gm.get_submodule(u.module_path).conv.weight.shape[0] for u in units)  # folded biases
-    fixed += 4 * sum(p.numel() for k, p in gm.named_parameters() if k not in in_units and not k.endswith("scale"))
-    return BudgetPlan(layers, act_nsr, fixed, tuple(choices))
+    return plan
 
 
 def budget_yaml(plan: BudgetPlan, bits: dict[str, int], base, budget: Budget, measured_db: float | None = None) -> str:
@@ -238,32 +248,22 @@ def plot_frontier(front: list[dict], marks: dict[str, dict], path) -> None:
     plt.close(fig)
 
 
-HEADS = ("detect", "e2e", "segment", "pose", "obb", "classify")
-
-
-def _measured_db(model, text: str, images: torch.Tensor) -> float:
-    """Head SQNR (dB) of ``model`` prepared with qconfig ``text`` and calibrated on ``images``."""
+def run_budget(gm, model, base, images: torch.Tensor, budget: Budget, progress: bool = True) -> dict:
+    """Measure (:func:`measure`), choose for ``budget``, write the qconfig text and check it: the chosen
+    configuration and uniform W8 / W4 references are prepared, calibrated and their head SQNR measured."""
     import fxqat
 
     from .sensitivity import head_sqnr
 
-    gm = fxqat.prepare_qat(model, fxqat.load_qconfig(text))
-    fxqat.calibrate(gm, [images[i:i + 8] for i in range(0, len(images), 8)], progress=False)
-    return head_sqnr(gm, images)
-
-
-def run_budget(gm, model, base, images: torch.Tensor, budget: Budget, progress: bool = True) -> dict:
-    """Measure (:func:`measure`), choose for ``budget``, write the qconfig text and check it: the chosen
-    configuration and uniform W8 / W4 references are prepared, calibrated and their head SQNR measured."""
     plan = measure(gm, images, progress=progress)
     bits = plan.solve(budget.value)
     refs = {"uniform W8": plan.uniform(8), "uniform W4": plan.uniform(4),
             "W4, first conv + head 8-bit": plan.uniform(4, ("first_conv",) + HEADS)}
     points = {}
     for label, b in [("chosen", bits)] + list(refs.items()):
-        p = plan.point(b)
-        p["measured_db"] = _measured_db(model, budget_yaml(plan, b, base, budget), images)
-        points[label] = p
+        q = fxqat.prepare_qat(model, fxqat.load_qconfig(budget_yaml(plan, b, base, budget)))
+        fxqat.calibrate(q, [images[i:i + 8] for i in range(0, len(images), 8)], progress=False)
+        points[label] = {**plan.point(b), "measured_db": head_sqnr(q, images)}
     text = budget_yaml(plan, bits, base, budget, points["chosen"]["measured_db"])
     chosen = points["chosen"]
     return {"budget": budget.text, "kind": budget.kind, "budget_bytes": budget.value, "bits": bits,
