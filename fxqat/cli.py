@@ -132,6 +132,17 @@ def _one_of(*choices):
     return lambda v: None if v in choices else f"valid choices: {', '.join(choices)}"
 
 
+def _budget(v):
+    from .analysis.budget import parse_budget
+    from .errors import FxqatError
+
+    try:
+        parse_budget(v)
+    except FxqatError as e:
+        return str(e).split(": ", 1)[-1]  # the CLI names the argument itself
+    return None
+
+
 def _export_format(v):
     if v == "torchscript":
         from .deploy import TORCHSCRIPT_UNSUPPORTED
@@ -244,7 +255,9 @@ COMMANDS: dict[str, Command] = {
         "images": Arg(int, 32, "calibration images", _at_least(1)),
         "topk": Arg(int, 3, "layers to raise in the generated qconfig", _at_least(1)),
         "metric": Arg(str, "sqnr", "sqnr | map", _one_of("sqnr", "map")),
-        "qconfig": Arg(str, None, "base qconfig YAML"), "trust": _TRUST}),
+        "qconfig": Arg(str, None, "base qconfig YAML"), "trust": _TRUST,
+        "budget": Arg(str, None, "size:2.5MB | size:800KB | size:BYTES: 4/8/16-bit weights per layer within that "
+                      "model size (writes budget_qconfig.yaml, budget.json, frontier.png)", _budget)}),
     "bench": Command(_lazy("cmd_bench"), "latency of a model's forms measured in one run", ("model",), {
         "imgsz": Arg(int, 640, "input size", _stride_multiple), "threads": Arg(int, 2, "torch / ORT threads", _at_least(1)),
         "rounds": Arg(int, 3, "interleaved rounds", _at_least(1)), "trust": _TRUST}),

@@ -199,16 +199,22 @@ def cmd_demo(quick, project, seed):
     run_demo(quick=quick, project=project, seed=seed)
 
 
-def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig, trust):
+def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig, trust, budget=None):
     from .analysis import analyze
     from .data.images import image_files
     from .models import load_model
 
     image_files(data)  # a missing folder / YAML without images is reported before any model work
     det = load_model(model, trust=trust)
-    rep = analyze(det, data, imgsz=imgsz, images=images, out=out, topk=topk, metric=metric, qconfig=qconfig)
+    rep = analyze(det, data, imgsz=imgsz, images=images, out=out, topk=topk, metric=metric, qconfig=qconfig,
+                  budget=budget)
     print(rep.table(topk * 3))
     print(f"report written to {out}: sensitivity.json, sensitivity.png, critical_qconfig.yaml")
+    if rep.budget is not None:
+        from .analysis.budget import budget_table
+
+        print(budget_table(rep.budget))
+        print(f"budget written to {out}: budget_qconfig.yaml, budget.json, frontier.png")
 
 
 def cmd_bench(model, imgsz, threads, rounds, trust):

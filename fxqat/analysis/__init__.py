@@ -24,6 +24,7 @@ class SensitivityReport:
     summary: dict
     qconfig_text: str = ""
     files: dict = field(default_factory=dict)
+    budget: dict | None = None  # with analyze(budget=...): chosen bits per layer, predicted size and NSR (budget.json)
 
     def ranking(self) -> list[dict]:
         return sorted(self.layers, key=lambda r: -r["score"])
@@ -97,13 +98,16 @@ def _qconfig_yaml(report: SensitivityReport, base, topk: int, threshold: float |
 
 def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int = 3, metric: str = "sqnr",
             qconfig=None, threshold: float | None = None, progress: bool = True,
-            action: str = "raise", trust: bool | None = None) -> SensitivityReport:
+            action: str = "raise", trust: bool | None = None, budget: str | None = None) -> SensitivityReport:
     """Rank layers by quantization sensitivity on ``images`` calibration images from ``data``.
 
     Writes ``sensitivity.json``, ``sensitivity.png`` and ``critical_qconfig.yaml`` to ``out`` when given.
     ``metric="map"`` also measures mAP (needs labels) of uniform INT8 vs the generated qconfig. ``action``:
     "raise" (float weights + 16-bit output grid for the critical layers) or "skip". ``trust``: see
-    :func:`fxqat.trace` (a ``.pt`` is loaded once, weights-only unless trusted).
+    :func:`fxqat.trace` (a ``.pt`` is loaded once, weights-only unless trusted). ``budget="size:2.5MB"``
+    (also KB, KiB, MiB, bytes) picks 4 / 8 / 16-bit weights per layer for the least predicted head-output error
+    within that model size (:mod:`fxqat.analysis.budget`): ``report.budget`` has the choice, and ``out`` also gets
+    ``budget_qconfig.yaml``, ``budget.json`` and ``frontier.png``.
     """
     import fxqat
 
@@ -117,6 +121,10 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
 
     if metric not in ("sqnr", "map"):
         raise FxqatError(f"metric={metric!r}: valid choices are 'sqnr', 'map'")
+    if budget is not None:
+        from .budget import parse_budget
+
+        budget = parse_budget(budget)  # a bad budget is reported before any model work
     if isinstance(model, (str, Path)):
         model = load_model(model, trust=trust)
     if isinstance(data, torch.Tensor):
@@ -125,6 +133,10 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
         x = load_images(image_files(data, "val")[:images], imgsz)
     base = as_qconfig(qconfig)
     gm = fxqat.prepare_qat(model, base)
+    if budget is not None:
+        from .budget import sizes
+
+        sizes(gm).check(budget.value)  # an infeasible size is reported before the measurements
     fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=progress)
     layers, summary = sweep(gm, x, progress=progress)
     summary["images"] = len(x)
@@ -135,6 +147,10 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
     gm2 = fxqat.prepare_qat(model, fxqat.load_qconfig(rep.qconfig_text))
     fxqat.calibrate(gm2, [x[i:i + 8] for i in range(0, len(x), 8)], progress=False)
     summary["head_sqnr_db_critical_raised"] = sweep_head_sqnr(gm2, x)
+    if budget is not None:
+        from .budget import run_budget
+
+        rep.budget = run_budget(gm, model, base, x, budget, progress=progress)
     if metric == "map":
         from ..evaluate import evaluate
 
@@ -149,4 +165,8 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
         (out / "critical_qconfig.yaml").write_text(rep.qconfig_text)
         rep.files = {"json": out / "sensitivity.json", "png": _plot(rep, out / "sensitivity.png"),
                      "qconfig": out / "critical_qconfig.yaml"}
+        if rep.budget is not None:
+            from .budget import write_budget
+
+            rep.files.update(write_budget(rep.budget, out))
     return rep
