@@ -37,3 +37,22 @@ def test_per_channel_axis_outside_the_weight_is_refused_at_prepare_naming_the_no
     with pytest.raises(QConfigError, match=r"model_0 \(model\.0\): weight per_channel axis 5 is outside its 4-d "
                                            r"weight \(valid axes: 0 … 3, or null\)"):
         fxqat.prepare_qat("yolov8n.yaml", {"version": 1, "weight": {"per_channel": 5}}, nc=10)
+
+
+
+def test_sixteen_bit_weights_are_not_squeezed_into_int8_codes():
+    """A conv with 16-bit weights keeps simulating in float in the INT8 model (its codes do not fit int8). On the
+    shipped model at 96 px the INT8 model then stays as close to fake-quant as with 8-bit weights everywhere (max
+    0.55 px box / 0.005 score difference); with the 16-bit codes cast to int8 it was 46 px / 0.28 off."""
+    torch.manual_seed(0)
+    rules = {"version": 1, "rules": [{"match": {"name": "model_4_m_0_cv1"}, "weight": {"bits": 16}}]}
+    gm = fxqat.prepare_qat("fxqat-signs-yolov8n", rules)
+    x = torch.rand(2, 3, 96, 96)
+    fxqat.calibrate(gm, [x], progress=False)
+    gm.eval()
+    q = fxqat.convert(gm)
+    assert type(q.get_submodule("model_4_m_0_cv1")).__name__ != "Int8ConvBnAct"
+    with torch.no_grad():
+        ref, got = gm(x)[0], q(x)
+    assert float((ref[:, :4] - got[:, :4]).abs().max()) < 2.0  # box pixels
+    assert float((ref[:, 4:] - got[:, 4:]).abs().max()) < 0.02  # class scores

@@ -4,7 +4,8 @@ Walks the QAT graph once in order, tracking each value's domain — float, or ui
 reading each node's annotation (``node.meta["fxqat"].qspec``: its weight spec, the grid its output lies on, whether
 it shares its input's grid):
 
-    conv   ConvBnAct on a grid          ==> Int8ConvBnAct (BN folded, int8 weights, SiLU fused, uint8 or float out)
+    conv   ConvBnAct on a grid          ==> Int8ConvBnAct (BN folded, int8 weights, SiLU fused, uint8 or float out);
+                                            weights wider than 8 bits keep simulating in float
     quant  FakeQuant after a float op   ==> Quantize (8-bit grids; other widths keep simulating in float)
     add    on a grid                    ==> Int8Add (requantized)
     cat / split / resize / detach (shared grid) ==> the same op on uint8;  pool ==> Int8MaxPool
@@ -136,6 +137,7 @@ def lower_conv(c: Lowering, n: fx.Node) -> None:
     out = uint8_grid(out_fq) if out_fq is not None else None
     pre = uint8_grid(m.preact_fq) if m.preact_fq is not None else None
     int8 = (isinstance(q, NodeQSpec) and q.weight is not None and m.weight_fq is not None and c.on_grid(x) and
+            m.weight_fq.spec.bits <= 8 and  # wider weights (16-bit) keep simulating: int8 codes cannot hold them
             (out_fq is None or out is not None) and (m.preact_fq is None or pre is not None))
     if not int8:
         return c.set(n, c.call(n.target, m, (c.as_float(x),)), None)
