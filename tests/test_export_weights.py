@@ -86,3 +86,20 @@ def test_sub_8_bit_weights_export_on_their_grid_in_int8_containers(tmp_path):
     inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
     codes = [v for k, v in inits.items() if v.dtype == np.int8 and v.ndim == 4]
     assert min(int(c.min()) for c in codes) >= -128 and any(int(np.abs(c).max()) <= 8 for c in codes)  # 4-bit layers
+
+
+def test_sixteen_bit_weights_export_as_float_constants_on_their_grid(tmp_path):
+    """A 16-bit-weight conv (what a size budget may choose): ONNX Q/DQ has no int16 weight range that the runtimes'
+    conv kernels take, so its weights are written as float constants already on their 16-bit grid (62 DQ'd conv
+    weights instead of 63); ONNX Runtime matches fake-quant. Before: torch.onnx's range error."""
+    rules = {"version": 1, "rules": [{"match": {"name": "model_4_m_0_cv1"}, "weight": {"bits": 16}}]}
+    q = fxqat.prepare_qat(liven(load_model("yolov8n.yaml", nc=10)), rules)
+    x = signs_like_images(1, 64, seed=0)
+    fxqat.calibrate(q, [x, signs_like_images(1, 64, seed=1)], progress=False)
+    q.eval()
+    path = fxqat.export_onnx(q, tmp_path / "w16.onnx", imgsz=64)
+    assert len(_conv_weights(path)) == 62
+    with torch.no_grad():
+        ref = q(x)[0]
+    y = OnnxRunner(path)(x)
+    assert (ref - y).abs().max() <= 1e-3 * ref.abs().max()  # tolerance: float rounding of the decode

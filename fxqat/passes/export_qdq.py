@@ -43,6 +43,10 @@ class ExportConv(nn.Module):
             with torch.no_grad():  # the weights on their own grid, stored in int8 containers with the same scale
                 self.weight.copy_(fq(self.weight))
             fq.qmin, fq.qmax = -128, 127
+        elif fq is not None and fq.qmax - fq.qmin > 255:  # wider than 8 bits: no integer kernel takes them;
+            with torch.no_grad():  # the weights on their own grid as float constants (the runtime runs this conv
+                self.weight.copy_(fq(self.weight))  # in float, on exactly the values fake-quant computed with)
+            self.weight_fq = None
         c = m.conv
         self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
         self.act = m.act
