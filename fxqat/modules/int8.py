@@ -18,9 +18,10 @@ one convolution over the input's channels twice (``cat([x, x])`` against ``cat([
 at most 255·64·2 = 32 640, so the int32 result is exact, in the same single oneDNN call (post-op and requantize
 fused), for about twice the multiply-adds (yolov8n 640 on an AVX2-only EPYC, one thread, CPU time: 200 ms
 against 135 ms unsplit and 280 ms FP32 eager; fp32 convolutions of the dequantized codes, fake-quant's own
-arithmetic, took 1.2x the split path at 320 px). Which path runs is decided on the machine that runs the model, at
-its first call (:func:`u8s8_conv_saturates`: a small oneDNN self-test, once per process), so a model converted on
-one CPU runs exactly on another. Layers whose weights all fit ``|w| <= 64`` never split. ``Int8Add``
+arithmetic, took 1.2x the split path at 320 px). Which path runs is decided on the machine that runs the model, per layer
+at its first call (:func:`u8s8_conv_saturates`: a small oneDNN self-test of that layer's geometry, once per process
+and geometry: oneDNN picks its kernel by geometry, and its depthwise kernels add in int32 even without VNNI), so a
+model converted on one CPU runs exactly on another. Layers whose weights all fit ``|w| <= 64`` never split. ``Int8Add``
 (``quantized::add``) and ``Int8MaxPool`` have no u8×s8 products: exact on either kind of CPU.
 """
 
@@ -58,21 +59,41 @@ def _check_onednn():
                            " install torch 2.14.1 for x86-64: pip install torch==2.14.1 torchvision==0.29.1")
 
 
+def _probe(x_shape: tuple, w_shape: tuple, stride, padding, dilation, groups: int, x_zp: int) -> bool:
+    """Whether oneDNN's u8×s8 convolution of this geometry is wrong on all-255 codes against all-127 weights: every
+    int16 pair sum (255·127·2 = 64 770) saturates there, so a kernel that adds pairs in int16 anywhere cannot pass.
+    The reference: (255 - zero point)·127 times each output's number of unpadded taps and input channels, in
+    float64; oneDNN's float32 output rounds sums above 2²⁴ by at most 2⁻²⁴ of the sum, far below one saturated
+    pair's error (≥ 32 003). It runs at the layer's own input shape: oneDNN may pick kernels by size."""
+    x = torch.full(x_shape, 255, dtype=torch.uint8).contiguous(memory_format=CL)
+    cout = w_shape[0]
+    w, one = torch.full(w_shape, 127, dtype=torch.int8), torch.ones(cout)
+    packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, x_zp, list(stride), list(padding), list(dilation), groups,
+                                            list(x_shape))
+    y = _QCONV(x, 1.0, x_zp, packed, one, torch.zeros(cout, dtype=torch.int64), None, list(stride), list(padding),
+               list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+    taps = F.conv2d(torch.ones(1, 1, *x_shape[2:], dtype=torch.float64), torch.ones(1, 1, *w_shape[2:],
+                    dtype=torch.float64), None, tuple(stride), tuple(padding), tuple(dilation))  # unpadded taps
+    ref = taps * (255 - x_zp) * 127 * w_shape[1]
+    return not bool(((y.double() - ref).abs() <= ref.abs() * 2.0 ** -23 + 1).all())
+
+
 @functools.lru_cache(maxsize=None)
-def u8s8_conv_saturates() -> bool:
+def u8s8_conv_saturates(x_shape: tuple | None = None, w_shape: tuple | None = None, stride=(1, 1), padding=(0, 0),
+                        dilation=(1, 1), groups: int = 1, zero_point: bool = False) -> bool:
     """Whether oneDNN's u8×s8 convolution on this CPU adds product pairs in saturating int16 (``vpmaddubsw``: no
-    VNNI), measured once per process: 1×1 and 3×3 convolutions (16 and 3 input channels) of all-255 codes with
-    all-127 weights, whose exact sums (≤ 4.7e6) float32 holds exactly, against those sums."""
+    VNNI), measured once per process and geometry (:func:`_probe`).
+
+    Without arguments: 1×1 and 3×3 dense convolutions (16 and 3 input channels), the CPU's answer for common
+    layers. With a layer's input shape, weight shape, stride, padding, dilation, groups and whether its input zero
+    point is nonzero: that layer's own kernel, which oneDNN picks by geometry. On an AVX2-only EPYC its depthwise
+    kernel (one input channel per group) adds in int32 and is exact, where the split weights (two channels per
+    group) fell to a kernel 40-250x slower (yolo11n 640: 69 % of the INT8 model's conv time)."""
     _check_onednn()
-    for cin, k in ((16, 1), (3, 3), (16, 3)):
-        x = torch.full((1, cin, k + 2, k + 2), 255, dtype=torch.uint8).contiguous(memory_format=CL)
-        w, one = torch.full((8, cin, k, k), 127, dtype=torch.int8), torch.ones(8)
-        packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, list(x.shape))
-        y = _QCONV(x, 1.0, 0, packed, one, torch.zeros(8, dtype=torch.int64), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
-                   torch.float32, "none", [], "")
-        if not bool((y == 255 * 127 * cin * k * k).all()):
-            return True
-    return False
+    if x_shape is None:
+        return any(_probe((1, cin, k + 2, k + 2), (8, cin, k, k), (1, 1), (0, 0), (1, 1), 1, 0)
+                   for cin, k in ((16, 1), (3, 3), (16, 3)))
+    return _probe(tuple(x_shape), tuple(w_shape), stride, padding, dilation, groups, 128 if zero_point else 0)
 
 
 def cpu_has_vnni() -> bool:
@@ -176,11 +197,14 @@ class Int8ConvBnAct(nn.Module):
         self.split_weights = split_weights
         self._packed = None
 
-    def _splits(self) -> bool:
-        """Whether this call runs the split weights (decided per process, at packing: see the module docstring)."""
+    def _splits(self, x_shape: tuple) -> bool:
+        """Whether this call runs the split weights (decided per process and input shape, at packing: see the module
+        docstring)."""
         split = getattr(self, "split_weights", None)  # absent from modules pickled before it existed
         if split is None:
-            return bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates()  # |-128|
+            return bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(  # |-128|
+                tuple(x_shape), tuple(self.w_int8.shape), tuple(self.stride), tuple(self.padding),
+                tuple(self.dilation), self.groups, self.x_zp != 0)
         return bool(split)
 
     def _call_args(self, x_shape) -> tuple:
@@ -190,7 +214,7 @@ class Int8ConvBnAct(nn.Module):
         whether the input is to be doubled for split weights."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
-            split = self._splits()
+            split = self._splits(key)
             w, shape = self.w_int8, list(key)
             if split:
                 w, shape = _split_weight(w, self.groups), [shape[0], 2 * shape[1], *shape[2:]]
