@@ -172,10 +172,11 @@ class Dequantize(nn.Module):
 class Int8ConvBnAct(nn.Module):
     """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call.
 
-    ``split_weights``: None (default) splits the weights where oneDNN's u8×s8 kernel saturates on the running CPU
-    (:func:`u8s8_conv_saturates`) and some ``|w| > 64``; True always splits (exact everywhere, ~2x the
-    multiply-adds); False never does (wrong by up to tens of codes on CPUs without VNNI). ``keep_layout``: a float
-    output stays channels-last (set by ``BinsLastHead`` where the consumer reads that layout); otherwise it is made
+    ``split_weights``: None (default) splits the weights where oneDNN's u8×s8 kernel for this layer's geometry
+    saturates on the running CPU (:func:`u8s8_conv_saturates`; depthwise kernels do not) and some ``|w| > 64``;
+    True always splits (exact everywhere, ~2x the multiply-adds; a depthwise conv's split falls to a slow grouped
+    kernel); False never does (wrong by up to tens of codes on CPUs without VNNI). ``keep_layout``: a float output
+    stays channels-last (set by ``BinsLastHead`` where the consumer reads that layout); otherwise it is made
     NCHW-contiguous."""
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
