@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxqat.modules.int8 import (Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes, cpu_has_vnni,
-                                u8s8_conv_saturates)
+from fxqat.modules.int8 import (Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes, _dup, _quantize,
+                                _quantize_dup, cpu_has_vnni, u8s8_conv_saturates)
 
 CL = torch.channels_last
 
@@ -99,6 +99,14 @@ def test_int8_conv_call_honours_hooks_and_tracing():
     gm = torch.fx.GraphModule(seq, Leaves().trace(seq))  # torch.fx still intercepts the call: one call_module node
     assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "output"]
     assert torch.equal(gm(x), y)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 64, 48), (2, 3, 17, 33), (1, 5, 8, 8)])
+def test_quantize_dup_is_quantize_then_dup(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2
+    ref = _dup(_quantize(x, 0.013, 37), 1)
+    out = _quantize_dup(x, 0.013, 37)
+    assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=CL) and torch.equal(out, ref)
 
 
 def _conv_case(cin, cout, k, groups, seed):
