@@ -1,10 +1,10 @@
 """fxqat INT8 torch against FP32 eager, per model, in interleaved rounds; optionally where the time goes (issue 18).
 
 Rows per model (random init, calibrated on generated sign images, 640, batch 1): torch FP32 eager; fxqat INT8
-torch as it runs now (weights split per layer geometry, ``fxqat.modules.int8``); and, where this CPU's u8×s8 kernels
-saturate, the same INT8 model with every layer whose weights exceed ±64 split (the rule before the per-geometry
-probe: depthwise convs included), for what that change is worth in the same rounds. The outputs of the last two
-rows are compared bit for bit.
+torch as it runs now (weights split per layer geometry, ``fxqat.modules.int8``; the image quantized inside the first
+conv, ``QuantizeIntoConv``); and, where this CPU's u8×s8 kernels saturate, the same INT8 model as converted and run
+before those two changes (a separate image Quantize; every layer whose weights exceed ±64 split, depthwise convs
+included), for what they are worth in the same rounds. The outputs of the INT8 rows are compared bit for bit.
 
 ``--profile``: torch.profiler per-op shares (self CPU time) of FP32 and INT8, and the INT8 convs' share per kind
 (dense split / dense unsplit / depthwise), median over ``--profile-runs`` calls. Shares are robust under load where
@@ -16,7 +16,6 @@ wall-clock times are not.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import statistics
 from collections import defaultdict
@@ -33,7 +32,28 @@ from fxqat.modules.int8 import Int8ConvBnAct, cpu_has_vnni, u8s8_conv_saturates 
 from .common import machine, save, table  # noqa: E402
 from .deploy import _calib_images  # noqa: E402
 
-NOW, OLD, FP32 = "fxqat INT8 torch", "fxqat INT8 torch, split as before (depthwise too)", "torch FP32 eager"
+NOW, OLD, FP32 = "fxqat INT8 torch", "fxqat INT8 torch as before (issue 18)", "torch FP32 eager"
+
+
+def convert_as_before(qat):
+    """The INT8 model as ``fxqat.convert`` built it before issue 18: no QuantizeIntoConv, and (set on each conv)
+    every layer whose weights exceed ±64 split, whatever its geometry."""
+    import sys
+
+    from fxqat.passes.int8_layout import QuantizeIntoConv
+    from fxqat.passes.pipeline import convert_passes
+
+    mod = sys.modules["fxqat.convert"]
+    saved = mod.convert_passes
+    mod.convert_passes = lambda: [p for p in convert_passes() if not isinstance(p, QuantizeIntoConv)]
+    try:
+        old = fxqat.convert(qat)
+    finally:
+        mod.convert_passes = saved
+    for m in old.modules():
+        if isinstance(m, Int8ConvBnAct):
+            m.split_weights = bool(m.w_int8.to(torch.int16).abs().max() > 64)
+    return old
 
 
 def build(spec: str, imgsz: int) -> dict:
@@ -43,11 +63,7 @@ def build(spec: str, imgsz: int) -> dict:
     fxqat.calibrate(qat, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
     rows = {FP32: model, NOW: fxqat.convert(qat.eval())}
     if u8s8_conv_saturates():
-        old = copy.deepcopy(rows[NOW])
-        for m in old.modules():
-            if isinstance(m, Int8ConvBnAct):
-                m.split_weights = bool(m.w_int8.to(torch.int16).abs().max() > 64)
-        rows[OLD] = old
+        rows[OLD] = convert_as_before(qat.eval())
     return rows
 
 

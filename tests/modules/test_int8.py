@@ -221,6 +221,8 @@ def test_every_conv_of_a_converted_model_is_exact_on_its_own_activations(spec, n
     assert len(seen) == len(convs) == n_convs
     act = {"swish": nn.functional.silu, "relu": nn.functional.relu, "none": lambda t: t}
     for name, m, x, out in seen:
+        if m.quantize_input:  # the image: quantized inside the first conv (QuantizeIntoConv)
+            x = _quantize(x, m.x_scale, m.x_zp)
         acc = nn.functional.conv2d(x.double() - m.x_zp, m.w_int8.double(), None, m.stride, m.padding, m.dilation,
                                    m.groups)
         y = act[m.attr](acc * m.x_scale * m.w_scale.double().view(1, -1, 1, 1) + m.bias.double().view(1, -1, 1, 1))
