@@ -2,7 +2,8 @@
 
 * :class:`Int8ConvBnAct` — one oneDNN kernel per fused Conv+BN+SiLU (``onednn::qconv2d_pointwise`` with the
   ``swish`` post-op: uint8 in, uint8 out; or float out for Detect's last 1×1 convs). No float SiLU island.
-* :class:`Quantize` / :class:`Dequantize` — the float boundary (image input; DFL/decode inputs; graph outputs).
+* :class:`Quantize` / :class:`Dequantize` — the float boundary (float values entering a grid; DFL/decode inputs;
+  graph outputs). The image is quantized inside the first conv (``quantize_input``, set by ``QuantizeIntoConv``).
 * :class:`Int8Add` — residual add requantized to the output grid.
 * :class:`Int8MaxPool` — max pooling on the grid (order-preserving, exact).
 
