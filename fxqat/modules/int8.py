@@ -2,7 +2,8 @@
 
 * :class:`Int8ConvBnAct` — one oneDNN kernel per fused Conv+BN+SiLU (``onednn::qconv2d_pointwise`` with the
   ``swish`` post-op: uint8 in, uint8 out; or float out for Detect's last 1×1 convs). No float SiLU island.
-* :class:`Quantize` / :class:`Dequantize` — the float boundary (image input; DFL/decode inputs; graph outputs).
+* :class:`Quantize` / :class:`Dequantize` — the float boundary (float values entering a grid; DFL/decode inputs;
+  graph outputs). The image is quantized inside the first conv (``quantize_input``, set by ``QuantizeIntoConv``).
 * :class:`Int8Add` — residual add requantized to the output grid.
 * :class:`Int8MaxPool` — max pooling on the grid (order-preserving, exact).
 
@@ -18,9 +19,10 @@ one convolution over the input's channels twice (``cat([x, x])`` against ``cat([
 at most 255·64·2 = 32 640, so the int32 result is exact, in the same single oneDNN call (post-op and requantize
 fused), for about twice the multiply-adds (yolov8n 640 on an AVX2-only EPYC, one thread, CPU time: 200 ms
 against 135 ms unsplit and 280 ms FP32 eager; fp32 convolutions of the dequantized codes, fake-quant's own
-arithmetic, took 1.2x the split path at 320 px). Which path runs is decided on the machine that runs the model, at
-its first call (:func:`u8s8_conv_saturates`: a small oneDNN self-test, once per process), so a model converted on
-one CPU runs exactly on another. Layers whose weights all fit ``|w| <= 64`` never split. ``Int8Add``
+arithmetic, took 1.2x the split path at 320 px). Which path runs is decided on the machine that runs the model, per layer
+at its first call (:func:`u8s8_conv_saturates`: a small oneDNN self-test of that layer's geometry, once per process
+and geometry: oneDNN picks its kernel by geometry, and its depthwise kernels add in int32 even without VNNI), so a
+model converted on one CPU runs exactly on another. Layers whose weights all fit ``|w| <= 64`` never split. ``Int8Add``
 (``quantized::add``) and ``Int8MaxPool`` have no u8×s8 products: exact on either kind of CPU.
 """
 
@@ -58,21 +60,41 @@ def _check_onednn():
                            " install torch 2.14.1 for x86-64: pip install torch==2.14.1 torchvision==0.29.1")
 
 
+def _probe(x_shape: tuple, w_shape: tuple, stride, padding, dilation, groups: int, x_zp: int) -> bool:
+    """Whether oneDNN's u8×s8 convolution of this geometry is wrong on all-255 codes against all-127 weights: every
+    int16 pair sum (255·127·2 = 64 770) saturates there, so a kernel that adds pairs in int16 anywhere cannot pass.
+    The reference: (255 - zero point)·127 times each output's number of unpadded taps and input channels, in
+    float64; oneDNN's float32 output rounds sums above 2²⁴ by at most 2⁻²⁴ of the sum, far below one saturated
+    pair's error (≥ 32 003). It runs at the layer's own input shape: oneDNN may pick kernels by size."""
+    x = torch.full(x_shape, 255, dtype=torch.uint8).contiguous(memory_format=CL)
+    cout = w_shape[0]
+    w, one = torch.full(w_shape, 127, dtype=torch.int8), torch.ones(cout)
+    packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, x_zp, list(stride), list(padding), list(dilation), groups,
+                                            list(x_shape))
+    y = _QCONV(x, 1.0, x_zp, packed, one, torch.zeros(cout, dtype=torch.int64), None, list(stride), list(padding),
+               list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+    taps = F.conv2d(torch.ones(1, 1, *x_shape[2:], dtype=torch.float64), torch.ones(1, 1, *w_shape[2:],
+                    dtype=torch.float64), None, tuple(stride), tuple(padding), tuple(dilation))  # unpadded taps
+    ref = taps * (255 - x_zp) * 127 * w_shape[1]
+    return not bool(((y.double() - ref).abs() <= ref.abs() * 2.0 ** -23 + 1).all())
+
+
 @functools.lru_cache(maxsize=None)
-def u8s8_conv_saturates() -> bool:
+def u8s8_conv_saturates(x_shape: tuple | None = None, w_shape: tuple | None = None, stride=(1, 1), padding=(0, 0),
+                        dilation=(1, 1), groups: int = 1, zero_point: bool = False) -> bool:
     """Whether oneDNN's u8×s8 convolution on this CPU adds product pairs in saturating int16 (``vpmaddubsw``: no
-    VNNI), measured once per process: 1×1 and 3×3 convolutions (16 and 3 input channels) of all-255 codes with
-    all-127 weights, whose exact sums (≤ 4.7e6) float32 holds exactly, against those sums."""
+    VNNI), measured once per process and geometry (:func:`_probe`).
+
+    Without arguments: 1×1 and 3×3 dense convolutions (16 and 3 input channels), the CPU's answer for common
+    layers. With a layer's input shape, weight shape, stride, padding, dilation, groups and whether its input zero
+    point is nonzero: that layer's own kernel, which oneDNN picks by geometry. On an AVX2-only EPYC its depthwise
+    kernel (one input channel per group) adds in int32 and is exact, where the split weights (two channels per
+    group) fell to a kernel 40-250x slower (yolo11n 640: 69 % of the INT8 model's conv time)."""
     _check_onednn()
-    for cin, k in ((16, 1), (3, 3), (16, 3)):
-        x = torch.full((1, cin, k + 2, k + 2), 255, dtype=torch.uint8).contiguous(memory_format=CL)
-        w, one = torch.full((8, cin, k, k), 127, dtype=torch.int8), torch.ones(8)
-        packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, 0, [1, 1], [0, 0], [1, 1], 1, list(x.shape))
-        y = _QCONV(x, 1.0, 0, packed, one, torch.zeros(8, dtype=torch.int64), None, [1, 1], [0, 0], [1, 1], 1, 1.0, 0,
-                   torch.float32, "none", [], "")
-        if not bool((y == 255 * 127 * cin * k * k).all()):
-            return True
-    return False
+    if x_shape is None:
+        return any(_probe((1, cin, k + 2, k + 2), (8, cin, k, k), (1, 1), (0, 0), (1, 1), 1, 0)
+                   for cin, k in ((16, 1), (3, 3), (16, 3)))
+    return _probe(tuple(x_shape), tuple(w_shape), stride, padding, dilation, groups, 128 if zero_point else 0)
 
 
 def cpu_has_vnni() -> bool:
@@ -109,6 +131,14 @@ def _quantize(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     and the same transpose on uint8 (not quint8) codes 0.6 ms."""
     q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
     return _codes(q.contiguous(memory_format=CL) if q.dim() == 4 else q)
+
+
+def _quantize_dup(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``_dup(_quantize(x), 1)``, bit for bit: the image's channels doubled on NCHW codes (two block copies), then
+    made channels-last as quint8. yolo11n's 640² image: 3.3 ms, where doubling the channels-last 3-channel codes
+    (3-byte runs per pixel) took 12.3 ms (minimum of 15 calls, 1 thread, loaded AVX2 EPYC)."""
+    u = _codes(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8))
+    return _codes(_as_q(torch.cat([u, u], 1), (scale, zero_point)).contiguous(memory_format=CL))
 
 
 def _codes(q: torch.Tensor) -> torch.Tensor:
@@ -151,15 +181,17 @@ class Dequantize(nn.Module):
 class Int8ConvBnAct(nn.Module):
     """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call.
 
-    ``split_weights``: None (default) splits the weights where oneDNN's u8×s8 kernel saturates on the running CPU
-    (:func:`u8s8_conv_saturates`) and some ``|w| > 64``; True always splits (exact everywhere, ~2x the
-    multiply-adds); False never does (wrong by up to tens of codes on CPUs without VNNI). ``keep_layout``: a float
-    output stays channels-last (set by ``BinsLastHead`` where the consumer reads that layout); otherwise it is made
-    NCHW-contiguous."""
+    ``split_weights``: None (default) splits the weights where oneDNN's u8×s8 kernel for this layer's geometry
+    saturates on the running CPU (:func:`u8s8_conv_saturates`; depthwise kernels do not) and some ``|w| > 64``;
+    True always splits (exact everywhere, ~2x the multiply-adds; a depthwise conv's split falls to a slow grouped
+    kernel); False never does (wrong by up to tens of codes on CPUs without VNNI). ``keep_layout``: a float output
+    stays channels-last (set by ``BinsLastHead`` where the consumer reads that layout); otherwise it is made
+    NCHW-contiguous. ``quantize_input``: the input is float and quantized here to the input grid (set by
+    ``QuantizeIntoConv``), so that split weights double it where that is cheap (:func:`_quantize_dup`)."""
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
                  x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str,
-                 split_weights: bool | None = None, *, keep_layout: bool = False):
+                 split_weights: bool | None = None, *, keep_layout: bool = False, quantize_input: bool = False):
         super().__init__()
         _check_onednn()
         self.stride, self.padding = list(conv.stride), list(conv.padding)
@@ -167,6 +199,7 @@ class Int8ConvBnAct(nn.Module):
         self.x_scale, self.x_zp = float(x_qparams[0]), int(x_qparams[1])
         self.float_out = out_qparams is None
         self.keep_layout = bool(keep_layout)
+        self.quantize_input = bool(quantize_input)
         self.o_scale, self.o_zp = (1.0, 0) if out_qparams is None else (float(out_qparams[0]), int(out_qparams[1]))
         self.attr = act if act in ("swish", "relu", "none") else "none"
         self.register_buffer("w_int8", w_int8.contiguous())
@@ -176,11 +209,14 @@ class Int8ConvBnAct(nn.Module):
         self.split_weights = split_weights
         self._packed = None
 
-    def _splits(self) -> bool:
-        """Whether this call runs the split weights (decided per process, at packing: see the module docstring)."""
+    def _splits(self, x_shape: tuple) -> bool:
+        """Whether this call runs the split weights (decided per process and input shape, at packing: see the module
+        docstring)."""
         split = getattr(self, "split_weights", None)  # absent from modules pickled before it existed
         if split is None:
-            return bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates()  # |-128|
+            return bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(  # |-128|
+                tuple(x_shape), tuple(self.w_int8.shape), tuple(self.stride), tuple(self.padding),
+                tuple(self.dilation), self.groups, self.x_zp != 0)
         return bool(split)
 
     def _call_args(self, x_shape) -> tuple:
@@ -190,7 +226,7 @@ class Int8ConvBnAct(nn.Module):
         whether the input is to be doubled for split weights."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
-            split = self._splits()
+            split = self._splits(key)
             w, shape = self.w_int8, list(key)
             if split:
                 w, shape = _split_weight(w, self.groups), [shape[0], 2 * shape[1], *shape[2:]]
@@ -201,10 +237,14 @@ class Int8ConvBnAct(nn.Module):
                                   torch.float32 if self.float_out else None, self.attr, [], ""), split)
         return self._packed[1]
 
-    def with_options(self, *, keep_layout: bool) -> Int8ConvBnAct:
-        """A copy with another ``keep_layout`` (what a layout pass installs in this module's place)."""
+    def with_options(self, *, keep_layout: bool | None = None, quantize_input: bool | None = None) -> Int8ConvBnAct:
+        """A copy with another ``keep_layout`` / ``quantize_input`` (what a layout pass installs in this module's
+        place); None keeps the current setting."""
         new = copy.deepcopy(self)
-        new.keep_layout = bool(keep_layout)
+        if keep_layout is not None:
+            new.keep_layout = bool(keep_layout)
+        if quantize_input is not None:
+            new.quantize_input = bool(quantize_input)
         return new
 
     def __getstate__(self):  # the packed weight is an opaque oneDNN tensor: rebuilt on first use, never pickled
@@ -224,16 +264,29 @@ class Int8ConvBnAct(nn.Module):
         return self.forward(x)
 
     def forward(self, x):
+        if getattr(self, "quantize_input", False):  # absent from modules pickled before it existed
+            args = self._call_args(x.shape)
+            if self._packed[2] and self.groups == 1:
+                x = _quantize_dup(x, self.x_scale, self.x_zp)
+            else:
+                x = _quantize(x, self.x_scale, self.x_zp)
+                if self._packed[2]:
+                    x = _dup(x, self.groups)
+            return self._run(x, args)
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)  # e.g. a C2f split half (a strided channel slice)
         args = self._call_args(x.shape)
         if self._packed[2]:
             x = _dup(x, self.groups)
+        return self._run(x, args)
+
+    def _run(self, x, args):
         y = _QCONV(x, *args)
         return y.contiguous() if self.float_out and not self.keep_layout else y
 
     def extra_repr(self):
         out = "float" if self.float_out else f"u8 s={self.o_scale:.4g} zp={self.o_zp}"
+        out += ", in=float (quantized here)" if getattr(self, "quantize_input", False) else ""
         return (f"{self.w_int8.shape[1] * self.groups}->{self.w_int8.shape[0]}, k={tuple(self.w_int8.shape[2:])}, "
                 f"s={self.stride}, act={self.attr}, out={out}")
 

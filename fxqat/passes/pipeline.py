@@ -41,11 +41,12 @@ def prepare_passes(qconfig) -> list[FxqatPass]:
 
 
 def convert_passes() -> list[FxqatPass]:
-    from .int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves
+    from .int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves, QuantizeIntoConv
     from .lower_int8 import LowerInt8
     from .prune_head_branch import PruneUnusedHeadBranch
 
-    return [LowerInt8(), PruneUnusedHeadBranch(), BinsLastHead(), CatWholeChunks(), DenseSplitHalves()]
+    return [LowerInt8(), PruneUnusedHeadBranch(), BinsLastHead(), CatWholeChunks(), DenseSplitHalves(),
+            QuantizeIntoConv()]
 
 
 def export_passes(requantize_shared: bool = True) -> list[FxqatPass]:

@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxqat.modules.int8 import (Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes, cpu_has_vnni,
-                                u8s8_conv_saturates)
+from fxqat.modules.int8 import (Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes, _dup, _quantize,
+                                _quantize_dup, cpu_has_vnni, u8s8_conv_saturates)
 
 CL = torch.channels_last
 
@@ -101,6 +101,14 @@ def test_int8_conv_call_honours_hooks_and_tracing():
     assert torch.equal(gm(x), y)
 
 
+@pytest.mark.parametrize("shape", [(1, 3, 64, 48), (2, 3, 17, 33), (1, 5, 8, 8)])
+def test_quantize_dup_is_quantize_then_dup(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * 2
+    ref = _dup(_quantize(x, 0.013, 37), 1)
+    out = _quantize_dup(x, 0.013, 37)
+    assert out.dtype == torch.uint8 and out.is_contiguous(memory_format=CL) and torch.equal(out, ref)
+
+
 def _conv_case(cin, cout, k, groups, seed):
     """Inputs that saturate vpmaddubsw's int16 pair sums: codes near 255 against weights near ±127 of one sign
     per output channel (255·127·2 = 64 770 > 32 767), mixed with random ones."""
@@ -120,7 +128,7 @@ def _exact(x, w, zp, groups, k):
 
 
 @pytest.mark.parametrize("split", [None, True, False])
-@pytest.mark.parametrize("cin,cout,k,groups", [(16, 8, 3, 1), (8, 16, 1, 1), (3, 8, 3, 1), (16, 8, 3, 2)])
+@pytest.mark.parametrize("cin,cout,k,groups", [(16, 8, 3, 1), (8, 16, 1, 1), (3, 8, 3, 1), (16, 8, 3, 2), (16, 16, 3, 16)])
 def test_int8_conv_is_exact_where_u8s8_pair_sums_saturate(split, cin, cout, k, groups):
     x, w = _conv_case(cin, cout, k, groups, seed=cin + k)
     conv = nn.Conv2d(cin, cout, k, 1, k // 2, groups=groups)
@@ -131,13 +139,36 @@ def test_int8_conv_is_exact_where_u8s8_pair_sums_saturate(split, cin, cout, k, g
     q = Int8ConvBnAct(w, ws, torch.zeros(cout), conv, (0.02, 10), (0.5, 128), "none", split_weights=split)
     codes = (acc * 0.02 * ws.double().view(1, -1, 1, 1) / 0.5 + 128).round().clamp(0, 255)
     wrong_codes = ((q(x).double() - codes).abs() > 1).float().mean()  # tolerance: one code (rounding ties)
-    if split is False and u8s8_conv_saturates():
+    saturates = _layer_saturates(f, x)
+    if split is False and saturates:
         # the case does saturate the unsplit kernel on this CPU: the test would catch an exactness regression
         assert wrong_acc > 0.05 and wrong_codes > 0.05
     else:
         # float out: the integer sum scaled in float32, within half an accumulator unit
         assert wrong_acc == 0 and wrong_codes == 0
-    assert q._packed[2] == (split if split is not None else u8s8_conv_saturates())
+    assert q._packed[2] == (split if split is not None else saturates)
+
+
+def _layer_saturates(m, x):
+    """The probe of ``m``'s own geometry on input ``x``, as ``Int8ConvBnAct`` calls it."""
+    return u8s8_conv_saturates(tuple(x.shape), tuple(m.w_int8.shape), tuple(m.stride), tuple(m.padding),
+                               tuple(m.dilation), m.groups, m.x_zp != 0)
+
+
+def test_depthwise_convs_run_unsplit_and_exact():
+    # oneDNN's depthwise kernels add u8×s8 products in int32 even without VNNI (measured on an AVX2-only EPYC, where
+    # the split weights, two input channels per group, fell to a kernel 40-250x slower): the probe of that geometry
+    # says so, the layer runs its weights unsplit, and its codes are exact where dense layers' pair sums saturate
+    x, w = _conv_case(16, 16, 3, 16, seed=3)
+    conv = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+    m = Int8ConvBnAct(w, torch.full((16,), 0.002), torch.zeros(16), conv, (0.02, 10), None, "none")
+    out = m(x)
+    assert not _layer_saturates(m, x) and not m._packed[2]
+    assert torch.allclose(out.double() / 0.00004, _exact(x, w, 10, 16, 3), rtol=0, atol=0.5)
+    # the dense geometry of the same size is the one that saturates on this kind of CPU: the probes tell them apart
+    dense = Int8ConvBnAct(w.repeat(1, 16, 1, 1), torch.full((16,), 0.002), torch.zeros(16), nn.Conv2d(16, 16, 3, 1, 1),
+                          (0.02, 10), None, "none")
+    assert _layer_saturates(dense, x) == u8s8_conv_saturates()
 
 
 def test_u8s8_saturation_probe_contract(tmp_path):
@@ -166,7 +197,9 @@ def test_u8s8_saturation_probe_contract(tmp_path):
     assert torch.equal(again(x), m(x)) and again._packed[2]
 
 
-def test_every_conv_of_a_converted_yolov8n_is_exact_on_its_own_activations():
+@pytest.mark.parametrize("spec,n_convs", [("yolov8n.yaml", 63),
+                                          pytest.param("yolo11n.yaml", 87, marks=pytest.mark.slow)])  # depthwise, C2PSA
+def test_every_conv_of_a_converted_model_is_exact_on_its_own_activations(spec, n_convs):
     # the model-level parity tests compare final scores and boxes, which a few saturated codes per layer barely
     # move (on an AVX2-only CPU the unsplit kernel put 9 % of yolov8n's conv outputs off, up to 12 codes):
     # check each INT8 conv against its float64 integer reference on the activations it really sees
@@ -175,7 +208,7 @@ def test_every_conv_of_a_converted_yolov8n_is_exact_on_its_own_activations():
 
     from ..conftest_helpers import liven, signs_like_images
 
-    gm = fxqat.prepare_qat(liven(load_model("yolov8n.yaml", nc=10)))
+    gm = fxqat.prepare_qat(liven(load_model(spec, nc=10)))
     fxqat.calibrate(gm, [signs_like_images(1, 160, seed=0)], progress=False)
     q = fxqat.convert(gm.eval())
     seen = []
@@ -185,9 +218,11 @@ def test_every_conv_of_a_converted_yolov8n_is_exact_on_its_own_activations():
         q(signs_like_images(1, 160, seed=1))
     for h in hooks:
         h.remove()
-    assert len(seen) == len(convs) == 63
+    assert len(seen) == len(convs) == n_convs
     act = {"swish": nn.functional.silu, "relu": nn.functional.relu, "none": lambda t: t}
     for name, m, x, out in seen:
+        if m.quantize_input:  # the image: quantized inside the first conv (QuantizeIntoConv)
+            x = _quantize(x, m.x_scale, m.x_zp)
         acc = nn.functional.conv2d(x.double() - m.x_zp, m.w_int8.double(), None, m.stride, m.padding, m.dilation,
                                    m.groups)
         y = act[m.attr](acc * m.x_scale * m.w_scale.double().view(1, -1, 1, 1) + m.bias.double().view(1, -1, 1, 1))

@@ -8,8 +8,8 @@ import torch
 import torch.fx as fx
 
 import fxqat
-from fxqat.modules.int8 import Int8Add, Int8ConvBnAct
-from fxqat.passes.int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves, _chunk_of
+from fxqat.modules.int8 import Int8Add, Int8ConvBnAct, Quantize
+from fxqat.passes.int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves, QuantizeIntoConv, _chunk_of
 from fxqat.passes.base import run_passes
 from fxqat.passes.lower_int8 import LowerInt8
 
@@ -47,7 +47,7 @@ def test_each_layout_pass_keeps_the_output(raw_int8):
         # DFL's float softmax now reduces over another axis: float32 rounding only (boxes in pixels, scores in [0, 1])
         out = gm(x)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
-        for p in (CatWholeChunks(), DenseSplitHalves()):  # uint8 layout only: not one bit may change
+        for p in (CatWholeChunks(), DenseSplitHalves(), QuantizeIntoConv()):  # uint8 layout: not one bit may change
             gm = run_passes(gm, [p])
             assert torch.equal(gm(x), out), p.name
 
@@ -67,6 +67,25 @@ def test_converted_c2f_layout(qat):
         first = c.args[0][0]
         assert isinstance(_mod(q, first), Int8ConvBnAct) and first.meta["fxqat"].module_path.endswith(".cv1")
         assert not any(_chunk_of(a) for a in c.args[0])
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_the_image_is_quantized_inside_the_first_conv(qat, raw_int8, split):
+    # the pass removes the image's Quantize and the first conv quantizes (and, for split weights, doubles) the image
+    # itself: the same codes either way; forced split / unsplit so that both paths run on any CPU
+    q = fxqat.convert(qat)
+    first = next(n for n in q.graph.nodes if isinstance(_mod(q, n), Int8ConvBnAct))
+    assert first.args[0].op == "placeholder" and _mod(q, first).quantize_input
+    assert not any(isinstance(m, Quantize) for m in q.modules())
+    raw = copy.deepcopy(raw_int8)
+    for gm in (q, raw):
+        for m in gm.modules():
+            if isinstance(m, Int8ConvBnAct):
+                m.split_weights, m._packed = split, None
+    x = signs_like_images(2, 320, seed=6)
+    with torch.no_grad():
+        a, b = _mod(q, first)(x), raw.get_submodule(first.target)(raw.get_submodule("quant_x")(x))
+    assert torch.equal(a, b) and _mod(q, first)._packed[2] == split
 
 
 def test_converted_graph_golden(qat, golden):
