@@ -2,6 +2,8 @@
 kernels add u8 × s8 product pairs in saturating int16). The weights of the fixed layers are rounded again on a grid
 of twice their scale, codes within ±64, so no pair sum (≤ 255·64·2 = 32 640) overflows."""
 
+import importlib.util
+
 import numpy as np
 import onnx
 import pytest
@@ -155,3 +157,47 @@ def test_openvino_runs_the_fixed_model_without_overflow(exports, tmp_path):
     assert off <= 1e-3 and worst <= 1.0 + 1e-3 and box <= 0.25
     if not cpu_has_vnni():  # the 8-bit export saturates only here: the fix must be what removes the error
         assert errors("disable")[0] > 0.05
+
+
+def test_openvino_avx2_preset_trains_and_exports_7_bit_weights(tmp_path):
+    """The preset's weights lie on a 7-bit grid in the QAT model already: codes within [-64, 63] in the export
+    without any overflow fix."""
+    q = fxqat.prepare_qat(liven(load_model("yolov8n.yaml", nc=10)), "openvino_avx2")
+    fxqat.calibrate(q, [signs_like_images(1, IMGSZ, seed=3)], progress=False)
+    codes = [c for c, _ in _weights(fxqat.export_onnx(q.eval(), tmp_path / "w7.onnx", imgsz=IMGSZ))]
+    assert len(codes) == 63 and min(int(c.min()) for c in codes) >= -64 and max(int(c.max()) for c in codes) <= 63
+
+
+def _no_vnni(monkeypatch):
+    import fxqat.modules.int8 as int8
+
+    monkeypatch.setattr(int8, "cpu_has_vnni", lambda: False)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_export_openvino_warns_about_8_bit_weights_without_vnni(exports, tmp_path, monkeypatch, capsys):
+    from fxqat.deploy import export_openvino
+
+    _no_vnni(monkeypatch)
+    export_openvino(exports["disable"], tmp_path / "a_openvino_model")
+    assert "warning: this model's 8-bit weights lose accuracy in OpenVINO on this CPU" in capsys.readouterr().out
+    folder = export_openvino(exports["enable"], tmp_path / "b_openvino_model")
+    assert "warning" not in capsys.readouterr().out
+    assert "fxqat_overflow_fix: enable" in (folder / "metadata.yaml").read_text()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
+def test_export_command_applies_and_says_the_fix(model, tmp_path, monkeypatch, capsys):
+    from fxqat.checkpoint import save_checkpoint
+    from fxqat.cli import main
+
+    _no_vnni(monkeypatch)
+    ckpt = save_checkpoint(tmp_path / "best.pt", model)
+    assert main(["export", str(ckpt), "format=openvino", f"imgsz={IMGSZ}", "report=false"]) == 0
+    assert "overflow_fix=auto: this CPU has no VNNI" in capsys.readouterr().out
+    assert "fxqat_overflow_fix: enable" in (tmp_path / "best_int8_openvino_model" / "metadata.yaml").read_text()
+    onnx_out = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), f"imgsz={IMGSZ}", "report=false", f"out={onnx_out}"]) == 0  # ONNX: off
+    assert {p.key: p.value for p in onnx.load(str(onnx_out)).metadata_props}["fxqat_overflow_fix"] == "disable"
+    assert main(["export", str(ckpt), "overflow_fix=all"]) == 2  # a usage error
+    assert "valid choices: auto, enable, first_layer, disable" in capsys.readouterr().err
