@@ -186,6 +186,7 @@ def test_export_openvino_warns_about_8_bit_weights_without_vnni(exports, tmp_pat
     assert "fxqat_overflow_fix: enable" in (folder / "metadata.yaml").read_text()
 
 
+@pytest.mark.slow  # two CLI exports from a checkpoint
 @pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="openvino not installed")
 def test_export_command_applies_and_says_the_fix(model, tmp_path, monkeypatch, capsys):
     from fxqat.checkpoint import save_checkpoint
