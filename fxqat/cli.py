@@ -248,7 +248,11 @@ COMMANDS: dict[str, Command] = {
                       "that runtime); false: none"),
         "weights": Arg(str, "int8", "int8 (TensorRT's form) | uint8 (+128, zero point 128: exact in ONNX Runtime on "
                        "CPUs without VNNI)", _one_of("int8", "uint8")),
-        "out": Arg(str, None, "output .onnx file, or *_openvino_model folder")}),
+        "out": Arg(str, None, "output .onnx file, or *_openvino_model folder"),
+        "overflow_fix": Arg(str, "auto", "7-bit weight grid (scale x 2) against int16 saturation of int8 kernels on "
+                            "CPUs without VNNI (NNCF's overflow fix): auto (format=openvino on a host without VNNI: "
+                            "enable; else disable) | enable | first_layer | disable",
+                            _one_of("auto", "enable", "first_layer", "disable"))}),
     "analyze": Command(_lazy("cmd_analyze"), "critical-layer analysis: per-layer sensitivity and a qconfig", ("model",), {
         "data": Arg(str, None, "data YAML or image folder (calibration images)"),
         "out": Arg(str, "runs/analyze", "report folder"), "imgsz": Arg(int, 320, "image size", _stride_multiple),

@@ -123,14 +123,14 @@ def _print_table(rows, cols):
         print("  ".join(v.ljust(k) for v, k in zip(row, w)))
 
 
-def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
+def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8", overflow_fix="auto"):
     """QDQ ONNX (``<ckpt>.onnx``) or OpenVINO (``<ckpt>_int8_openvino_model/``) with Ultralytics' metadata, so
     ``YOLO(path)`` / ``yolo predict model=path`` run it; prints the commands to run next."""
     import tempfile
 
     from .checkpoint import load_checkpoint
     from .deploy import OPENVINO_SUFFIX, export_openvino, next_commands, openvino_dir, require_openvino
-    from .export import export_onnx, format_report, qdq_report
+    from .export import export_onnx, format_report, qdq_report, resolve_overflow_fix
 
     if format == "openvino":
         target = Path(out) if out else openvino_dir(model)
@@ -146,7 +146,11 @@ def cmd_export(model, format, imgsz, dynamic, report, out, weights="int8"):
         onnx_path = Path(out) if out and format == "onnx" else Path(model).with_suffix(".onnx")
         if format == "openvino":  # the QDQ ONNX model is OpenVINO's input here, not a result
             onnx_path = Path(tmp) / Path(model).with_suffix(".onnx").name
-        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights,
+        if overflow_fix == "auto" and format != "openvino":
+            overflow_fix = "disable"  # ONNX stays on the trained grid (TensorRT; ONNX Runtime: weights=uint8)
+        fix, why = resolve_overflow_fix(overflow_fix)
+        print(why)
+        export_onnx(gm, onnx_path, imgsz=imgsz, dynamic=dynamic, weights=weights, overflow_fix=fix,
                     requantize_shared=format != "openvino")  # OpenVINO folds DQ through shared ops itself
         rep = format_report(qdq_report(onnx_path)) if report not in (False, "false") else None
         if format == "openvino":

@@ -98,7 +98,11 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
 
     _step(4, n, "convert to INT8 torch (oneDNN); export QDQ ONNX for OpenVINO and ONNX Runtime")
     ptq_int8, qat_int8 = fxqat.convert(ptq.eval()), fxqat.convert(qat)
-    onnx_path = fxqat.export_onnx(qat, out / "qat_int8.onnx", imgsz=imgsz)
+    from .export import resolve_overflow_fix
+
+    ov_fix, why = resolve_overflow_fix("auto")  # OpenVINO's int8 kernels saturate on CPUs without VNNI
+    print(why)
+    onnx_path = fxqat.export_onnx(qat, out / "qat_int8.onnx", imgsz=imgsz, overflow_fix=ov_fix)
     ort_weights = "int8" if cpu_has_vnni() else "uint8"  # ORT's u8s8 kernels saturate without VNNI
     ort_path = fxqat.export_onnx(ort_ptq.eval(), out / "ptq_int8_onnxruntime.onnx", imgsz=imgsz, weights=ort_weights)
     forms = {"FP32": ("torch", fp32), "PTQ INT8": ("torch (oneDNN)", ptq_int8),
@@ -109,7 +113,7 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
 
         ov_dir = export_openvino(onnx_path)
         ov_pred = openvino_predictor(ov_dir)
-        forms["QAT INT8 QDQ"] = ("OpenVINO", ov_pred)
+        forms["QAT INT8 QDQ"] = ("OpenVINO" + (", 7-bit weights (no VNNI)" if ov_fix == "enable" else ""), ov_pred)
         runners["QAT INT8 QDQ"] = ov_pred.fn
     except Exception as e:  # noqa: BLE001 - OpenVINO is optional
         print(f"OpenVINO row skipped: {e}")

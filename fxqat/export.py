@@ -28,6 +28,9 @@ from .passes.pipeline import export_passes, onnx_passes
 
 
 WEIGHT_FORMS = ("int8", "uint8")
+OVERFLOW_FIX = ("auto", "enable", "first_layer", "disable")  # NNCF's names: ENABLE, FIRST_LAYER, DISABLE
+# u8 x s8 products summed in pairs must fit int16 where int8 kernels use vpmaddubsw (no VNNI): 255 * 64 * 2 = 32 640
+SAFE_WEIGHT_CODE = 64
 
 
 def export_graph(qat_model: fx.GraphModule, requantize_shared: bool = True) -> fx.GraphModule:
@@ -73,6 +76,67 @@ def fold_weight_quantizers(model) -> None:
     used = {i for n in g.node for i in n.input}
     for name in [i.name for i in g.initializer if i.name not in used]:
         g.initializer.remove(next(i for i in g.initializer if i.name == name))
+
+
+def resolve_overflow_fix(overflow_fix: str) -> tuple[str, str]:
+    """``(mode, why)``: "auto" is "enable" on a host without VNNI (``fxqat.modules.int8.cpu_has_vnni``), else
+    "disable"; the reason is the sentence the export prints."""
+    if overflow_fix not in OVERFLOW_FIX:
+        raise ConvertError(f"overflow_fix={overflow_fix!r}: valid choices are {', '.join(OVERFLOW_FIX)}")
+    if overflow_fix != "auto":
+        return overflow_fix, f"overflow_fix={overflow_fix}"
+    from .modules.int8 import cpu_has_vnni
+
+    if cpu_has_vnni():
+        return "disable", "overflow_fix=auto: this CPU has VNNI (int8 sums in int32), weights keep their 8-bit grid"
+    return "enable", ("overflow_fix=auto: this CPU has no VNNI, where OpenVINO's int8 kernels add u8 x s8 products in "
+                      "saturating int16 (accuracy loss); weights re-rounded to a 7-bit grid (scale x 2, codes within "
+                      "+-64), NNCF's overflow fix. overflow_fix=disable keeps the 8-bit grid (exact on VNNI CPUs)")
+
+
+def halve_weight_grids(model, first_layer_only: bool = False) -> list[str]:
+    """NNCF's overflow fix on the exported graph, before :func:`fold_weight_quantizers`: every constant conv weight
+    whose codes exceed ±64 is quantized again with twice its scale, from its float values (one rounding, codes
+    within ±64), so no pair of u8 × s8 products overflows int16 in a ``vpmaddubsw`` kernel. Layers already on a
+    narrower grid (e.g. 4-bit weights) stay as they are. Returns the names of the QuantizeLinear nodes changed."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
+
+    def value(name):
+        while name in alias:
+            name = alias[name]
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        return numpy_helper.to_array(consts[name].attribute[0].t) if name in consts else None
+
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    changed = []
+    for n in g.node:
+        if n.op_type != "QuantizeLinear" or value(n.input[0]) is None or value(n.input[0]).ndim != 4:
+            continue
+        w, s = value(n.input[0]), value(n.input[1])
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 1)
+        shape = [1] * w.ndim
+        shape[axis] = -1
+        zp = value(n.input[2]) if len(n.input) > 2 else None
+        if zp is not None and np.any(zp != 0):
+            continue  # asymmetric weights: not fxqat's form, left alone
+        if np.abs(np.rint(w / s.reshape(shape))).max() > SAFE_WEIGHT_CODE:
+            name = f"{n.output[0]}_scale_x2"
+            g.initializer.append(numpy_helper.from_array((s * 2).astype(s.dtype), name))
+            for c in [n] + [c for c in consumers.get(n.output[0], []) if c.op_type == "DequantizeLinear"]:
+                c.input[1] = name
+            changed.append(n.name or n.output[0])
+        if first_layer_only:
+            break  # the first weight in graph order: the conv reading the image
+    return changed
 
 
 def uint8_weights(model) -> None:
@@ -126,7 +190,8 @@ def scalar_qparams(model) -> None:
 
 
 def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = False, opset: int = 17,
-                batch: int = 1, weights: str = "int8", requantize_shared: bool = True) -> Path:
+                batch: int = 1, weights: str = "int8", requantize_shared: bool = True,
+                overflow_fix: str = "disable") -> Path:
     """Write a QDQ ONNX model of ``qat_model`` to ``path`` and return the path (checked with onnx.checker).
 
     ``weights``: "int8" (TensorRT's explicit-quantization form) or "uint8" (the same values as uint8 + zero point
@@ -135,11 +200,17 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
     input's grid, which ONNX Runtime and TensorRT need to run them in INT8. False leaves that identity out: the
     OpenVINO form (``fxqat export format=openvino``), because OpenVINO moves the dequantize through those ops itself
     and otherwise runs each requantize after a Split / Resize as a separate node (``fxqat.diagnose``: 22 on yolov8n).
-    Both forms compute the same values."""
+    Both forms compute the same values.
+    ``overflow_fix``: "disable" (default: the weights on the model's own grid), "enable" (every conv weight with
+    codes beyond ±64 on a grid of twice its scale: :func:`halve_weight_grids`, for int8 runtimes on CPUs without
+    VNNI, OpenVINO's among them), "first_layer" (only the conv reading the image) or "auto" ("enable" on a host
+    without VNNI, else "disable"; see :func:`resolve_overflow_fix`). The mode used is stored in the ONNX metadata
+    (``fxqat_overflow_fix``)."""
     import onnx
 
     if weights not in WEIGHT_FORMS:
         raise ConvertError(f"weights={weights!r}: valid choices are {', '.join(WEIGHT_FORMS)}")
+    fix, _ = resolve_overflow_fix(overflow_fix)
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,11 +229,15 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
                                            if segment else {})} if dynamic else None,
                           dynamo=False, do_constant_folding=True)
     model = onnx.load(str(path))
+    if fix != "disable":
+        halve_weight_grids(model, first_layer_only=fix == "first_layer")
     for rewrite in onnx_passes(weights):
         rewrite(model)
     from .deploy import add_onnx_metadata  # Ultralytics' metadata keys: YOLO(path) predicts / validates / tracks
 
     add_onnx_metadata(model, getattr(qat_model, "meta", {}), (h, w), batch=batch, dynamic=dynamic, opset=opset)
+    p = model.metadata_props.add()
+    p.key, p.value = "fxqat_overflow_fix", fix
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
     return path

@@ -55,7 +55,8 @@ def test_demo_quick(tmp_path, capsys):
     assert rep["model"] == "fxqat-signs-yolov8n" and isinstance(rep["qat_kept_ptq_start"], bool)
     rows = {r["model"]: r for r in rep["rows"]}
     assert list(rows) == ["FP32", "PTQ INT8", "QAT INT8", "QAT INT8 QDQ", "PTQ INT8 QDQ"]
-    assert rows["QAT INT8 QDQ"]["runtime"] == "OpenVINO" and "ONNX Runtime" in rows["PTQ INT8 QDQ"]["runtime"]
+    assert "ONNX Runtime" in rows["PTQ INT8 QDQ"]["runtime"]  # OpenVINO: 7-bit weights where its kernels saturate
+    assert rows["QAT INT8 QDQ"]["runtime"] == "OpenVINO" + ("" if rep["machine"]["vnni"] else ", 7-bit weights (no VNNI)")
     for r in rows.values():  # every form was evaluated and timed in this run
         assert 0 <= r["mAP50-95"] <= r["mAP50"] <= 1 and r["latency_ms"] > 0 and r["size_mb"] > 0
     assert rows["QAT INT8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
