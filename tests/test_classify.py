@@ -90,8 +90,15 @@ def test_classify_int8_and_onnx_match_fake_quant(name, imgsz, tmp_path):
         return hook
 
     h1 = fq_in.register_forward_hook(keep("fq", lambda o: torch.round(o / step) + zp))
-    qin = q.get_submodule(lin.args[0].target.replace(".", "_"))
-    h2 = qin.register_forward_hook(keep("q", lambda o: o.float()))
+    # the INT8 model's input codes of the classifier: the image-side Quantize is folded into the conv that reads it
+    # (QuantizeIntoConv), so they are the conv's float input quantized on its own input grid
+    qconv = q.get_submodule(lin.target.replace(".", "_"))
+    assert qconv.quantize_input and (qconv.x_scale, qconv.x_zp) == (step, zp)
+
+    def codes(m, i):
+        got.setdefault("q", torch.quantize_per_tensor(i[0], m.x_scale, m.x_zp, torch.quint8).int_repr().float())
+
+    h2 = qconv.register_forward_pre_hook(codes)
     with torch.no_grad():
         gm(x), q(x)
     h1.remove(), h2.remove()
