@@ -16,6 +16,7 @@ def _fills(dot_text: str) -> dict[str, str]:
 
 
 def test_analyze_writes_report_and_usable_qconfig(tmp_path):
+    torch.manual_seed(0)  # the model's initial weights: not whatever the tests before left in the global generator
     model = liven(load_model("yolov8n.yaml", nc=10))
     with torch.no_grad():  # an outlier channel: model.4.cv1's channel 0 reaches ~100 while the others stay ~3, so
         bn = model.model[4].cv1.bn  # its per-tensor output grid crushes every other channel of that tensor
