@@ -47,15 +47,13 @@ def _with_activation_outputs(src, dst) -> list[tuple[str, str, float, int]]:
     """A copy of the QDQ model with every activation DequantizeLinear output as a graph output; returns
     ``(output name, producer label, scale, zero point)`` for each."""
     import onnx
-    from onnx import helper, numpy_helper
+    from onnx import helper
+
+    from fxqat.export import constant_values
 
     m = onnx.load(str(src))
     g = m.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
-    for n in g.node:
-        if n.op_type == "Identity" and n.input[0] in consts:
-            consts[n.output[0]] = consts[n.input[0]]
+    consts = constant_values(g)
     producer = {o: n for n in g.node for o in n.output}
     names = {o.name for o in g.output}
     acts = []

@@ -40,11 +40,11 @@ def export_graph(qat_model: fx.GraphModule, requantize_shared: bool = True) -> f
     return run_passes(gm, export_passes(requantize_shared), "export")
 
 
-def fold_weight_quantizers(model) -> None:
-    """QuantizeLinear(constant float weight) → an int8 initializer feeding DequantizeLinear directly."""
+def constant_reader(g):
+    """``value(name)``: the array of a constant tensor of ONNX graph ``g`` (an initializer or a Constant node, through
+    Identity aliases), read when asked; None for a computed tensor."""
     from onnx import numpy_helper
 
-    g = model.graph
     inits = {i.name: i for i in g.initializer}
     consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
     alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
@@ -54,10 +54,25 @@ def fold_weight_quantizers(model) -> None:
             name = alias[name]
         if name in inits:
             return numpy_helper.to_array(inits[name])
-        if name in consts:
-            return numpy_helper.to_array(consts[name].attribute[0].t)
-        return None
+        return numpy_helper.to_array(consts[name].attribute[0].t) if name in consts else None
 
+    return value
+
+
+def constant_values(g) -> dict:
+    """Every constant tensor of ONNX graph ``g`` by name (initializers, Constant nodes, their Identity aliases)."""
+    value = constant_reader(g)
+    names = [i.name for i in g.initializer] + [o for n in g.node if n.op_type in ("Constant", "Identity")
+                                               for o in n.output[:1]]
+    return {k: v for k in names if (v := value(k)) is not None}
+
+
+def fold_weight_quantizers(model) -> None:
+    """QuantizeLinear(constant float weight) → an int8 initializer feeding DequantizeLinear directly."""
+    from onnx import numpy_helper
+
+    g = model.graph
+    value = constant_reader(g)
     keep = []
     for n in g.node:
         if n.op_type == "QuantizeLinear" and value(n.input[0]) is not None and value(n.input[0]).ndim == 4:
@@ -102,17 +117,7 @@ def halve_weight_grids(model, first_layer_only: bool = False) -> list[str]:
     from onnx import numpy_helper
 
     g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    consts = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
-    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity"}
-
-    def value(name):
-        while name in alias:
-            name = alias[name]
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return numpy_helper.to_array(consts[name].attribute[0].t) if name in consts else None
-
+    value = constant_reader(g)
     consumers: dict[str, list] = {}
     for n in g.node:
         for i in n.input:
@@ -246,15 +251,10 @@ def export_onnx(qat_model: fx.GraphModule, path, imgsz=640, dynamic: bool = Fals
 def qdq_report(path) -> dict:
     """Q/DQ counts per consuming op type and any scale change through Concat / MaxPool / Resize / Split / Add."""
     import onnx
-    from onnx import numpy_helper
 
     model = onnx.load(str(path))
     g = model.graph
-    consts = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-    consts.update({n.output[0]: numpy_helper.to_array(n.attribute[0].t) for n in g.node if n.op_type == "Constant"})
-    for n in g.node:
-        if n.op_type == "Identity" and n.input[0] in consts:
-            consts[n.output[0]] = consts[n.input[0]]
+    consts = constant_values(g)
     producer = {o: n for n in g.node for o in n.output}
     consumers: dict[str, list] = {}
     for n in g.node:
