@@ -167,6 +167,10 @@ def _report(v) -> str:
     raise ValueError(f"valid choices: {', '.join(REPORTS)}")
 
 
+def _fraction(v):
+    return None if 0.0 <= v <= 1.0 else "must be between 0 and 1"
+
+
 def _positive_float(v):
     return None if v > 0 and v != float("inf") else "must be a positive finite number"
 
@@ -218,7 +222,9 @@ COMMANDS: dict[str, Command] = {
     }),
     "train": Command(_lazy("cmd_train"), "train an FP32 model with Ultralytics (the QAT starting point)", ("model",),
                      {**_TRAIN_COMMON, "epochs": Arg(int, 30, "epochs", _at_least(1)),
-                      "name": Arg(str, "fp32", "run name")}),
+                      "name": Arg(str, "fp32", "run name"),
+                      "mosaic": Arg(float, None, "mosaic augmentation probability, 0 to 1 (default: Ultralytics' 1.0; "
+                                    "0 trains on whole images at their own scale)", _fraction)}),
     "qat": Command(_lazy("cmd_qat"), "quantization-aware fine-tuning through the Ultralytics trainer", ("model",), {
         **_TRAIN_COMMON, "name": Arg(str, "qat", "run name"),
         "qconfig": Arg(str, None, "qconfig YAML path or preset name (default, head_float, mixed_w4, onnxruntime, "

@@ -84,3 +84,23 @@ def test_qat_passes_only_given_arguments(monkeypatch, capsys):
     assert main(["qat", "resume=last.pt", "batch=4"]) == 0  # no MODEL, no data=: both come from the checkpoint
     assert seen["model"] is None and seen["data"] is None and seen["resume"] == "last.pt" and seen["batch"] == 4
     assert "workers" not in seen
+
+
+def test_train_passes_mosaic_only_when_given(monkeypatch, capsys):
+    """mosaic= reaches Ultralytics' trainer arguments; left out, Ultralytics' own default applies; out of range: refused."""
+    import fxqat.training as T
+
+    seen = {}
+
+    def fake(model, data, **kw):
+        seen.clear()
+        seen.update(kw)
+        return "best.pt"
+
+    monkeypatch.setattr(T, "train_fp32", fake)
+    assert main(["train", "yolov8n.yaml", "data=d.yaml", "mosaic=0"]) == 0
+    assert seen["mosaic"] == 0.0
+    assert main(["train", "yolov8n.yaml", "data=d.yaml"]) == 0
+    assert "mosaic" not in seen
+    assert main(["train", "yolov8n.yaml", "data=d.yaml", "mosaic=1.5"]) == 2
+    assert "mosaic=1.5: must be between 0 and 1" in capsys.readouterr().err
