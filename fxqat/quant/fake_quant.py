@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from . import fast_fq
 from .backend import make_observer
 from .spec import QuantSpec
 
@@ -20,6 +21,9 @@ SCALE_EPS = 1e-8
 # observer path, kept as the reference the tests and benchmarks/qat_step.py compare against.
 FAST_OBSERVE = True
 FAST_KINDS = ("minmax", "moving_average")
+# Per-tensor 8-bit activations on CPU fake-quantize through the vectorized quantize / dequantize kernels
+# (:mod:`fxqat.quant.fast_fq`: same values and gradients). False: torch's fake-quant kernel, the reference.
+FAST_KERNEL = True
 
 
 class FakeQuant(nn.Module):
@@ -176,6 +180,8 @@ class FakeQuant(nn.Module):
         if self.ch_axis is not None:
             return torch.fake_quantize_per_channel_affine(x, scale, self.zero_point, self.ch_axis,
                                                           self.qmin, self.qmax)
+        if FAST_KERNEL and fast_fq.eligible(x, self.qmin, self.qmax) and not torch.onnx.is_in_onnx_export():
+            return fast_fq.fake_quant_per_tensor(x, scale, self.zero_point, self.qmin, self.qmax)
         return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, self.qmin, self.qmax)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

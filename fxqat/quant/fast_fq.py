@@ -1,0 +1,76 @@
+"""Per-tensor 8-bit fake-quantization on CPU through the vectorized quantize / dequantize kernels.
+
+torch's CPU ``fake_quantize_per_tensor_affine`` kernel is scalar: on a yolov8n QAT step it took 17 % of the step,
+7× the time of the SiLU it follows. ``quantize_per_tensor`` + ``dequantize`` compute the same values with AVX2 (the
+same ``nearbyint(x * (1 / scale)) + zero_point``, clamped, then ``(q - zero_point) * scale``; bit-identical, tested
+with ties and odd zero points). The straight-through mask — elements whose unclamped code lies in [qmin, qmax] —
+is an interval of ``x`` (the code is monotone in ``x``), so it is two comparisons with thresholds found exactly once
+per (scale, zero point) in float32 arithmetic, the kernel's own.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+# the dtype whose whole range is (qmin, qmax): only those ranges take this path (others: torch's kernel)
+DTYPES = {(0, 255): torch.quint8, (-128, 127): torch.qint8}
+_THRESHOLDS: dict[tuple[float, int, int, int], tuple[float, float]] = {}
+warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
+
+
+def eligible(x: torch.Tensor, qmin: int, qmax: int) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.float32 and (qmin, qmax) in DTYPES
+
+
+def _code(x: np.float32, inv: np.float32, zp: int) -> float:
+    return zp + float(np.rint(np.float32(x * inv)))  # the kernel: z + nearbyint(float(x * inv_scale))
+
+
+def thresholds(scale: float, zp: int, qmin: int, qmax: int) -> tuple[float, float]:
+    """(lo, hi): the smallest and largest float32 ``x`` whose code ``z + nearbyint(x * (1 / scale))`` lies in
+    [qmin, qmax]; every x between them does too."""
+    key = (scale, zp, qmin, qmax)
+    if key in _THRESHOLDS:
+        return _THRESHOLDS[key]
+    s = np.float32(scale)
+    inv = np.float32(1.0) / s
+    hi = np.float32((qmax - zp + 0.5) * float(s))
+    while _code(hi, inv, zp) > qmax:
+        hi = np.nextafter(hi, np.float32(-np.inf))
+    while _code(np.nextafter(hi, np.float32(np.inf)), inv, zp) <= qmax:
+        hi = np.nextafter(hi, np.float32(np.inf))
+    lo = np.float32((qmin - zp - 0.5) * float(s))
+    while _code(lo, inv, zp) < qmin:
+        lo = np.nextafter(lo, np.float32(np.inf))
+    while _code(np.nextafter(lo, np.float32(-np.inf)), inv, zp) >= qmin:
+        lo = np.nextafter(lo, np.float32(-np.inf))
+    if len(_THRESHOLDS) > 4096:  # moving-average scales change every step: keep the cache small
+        _THRESHOLDS.clear()
+    _THRESHOLDS[key] = (float(lo), float(hi))
+    return _THRESHOLDS[key]
+
+
+class _FakeQuant8(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):
+        s, z = float(scale.reshape(())), int(zero_point.reshape(()))
+        y = torch.quantize_per_tensor(x, s, z, DTYPES[(qmin, qmax)]).dequantize()
+        if ctx.needs_input_grad[0]:
+            lo, hi = thresholds(s, z, qmin, qmax)
+            ctx.save_for_backward(torch.ge(x, lo).logical_and_(torch.le(x, hi)))
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None
+
+
+def fake_quant_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
+                          qmax: int) -> torch.Tensor:
+    """``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)`` for an :func:`eligible` ``x``:
+    the same values and the same straight-through gradient."""
+    return _FakeQuant8.apply(x, scale, zero_point, qmin, qmax)

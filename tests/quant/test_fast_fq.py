@@ -1,0 +1,104 @@
+"""The CPU fake-quant path through quantize / dequantize (fxqat.quant.fast_fq) against torch's fake-quant kernel:
+the same values bit for bit, the same straight-through gradient, on ties, odd zero points and both 8-bit ranges."""
+
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._pytree import tree_leaves
+
+import fxqat
+import fxqat.quant.fake_quant as fqmod
+from fxqat.quant import fast_fq
+from fxqat.quant.fake_quant import FakeQuant
+from fxqat.quant.spec import QuantSpec
+from fxqat.models import load_model
+
+RANGES = [(0, 255), (-128, 127)]
+
+
+def _inputs(scale: float, zp: int, n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=g) * scale * 120 - (zp - 128) * scale * 0.5
+    k = torch.randint(-400, 400, (n // 2,), generator=g).float()
+    x[: n // 2] = (k + 0.5) * torch.tensor(scale)  # exact ties: x / scale ends in .5 (half-even rounding matters)
+    return x
+
+
+@settings(max_examples=150, deadline=None)
+@given(scale=st.floats(1e-5, 2.0), zp_frac=st.floats(0, 1), n=st.integers(1, 3000), r=st.sampled_from(RANGES),
+       seed=st.integers(0, 2**16))
+def test_values_and_gradient_equal_torch_kernel(scale, zp_frac, n, r, seed):
+    qmin, qmax = r
+    zp = int(qmin + round(zp_frac * (qmax - qmin)))
+    s, z = torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32)
+    x = _inputs(float(s), zp, n, seed)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = torch.fake_quantize_per_tensor_affine(xa, s, z, qmin, qmax)
+    out = fast_fq.fake_quant_per_tensor(xb, s, z, qmin, qmax)
+    assert torch.equal(out, ref)
+    g = torch.randn(n)
+    ref.backward(g)
+    out.backward(g)
+    assert torch.equal(xb.grad, xa.grad)  # the straight-through mask: in range ⇔ unclamped code in [qmin, qmax]
+
+
+@pytest.mark.parametrize("qmin,qmax", RANGES)
+def test_thresholds_bound_the_kernels_mask_exactly(qmin, qmax):
+    """Every float32 just inside a threshold is in the torch kernel's mask, the next one out is not."""
+    for scale, zp in [(0.05, 128 if qmin == 0 else 0), (0.0137, 3 if qmin == 0 else -7), (1.7, qmax), (3e-4, qmin)]:
+        lo, hi = fast_fq.thresholds(scale, zp, qmin, qmax)
+        edge = torch.tensor([lo, hi])
+        out = torch.tensor([torch.nextafter(edge[0], torch.tensor(-float("inf"))),
+                            torch.nextafter(edge[1], torch.tensor(float("inf")))])
+        _, mask_in = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            edge, torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32), torch.tensor([1], dtype=torch.uint8),
+            qmin, qmax)
+        _, mask_out = torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            out, torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32), torch.tensor([1], dtype=torch.uint8),
+            qmin, qmax)
+        assert mask_in.all() and not mask_out.any(), (scale, zp)
+
+
+def test_eligible_only_for_cpu_float32_and_whole_8bit_ranges():
+    x = torch.zeros(3)
+    assert fast_fq.eligible(x, 0, 255) and fast_fq.eligible(x, -128, 127)
+    assert not fast_fq.eligible(x, 0, 15)  # 4-bit: torch's kernel
+    assert not fast_fq.eligible(x, -127, 127)
+    assert not fast_fq.eligible(x.half(), 0, 255)
+
+
+def test_fake_quant_module_takes_the_fast_path(monkeypatch):
+    """FakeQuant uses the fast kernel for 8-bit per-tensor activations (counted), not for 4-bit or per-channel."""
+    calls = []
+    real = fast_fq.fake_quant_per_tensor
+    monkeypatch.setattr(fast_fq, "fake_quant_per_tensor", lambda *a: calls.append(a[3:]) or real(*a))
+    x = torch.randn(2, 4, 8, 8)
+    for spec, ch in [(QuantSpec(), None), (QuantSpec(symmetric=True), None), (QuantSpec(bits=4), None),
+                     (QuantSpec(symmetric=True, per_channel=0), 2)]:
+        FakeQuant(spec, channels=ch).train()(x)
+    assert calls == [(0, 255), (-128, 127)]
+
+
+def test_qat_model_step_equals_torch_kernel(monkeypatch):
+    """A whole prepared yolov8n: forward outputs, input gradient and weight gradients with the fast kernel equal
+    torch's fake-quant kernel's (float32 sums in the same order: bit-identical)."""
+    torch.manual_seed(0)
+    gm = fxqat.prepare_qat(load_model("yolov8n.yaml", nc=3), example_inputs=(torch.rand(1, 3, 64, 64),))
+    fxqat.calibrate(gm, [torch.rand(2, 3, 64, 64)], progress=False)
+    x = torch.rand(2, 3, 64, 64)
+    results = []
+    for fast in (False, True):
+        monkeypatch.setattr(fqmod, "FAST_KERNEL", fast)
+        m = copy.deepcopy(gm).train()
+        xi = x.clone().requires_grad_()
+        out = m(xi)
+        outs = [o for o in tree_leaves(out) if torch.is_tensor(o)]
+        sum(o.float().square().mean() for o in outs).backward()
+        results.append((outs, xi.grad, [p.grad.clone() for p in m.parameters() if p.grad is not None]))
+    (o0, g0, w0), (o1, g1, w1) = results
+    assert len(o0) == len(o1) > 0 and all(torch.equal(a, b) for a, b in zip(o0, o1))
+    assert torch.equal(g0, g1) and len(w0) == len(w1) > 0
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
