@@ -2,7 +2,8 @@
 
 Rows: the FP32 Ultralytics ``DetectionModel``; fxqat's QAT graph as it was (torch.ao's observer calls,
 ``fake_quant.FAST_OBSERVE = False``; BN rescale on the conv output, ``ConvBnAct.RESCALE_WEIGHT = False``); with the
-fast observers; with the fast observers and the weight-side rescale (today's default); Ultralytics' own QAT
+fast observers; with the fast observers and the weight-side rescale; with those and the quantize/dequantize
+fake-quant kernel (``fake_quant.FAST_KERNEL``, today's default); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
 One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch.
 
@@ -38,10 +39,13 @@ from .common import machine, save, table  # noqa: E402
 FP32 = "FP32 (Ultralytics DetectionModel)"
 REF = "fxqat QAT before (torch.ao observer calls, conv output / f)"
 FAST = "fxqat QAT + fast observers"
-RESCALE = "fxqat QAT + fast observers + weight-side BN rescale (default)"
+RESCALE = "fxqat QAT + fast observers + weight-side BN rescale"
+KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel (default)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # row → (FakeQuant fast observers, ConvBnAct weight-side rescale): each change measured on its own
-TOGGLES = {REF: (False, False), FAST: (True, False), RESCALE: (True, True)}
+# row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel)
+TOGGLES = {REF: (False, False, False), FAST: (True, False, False), RESCALE: (True, True, False),
+           KERNEL: (True, True, True)}
 
 
 def _ultralytics_qat(det, x):
@@ -82,7 +86,7 @@ def build(row: str, imgsz: int, batch: int, device: str):
 
 
 def _step(m, crit, x, tgt, opt, row):
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT = TOGGLES.get(row, (True, True))
+    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL = TOGGLES.get(row, (True, True, True))
     opt.zero_grad(set_to_none=True)
     loss, _ = crit(m(x), tgt)
     loss.sum().backward()
@@ -120,7 +124,7 @@ def peak_rss_mb(row, imgsz, batch, threads) -> float:
 
 def measure(imgsz, batch, rounds, steps, device, memory, threads):
     rows, notes = {}, []
-    for row in (FP32, REF, FAST, RESCALE, ULTRA):
+    for row in (FP32, REF, FAST, RESCALE, KERNEL, ULTRA):
         built = build(row, imgsz, batch, device)
         if built is None:
             notes.append(f"{ULTRA}: not measured, nvidia-modelopt is not installed (Ultralytics 8.4.190 has the "
@@ -151,7 +155,7 @@ def measure(imgsz, batch, rounds, steps, device, memory, threads):
             mem[k] = torch.cuda.max_memory_allocated() / 2**20
         else:
             mem[k] = peak_rss_mb(k, imgsz, batch, threads)
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT = True, True
+    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL = True, True, True
     base_t, base_m = statistics.median(times[FP32]), mem[FP32]
     out = []
     for k, ts in times.items():

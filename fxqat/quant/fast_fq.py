@@ -66,7 +66,7 @@ class _FakeQuant8(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad * mask, None, None, None, None
+        return torch.where(mask, grad, 0.0), None, None, None, None  # one pass (grad * mask would cast the mask)
 
 
 def fake_quant_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
