@@ -1,4 +1,4 @@
-"""Regenerate docs/explore.png: the explorer page of the shipped fxqat-signs-yolov8n with the mixed_w4 preset (imgsz 192,
+"""Regenerate docs/explore.png: the explorer page of the shipped fxqat-signs-yolov8n with the mixed_w4 preset (imgsz 256,
 4 generated sign images) in
 headless Chromium, with layer 4 open, a 4-bit conv's details shown and two nodes in the qconfig selection.
 
@@ -20,7 +20,7 @@ def main(page=None):
     if page is None:
         import fxqat
 
-        page = fxqat.explore("fxqat-signs-yolov8n", out=ROOT / "runs" / "explore" / "shipped.html", imgsz=192, images=4,
+        page = fxqat.explore("fxqat-signs-yolov8n", out=ROOT / "runs" / "explore" / "shipped.html", imgsz=256, images=4,
                              qconfig="mixed_w4")
     else:
         from fxqat.explorer import embedded_data, render

@@ -42,17 +42,25 @@ def test_per_channel_axis_outside_the_weight_is_refused_at_prepare_naming_the_no
 
 def test_sixteen_bit_weights_are_not_squeezed_into_int8_codes():
     """A conv with 16-bit weights keeps simulating in float in the INT8 model (its codes do not fit int8). On the
-    shipped model at 96 px the INT8 model then stays as close to fake-quant as with 8-bit weights everywhere (max
-    0.55 px box / 0.005 score difference); with the 16-bit codes cast to int8 it was 46 px / 0.28 off."""
-    torch.manual_seed(0)
-    rules = {"version": 1, "rules": [{"match": {"name": "model_4_m_0_cv1"}, "weight": {"bits": 16}}]}
-    gm = fxqat.prepare_qat("fxqat-signs-yolov8n", rules)
-    x = torch.rand(2, 3, 96, 96)
-    fxqat.calibrate(gm, [x], progress=False)
-    gm.eval()
-    q = fxqat.convert(gm)
+    shipped model at 96 px on random input the INT8 model then stays about as close to fake-quant as the same model
+    with 8-bit weights everywhere (a few px on boxes up to 500 px, ~0.01 on scores: single rounding flips); with the
+    16-bit codes cast to int8 it was 46 px / 0.28 off."""
+
+    def gap(rules):
+        torch.manual_seed(0)
+        gm = fxqat.prepare_qat("fxqat-signs-yolov8n", rules)
+        x = torch.rand(2, 3, 96, 96)
+        fxqat.calibrate(gm, [x], progress=False)
+        gm.eval()
+        q = fxqat.convert(gm)
+        with torch.no_grad():
+            ref, got = gm(x)[0], q(x)
+        return q, float((ref[:, :4] - got[:, :4]).abs().max()), float((ref[:, 4:] - got[:, 4:]).abs().max())
+
+    q, box16, cls16 = gap({"version": 1, "rules": [{"match": {"name": "model_4_m_0_cv1"}, "weight": {"bits": 16}}]})
     assert type(q.get_submodule("model_4_m_0_cv1")).__name__ != "Int8ConvBnAct"
-    with torch.no_grad():
-        ref, got = gm(x)[0], q(x)
-    assert float((ref[:, :4] - got[:, :4]).abs().max()) < 2.0  # box pixels
-    assert float((ref[:, 4:] - got[:, 4:]).abs().max()) < 0.02  # class scores
+    _, box8, cls8 = gap(None)
+    # box pixels (squeezed codes: 46) and class scores (0.28); measured 1.3-4.4 px and ~0.012 for both the 16-bit and
+    # the all-8-bit model, depending on the thread count earlier tests left (float sums in another order)
+    assert box16 < 10.0 and box8 < 10.0
+    assert cls16 < 0.05 and cls8 < 0.05
