@@ -32,7 +32,7 @@ class DemoConfig:
 
 
 DEFAULT = DemoConfig(train=320, val=96, qat_epochs=1, batch=16, calib_batches=8, analyze_images=16, rounds=5)
-QUICK = DemoConfig(train=32, val=32, qat_epochs=1, batch=16, calib_batches=2, analyze_images=0, rounds=2)  # no analysis
+QUICK = DemoConfig(train=32, val=16, qat_epochs=1, batch=16, calib_batches=2, analyze_images=0, rounds=2)  # no analysis
 
 
 def _step(i: int, n: int, text: str) -> float:
