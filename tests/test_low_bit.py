@@ -30,7 +30,7 @@ def _weight_fqs(gm):
 def w4a8():
     torch.manual_seed(0)
     gm = fxqat.prepare_qat(liven(load_model("yolov8n.yaml", nc=10)), "w4a8")
-    fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(2)], progress=False)
+    fxqat.calibrate(gm, [signs_like_images(2, 160, seed=s) for s in range(2)], progress=False)
     return gm.eval()
 
 
@@ -57,7 +57,7 @@ def test_w4a8_is_overridable_as_any_yaml(tmp_path):
 
 def test_w4a8_int8_torch_matches_fake_quant_and_codes_lie_in_4_bits(w4a8):
     q = fxqat.convert(w4a8)
-    for x in (signs_like_images(2, 320, seed=11), torch.rand(2, 3, 320, 320)):
+    for x in (signs_like_images(2, 160, seed=11), torch.rand(2, 3, 160, 160)):
         assert_int8_matches_fake_quant(w4a8, q, x)
     convs = {p.replace("_", "."): m for p, m in q.named_modules() if isinstance(m, Int8ConvBnAct)}
     assert len(convs) == 63  # the 4-bit convs run on the int8 kernels too, none left simulating in float

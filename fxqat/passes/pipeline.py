@@ -55,7 +55,8 @@ def export_passes(requantize_shared: bool = True) -> list[FxqatPass]:
 
     # FixLearnedScales after FoldConvsForExport: folding reads each weight's grid through FakeQuant.observe, which
     # keeps a learned scale but would re-observe a fixed one
-    return [FoldConvsForExport(), FixLearnedScales(), DecodeForExport()] + ([RequantizeSharedOps()] if requantize_shared else [])
+    passes = [FoldConvsForExport(), FixLearnedScales(), DecodeForExport()]
+    return passes + ([RequantizeSharedOps()] if requantize_shared else [])
 
 
 def onnx_passes(weights: str = "int8") -> list:
