@@ -7,9 +7,10 @@ Targets (issue 5): fxqat QAT >= FP32 - 0.3 pt mAP50-95 and ahead of Ultralytics'
 
 ``--variants`` (issue 16) replaces fxqat's PTQ / QAT rows by one set per variant, from the same checkpoint: PTQ
 (fake-quant, INT8 torch) and QAT (fake-quant, INT8 torch). Variants: w8a8 (the default preset), w4a8 (the w4a8 preset:
-4-bit weights, 8-bit first conv and Detect's last convs), and each with ``_lsq`` (learnable scales on weights and
-activations). A variant may carry its own QAT recipe, ``NAME:key=value:...`` with keys lr0, epochs, freeze_bn,
-freeze_observers (the same variant may appear with several recipes; its PTQ rows run once):
+4-bit weights, 8-bit first conv and Detect's last convs), each with fixed scales, and each with ``_lsq`` (learnable
+scales on weights and activations; the w4a8 preset's own setting). A variant may carry its own QAT recipe,
+``NAME:key=value:...`` with keys lr0, epochs, freeze_bn, freeze_observers (the same variant may appear with several
+recipes; its PTQ rows run once):
 
     python -m benchmarks.accuracy --fp32 best.pt --data data.yaml --val-data big_val.yaml --imgsz 192 --batch 32 \\
         --variants w8a8,w8a8_lsq,w4a8,w4a8_lsq,w4a8:epochs=3,w4a8:freeze_bn=0 --skip-ultralytics
@@ -53,12 +54,11 @@ COLUMNS = ("method", "bits", "learnable", "mAP50", "mAP50-95", "delta_pt", "seco
 
 def variant_qconfig(name: str) -> dict:
     """The qconfig mapping of variant ``name``: its preset, with ``learnable: true`` on weights and activations for
-    the ``_lsq`` variants."""
+    the ``_lsq`` variants and ``learnable: false`` for the others."""
     preset, learnable = VARIANTS[name]
     d = yaml.safe_load(preset_text(preset))
-    if learnable:
-        for k in ("weight", "activation"):
-            d[k] = {**d.get(k, {}), "learnable": True}
+    for k in ("weight", "activation"):  # set either way: a preset may have learnable scales (w4a8 does)
+        d[k] = {**d.get(k, {}), "learnable": learnable}
     return d
 
 

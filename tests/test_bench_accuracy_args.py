@@ -58,8 +58,8 @@ def test_variant_qconfigs():
         qc = as_qconfig(variant_qconfig(name))
         ref = as_qconfig(preset)
         assert qc.weight.learnable is qc.activation.learnable is learnable and not qc.input.learnable
-        assert qc.weight.with_(learnable=False) == ref.weight
+        assert qc.weight.with_(learnable=False) == ref.weight.with_(learnable=False)
         assert [r.__dict__ | {"where": ""} for r in qc.rules] == [r.__dict__ | {"where": ""} for r in ref.rules]
         assert tag(variant_qconfig(name)) == (f"W{ref.weight.bits}A8", learnable)
-    assert tag(None) == ("W8A8", False) and tag("w4a8") == ("W4A8", False)
+    assert tag(None) == ("W8A8", False) and tag("w4a8") == ("W4A8", True)  # the w4a8 preset learns its scales
     assert recipe_label(3, 3e-4, {"freeze_bn": 0}) == "3 ep lr0=0.0003 freeze_bn=0"
