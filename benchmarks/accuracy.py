@@ -4,6 +4,19 @@ Ultralytics' own QAT (``model.train(quantize=8)``, NVIDIA ModelOpt; skipped with
 Targets (issue 5): fxqat QAT >= FP32 - 0.3 pt mAP50-95 and ahead of Ultralytics' QAT; fxqat PTQ >= FP32 - 1.0 pt.
 
     python -m benchmarks.accuracy --fp32 runs/fp32/weights/best.pt --data datasets/signs/data.yaml --epochs 1
+
+``--variants`` (issue 16) replaces fxqat's PTQ / QAT rows by one set per variant, from the same checkpoint: PTQ
+(fake-quant, INT8 torch) and QAT (fake-quant, INT8 torch). Variants: w8a8 (the default preset), w4a8 (the w4a8 preset:
+4-bit weights, 8-bit first conv and Detect's last convs), each with fixed scales, and each with ``_lsq`` (learnable
+scales on weights and activations; the w4a8 preset's own setting). A variant may carry its own QAT recipe,
+``NAME:key=value:...`` with keys lr0, epochs, freeze_bn, freeze_observers (the same variant may appear with several
+recipes; its PTQ rows run once):
+
+    python -m benchmarks.accuracy --fp32 best.pt --data data.yaml --val-data big_val.yaml --imgsz 192 --batch 32 \\
+        --variants w8a8,w8a8_lsq,w4a8,w4a8_lsq,w4a8:epochs=3,w4a8:freeze_bn=0 --skip-ultralytics
+
+``seconds``: wall time to build the row's model from the FP32 checkpoint (PTQ: prepare + calibration; QAT: the whole
+``train_qat`` run with its calibration and validations; INT8 torch: + conversion), evaluation not included.
 """
 
 from __future__ import annotations
@@ -19,16 +32,90 @@ from pathlib import Path
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import fxqat  # noqa: E402
 from fxqat.checkpoint import load_checkpoint  # noqa: E402
 from fxqat.data.images import image_files, iter_image_batches, load_images  # noqa: E402
 from fxqat.evaluate import evaluate  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
+from fxqat.qconfig import as_qconfig  # noqa: E402
+from fxqat.qconfig.io import preset_text  # noqa: E402
 from fxqat.training import train_qat  # noqa: E402
 
-from .common import save, table  # noqa: E402
+from .common import save  # noqa: E402
 from .peers import export_fp32_onnx, ort_quantize_static  # noqa: E402
+
+VARIANTS = {"w8a8": ("default", False), "w8a8_lsq": ("default", True), "w4a8": ("w4a8", False),
+            "w4a8_lsq": ("w4a8", True)}  # name: (preset, learnable scales on weights and activations)
+RECIPE_KEYS = {"lr0": float, "epochs": int, "freeze_bn": int, "freeze_observers": int}
+COLUMNS = ("method", "bits", "learnable", "mAP50", "mAP50-95", "delta_pt", "seconds")
+
+
+def variant_qconfig(name: str) -> dict:
+    """The qconfig mapping of variant ``name``: its preset, with ``learnable: true`` on weights and activations for
+    the ``_lsq`` variants and ``learnable: false`` for the others."""
+    preset, learnable = VARIANTS[name]
+    d = yaml.safe_load(preset_text(preset))
+    for k in ("weight", "activation"):  # set either way: a preset may have learnable scales (w4a8 does)
+        d[k] = {**d.get(k, {}), "learnable": learnable}
+    return d
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """``"w8a8,w4a8:lr0=3e-4:epochs=3"`` → ``[("w8a8", {}), ("w4a8", {"lr0": 3e-4, "epochs": 3})]``; ValueError with
+    the valid choices for anything else."""
+    out = []
+    for item in text.split(","):
+        name, *pairs = item.strip().split(":")
+        if name not in VARIANTS:
+            raise ValueError(f"variant {name!r}: valid variants are {', '.join(VARIANTS)}")
+        recipe: dict = {}
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if key not in RECIPE_KEYS or not eq:
+                raise ValueError(f"{item!r}: {pair!r} is not key=value with key one of {', '.join(RECIPE_KEYS)}")
+            if key in recipe:
+                raise ValueError(f"{item!r}: {key} given twice")
+            try:
+                v = RECIPE_KEYS[key](value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {key}={value!r} is not a{'n integer' if key != 'lr0' else ' number'}") \
+                    from None
+            low = {"lr0": "> 0", "epochs": ">= 1"}.get(key, ">= 0")
+            if not (0 < v < float("inf") if key == "lr0" else v >= (1 if key == "epochs" else 0)):
+                raise ValueError(f"{item!r}: {key}={value} out of range (must be {low})")
+            recipe[key] = v
+        out.append((name, recipe))
+    return out
+
+
+def tag(qc) -> tuple[str, bool]:
+    """(bits label from the global specs, e.g. "W4A8"; whether any scale is learnable) of a qconfig."""
+    qc = as_qconfig(qc)
+    return f"W{qc.weight.bits}A{qc.activation.bits}", qc.weight.learnable or qc.activation.learnable
+
+
+def recipe_label(epochs: int, lr0: float, recipe: dict) -> str:
+    extra = "".join(f" {k}={recipe[k]}" for k in ("freeze_bn", "freeze_observers") if k in recipe)
+    return f"{epochs} ep lr0={lr0:g}{extra}"
+
+
+def markdown(rows: list[dict]) -> str:
+    fmt = {"mAP50": "{:.4f}", "mAP50-95": "{:.4f}", "delta_pt": "{:+.2f}", "seconds": "{:.0f}"}
+
+    def cell(r, c):
+        v = r.get(c)
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return fmt[c].format(v) if c in fmt else str(v)
+
+    head = ["method", "bits", "learnable", "mAP50", "mAP50-95", "Δ vs FP32 (pt)", "seconds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def ultralytics_qat(fp32: str, data: str, epochs: int, imgsz: int, batch: int, project: str) -> dict:
@@ -46,53 +133,108 @@ def ultralytics_qat(fp32: str, data: str, epochs: int, imgsz: int, batch: int, p
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp32", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--data", required=True, help="data YAML: calibration, QAT training and its validation")
+    ap.add_argument("--val-data", default=None, help="data YAML whose val split every row is evaluated on "
+                    "(default: --data's)")
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--calib", type=int, default=16, help="calibration batches for PTQ")
     ap.add_argument("--qconfig", default=None)
-    ap.add_argument("--lr0", default="1e-4", help="comma-separated fxqat QAT learning rates to compare")
+    ap.add_argument("--lr0", default="1e-4", help="comma-separated fxqat QAT learning rates to compare (with "
+                    "--variants: one value, the default of every variant)")
+    ap.add_argument("--variants", default=None, help=f"comma-separated, NAME[:key=value...]; names "
+                    f"{', '.join(VARIANTS)}; keys {', '.join(RECIPE_KEYS)}")
+    ap.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime quantize_static row")
     ap.add_argument("--skip-ultralytics", action="store_true")
     ap.add_argument("--project", default=None)
     a = ap.parse_args(argv)
+    lrs = [float(v) for v in a.lr0.split(",")]
+    variants = None
+    if a.variants is not None:
+        try:
+            variants = parse_variants(a.variants)
+        except ValueError as e:
+            ap.error(f"--variants: {e}")
+        if a.qconfig is not None:
+            ap.error("--qconfig and --variants: each variant sets its own qconfig; give one or the other")
+        if len(lrs) != 1:
+            ap.error("--variants takes one --lr0 (the default); set a variant's own as NAME:lr0=...")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     project = a.project or tempfile.mkdtemp(prefix="fxqat_acc_")
+    val = a.val_data or a.data
     rows, notes = [], []
 
-    def add(name, r, **kw):
-        rows.append({"method": name, "mAP50": r["mAP50"], "mAP50-95": r["mAP50-95"], **kw})
-        print(f"{name}: mAP50-95 {r['mAP50-95']:.4f}", flush=True)
+    def add(name, r, eval_s=None, tag=("FP32", None), seconds=None, **kw):
+        rows.append({"method": name, "bits": tag[0], "learnable": tag[1], "mAP50": r["mAP50"],
+                     "mAP50-95": r["mAP50-95"], "seconds": seconds, "eval_s": eval_s, **kw})
+        print(f"{name}: mAP50-95 {r['mAP50-95']:.4f}" + (f" ({seconds:.0f} s)" if seconds else ""), flush=True)
+
+    def timed_eval(model, **kw):
+        t = time.perf_counter()
+        r = evaluate(model, val, imgsz=a.imgsz, batch=a.batch, **kw)
+        return r, time.perf_counter() - t
 
     fp32 = load_model(a.fp32).eval()
-    add("FP32", evaluate(a.fp32, a.data, imgsz=a.imgsz, batch=a.batch))
+    r, es = timed_eval(a.fp32)
+    add("FP32", r, es)
+    meta = None
 
-    ptq = fxqat.prepare_qat(fp32, a.qconfig)
-    fxqat.calibrate(ptq, iter_image_batches(a.data, imgsz=a.imgsz, batch=a.batch, split="train"), batches=a.calib)
-    add("fxqat PTQ (fake-quant)", evaluate(ptq, a.data, imgsz=a.imgsz, batch=a.batch))
-    meta = (ptq.meta["names"], ptq.meta["stride"])
-    add("fxqat PTQ (INT8 torch)", evaluate(fxqat.convert(ptq), a.data, imgsz=a.imgsz, batch=a.batch, names=meta[0],
-                                           stride=meta[1]))
-
-    for lr in [float(v) for v in a.lr0.split(",")]:
+    def ptq(label, qc):
+        nonlocal meta
         t = time.perf_counter()
-        _, best = train_qat(a.fp32, a.data, epochs=a.epochs, imgsz=a.imgsz, batch=a.batch, qconfig=a.qconfig,
-                            project=project, name=f"fxqat_qat_lr{lr:g}", workers=2, calib_batches=a.calib,
-                            verbose=False, lr0=lr)
-        qat_s = time.perf_counter() - t
-        qat = load_checkpoint(best)
-        tag = f"fxqat QAT {a.epochs} ep lr0={lr:g}"
-        add(f"{tag} (fake-quant)", evaluate(qat, a.data, imgsz=a.imgsz, batch=a.batch), train_s=qat_s)
-        add(f"{tag} (INT8 torch)", evaluate(fxqat.convert(qat), a.data, imgsz=a.imgsz, batch=a.batch,
-                                            names=meta[0], stride=meta[1]))
-        onnx_path = fxqat.export_onnx(qat, Path(project) / f"fxqat_qat_lr{lr:g}.onnx", imgsz=a.imgsz)
-        add(f"{tag} (QDQ ONNX, ORT)", evaluate(str(onnx_path), a.data, imgsz=a.imgsz, batch=a.batch))
+        model = fxqat.prepare_qat(fp32, qc)
+        fxqat.calibrate(model, iter_image_batches(a.data, imgsz=a.imgsz, batch=a.batch, split="train"),
+                        batches=a.calib)
+        s = time.perf_counter() - t
+        meta = (model.meta["names"], model.meta["stride"])
+        add(f"{label} (fake-quant)", *timed_eval(model), tag=tag(qc), seconds=s)
+        t = time.perf_counter()
+        q = fxqat.convert(model)
+        add(f"{label} (INT8 torch)", *timed_eval(q, names=meta[0], stride=meta[1]), tag=tag(qc),
+            seconds=s + time.perf_counter() - t)
 
-    calib = load_images(image_files(a.data, "train")[: a.calib * 2], a.imgsz)
-    fp32_onnx = export_fp32_onnx(fp32, Path(project) / "fp32.onnx", a.imgsz)
-    ort = ort_quantize_static(fp32_onnx, Path(project) / "ort_int8.onnx", calib)
-    add("ONNX Runtime quantize_static PTQ", evaluate(str(ort), a.data, imgsz=a.imgsz, batch=a.batch,
-                                                     names=meta[0], stride=meta[1]))
+    def qat(label, qc, run_name, epochs, lr, recipe, onnx=False):
+        t = time.perf_counter()
+        _, best = train_qat(a.fp32, a.data, epochs=epochs, imgsz=a.imgsz, batch=a.batch, qconfig=qc,
+                            project=project, name=run_name, workers=2, calib_batches=a.calib, verbose=False, lr0=lr,
+                            freeze_bn_epoch=recipe.get("freeze_bn"),
+                            freeze_observer_epoch=recipe.get("freeze_observers"))
+        s = time.perf_counter() - t
+        model, ckpt = load_checkpoint(best, with_extra=True)
+        epoch = int(ckpt.get("epoch", -1)) + 1
+        notes.append(f"{label}: best.pt is {'the PTQ start (epoch 0)' if epoch == 0 else f'epoch {epoch}'}")
+        add(f"{label} (fake-quant)", *timed_eval(model), tag=tag(qc), seconds=s, best_epoch=epoch)
+        t = time.perf_counter()
+        q = fxqat.convert(model)
+        add(f"{label} (INT8 torch)", *timed_eval(q, names=meta[0], stride=meta[1]), tag=tag(qc),
+            seconds=s + time.perf_counter() - t, best_epoch=epoch)
+        if onnx:
+            path = fxqat.export_onnx(model, Path(project) / f"{run_name}.onnx", imgsz=a.imgsz)
+            add(f"{label} (QDQ ONNX, ORT)", *timed_eval(str(path)), tag=tag(qc), best_epoch=epoch)
+
+    if variants is None:
+        ptq("fxqat PTQ", a.qconfig)
+        for lr in lrs:
+            qat(f"fxqat QAT {a.epochs} ep lr0={lr:g}", a.qconfig, f"fxqat_qat_lr{lr:g}", a.epochs, lr, {}, onnx=True)
+    else:
+        for name in dict.fromkeys(n for n, _ in variants):  # PTQ once per variant, in the order given
+            ptq(f"fxqat PTQ {name}", variant_qconfig(name))
+        for k, (name, recipe) in enumerate(variants):
+            epochs, lr = recipe.get("epochs", a.epochs), recipe.get("lr0", lrs[0])
+            qat(f"fxqat QAT {name} {recipe_label(epochs, lr, recipe)}", variant_qconfig(name), f"qat{k}_{name}",
+                epochs, lr, recipe)
+
+    if a.skip_ort:
+        notes.append("ONNX Runtime quantize_static skipped (--skip-ort)")
+    else:
+        t = time.perf_counter()
+        calib = load_images(image_files(a.data, "train")[: a.calib * 2], a.imgsz)
+        fp32_onnx = export_fp32_onnx(fp32, Path(project) / "fp32.onnx", a.imgsz)
+        ort = ort_quantize_static(fp32_onnx, Path(project) / "ort_int8.onnx", calib)
+        s = time.perf_counter() - t
+        add("ONNX Runtime quantize_static PTQ", *timed_eval(str(ort), names=meta[0], stride=meta[1]), tag=("W8A8", False),
+            seconds=s)
 
     if a.skip_ultralytics:
         notes.append("Ultralytics QAT skipped (--skip-ultralytics)")
@@ -100,16 +242,20 @@ def main(argv=None):
         notes.append("Ultralytics QAT skipped: pip install nvidia-modelopt huggingface_hub")
     else:
         r = ultralytics_qat(a.fp32, a.data, a.epochs, a.imgsz, a.batch, project)
-        add(f"Ultralytics QAT {a.epochs} ep (ModelOpt)", r, train_s=r["train_s"])
+        add(f"Ultralytics QAT {a.epochs} ep (ModelOpt)", r, tag=("W8A8", False), seconds=r["train_s"])
+        if a.val_data:
+            notes.append("the Ultralytics QAT row is its trainer's validation on --data's val split, not --val-data")
 
     base = rows[0]["mAP50-95"]
     for r in rows:
         r["delta_pt"] = (r["mAP50-95"] - base) * 100
-    print(table(rows, ["method", "mAP50", "mAP50-95", "delta_pt"]))
+    print(markdown(rows))
+    print(f"\nevaluated on {val} (val split), imgsz {a.imgsz}; seconds: building the row's model (not evaluating)")
     for n in notes:
         print("note:", n)
-    print("saved", save("accuracy", rows, {"fp32": a.fp32, "data": a.data, "epochs": a.epochs, "imgsz": a.imgsz,
-                                           "notes": notes, "args": json.loads(json.dumps(vars(a)))}))
+    print("saved", save("accuracy", rows, {"fp32": a.fp32, "data": a.data, "val_data": val, "epochs": a.epochs,
+                                           "imgsz": a.imgsz, "notes": notes,
+                                           "args": json.loads(json.dumps(vars(a)))}))
 
 
 if __name__ == "__main__":

@@ -228,7 +228,7 @@ COMMANDS: dict[str, Command] = {
     "qat": Command(_lazy("cmd_qat"), "quantization-aware fine-tuning through the Ultralytics trainer", ("model",), {
         **_TRAIN_COMMON, "name": Arg(str, "qat", "run name"),
         "qconfig": Arg(str, None, "qconfig YAML path or preset name (default, head_float, mixed_w4, onnxruntime, "
-                       "openvino_avx2, tensorrt)"),
+                       "openvino_avx2, tensorrt, w4a8)"),
         "freeze_bn": Arg(int, None, "epoch from which BN statistics are frozen (default: half)", _at_least(0)),
         "freeze_observers": Arg(int, None, "epoch from which quantizer ranges are frozen (default: last)",
                                 _at_least(0)),

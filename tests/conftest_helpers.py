@@ -55,6 +55,18 @@ def assert_traced_matches_in_both_modes(model, gm, sizes):
             assert_bit_exact(model, gm, torch.rand(1, 3, h, w))
 
 
+def assert_int8_matches_fake_quant(gm, q, x):
+    """The converted INT8 model ``q`` gives what the fake-quant model ``gm`` (eval) gives on ``x``, Detect output
+    (B, 4 + nc, A). Tolerance: rounding ties may flip one code in an intermediate layer; class scores within one
+    uint8 step of a [0, 1] score for >= 99.9 %, boxes within 1 px for >= 99.9 %."""
+    with torch.no_grad():
+        ref, out = gm(x)[0], q(x)
+    assert out.shape == ref.shape
+    assert ((ref[:, 4:] - out[:, 4:]).abs() <= 1 / 255).float().mean() >= 0.999
+    assert ((ref[:, :4] - out[:, :4]).abs() <= 1.0).float().mean() >= 0.999
+    return ref, out
+
+
 def prepared_and_calibrated(name: str, nc: int, end2end: bool = False):
     """A livened model (seed 0) prepared with the default qconfig and calibrated on two 320 px batches:
     (QAT graph in eval mode, its prepared summary text for the golden files)."""

@@ -1,6 +1,7 @@
 """Passes (export stage): the QAT graph made ready for ``torch.onnx.export`` as a TensorRT-style QDQ model.
 
     FoldConvsForExport   ConvBnAct ─► ExportConv: BN folded into constant weights stored on the weight grid
+    FixLearnedScales     learned (LSQ) scales as constants holding their positive values
     DecodeForExport      the head's decode returns the decoded tensor only, DFL as softmax + a 1×16 MatMul
     RequantizeSharedOps  after a Concat / MaxPool / Resize / Split on a grid: the same quantizer again (an exact
                          identity that lets runtimes run the op in INT8 with no scale change around it)
@@ -55,6 +56,15 @@ class ExportConv(nn.Module):
         w = self.weight_fq(self.weight) if self.weight_fq is not None else self.weight
         y = F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return self.act(self.preact_fq(y) if self.preact_fq is not None else y)
+
+
+class FixLearnedScales(FxqatPass):
+    """Learned (LSQ) scales become constants holding their positive values (``FakeQuant.fix_learned_scale``)."""
+
+    name = "fix_learned_scales"
+
+    def run(self, gm: fx.GraphModule) -> bool:
+        return any([fq.fix_learned_scale() for fq in gm.modules() if isinstance(fq, FakeQuant)])
 
 
 class FoldConvsForExport(FxqatPass):

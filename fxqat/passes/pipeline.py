@@ -51,9 +51,12 @@ def convert_passes() -> list[FxqatPass]:
 
 def export_passes(requantize_shared: bool = True) -> list[FxqatPass]:
     """``requantize_shared=False`` leaves out RequantizeSharedOps (the OpenVINO form: see ``fxqat.export_onnx``)."""
-    from .export_qdq import DecodeForExport, FoldConvsForExport, RequantizeSharedOps
+    from .export_qdq import DecodeForExport, FixLearnedScales, FoldConvsForExport, RequantizeSharedOps
 
-    return [FoldConvsForExport(), DecodeForExport()] + ([RequantizeSharedOps()] if requantize_shared else [])
+    # FixLearnedScales after FoldConvsForExport: folding reads each weight's grid through FakeQuant.observe, which
+    # keeps a learned scale but would re-observe a fixed one
+    passes = [FoldConvsForExport(), FixLearnedScales(), DecodeForExport()]
+    return passes + ([RequantizeSharedOps()] if requantize_shared else [])
 
 
 def onnx_passes(weights: str = "int8") -> list:

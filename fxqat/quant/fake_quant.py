@@ -153,6 +153,20 @@ class FakeQuant(nn.Module):
             return self.scale.abs().clamp_min(SCALE_EPS)
         return self.scale
 
+    @torch.no_grad()
+    def fix_learned_scale(self) -> bool:
+        """A learned scale becomes a constant buffer holding its positive value (``effective_scale``), for export:
+        ONNX Q/DQ then reads a constant scale instead of ``max(|s|, 1e-8)`` computed in the graph (which the weight
+        folding and the runtimes' QDQ fusions cannot read). Returns whether this quantizer had a learned scale."""
+        if not self.spec.learnable:
+            return False
+        scale = self.effective_scale().detach().clone()
+        del self.scale
+        self.register_buffer("scale", scale)
+        self.spec = self.spec.with_(learnable=False)
+        self._fast = False  # keep the observer path it had (export never observes)
+        return True
+
     def grad_factor(self, x: torch.Tensor) -> float:
         """LSQ's gradient scale 1 / sqrt(N * qmax), N = elements per scale (the tensor, or one channel)."""
         n = x.numel() if self.ch_axis is None else x.numel() // max(x.shape[self.ch_axis], 1)

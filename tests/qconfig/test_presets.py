@@ -18,7 +18,7 @@ from fxqat.quant.fake_quant import FakeQuant
 from fxqat.quant.spec import NodeQSpec
 
 REPO = Path(__file__).parents[2]
-PRESETS = ("default", "head_float", "mixed_w4", "onnxruntime", "openvino_avx2", "tensorrt")
+PRESETS = ("default", "head_float", "mixed_w4", "onnxruntime", "openvino_avx2", "tensorrt", "w4a8")
 _CACHE: dict = {}
 
 

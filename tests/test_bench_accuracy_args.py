@@ -1,0 +1,65 @@
+"""benchmarks/accuracy.py's ``--variants`` parser and variant qconfigs (no training: the benchmark itself runs them)."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.accuracy import RECIPE_KEYS, VARIANTS, main, parse_variants, recipe_label, tag, variant_qconfig
+from fxqat.qconfig import as_qconfig
+
+recipes = st.fixed_dictionaries({}, optional={
+    "lr0": st.floats(1e-6, 1.0, allow_nan=False), "epochs": st.integers(1, 50),
+    "freeze_bn": st.integers(0, 50), "freeze_observers": st.integers(0, 50)})
+items = st.tuples(st.sampled_from(sorted(VARIANTS)), recipes)
+
+
+def _text(name, recipe):
+    return ":".join([name] + [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}" for k, v in recipe.items()])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(items, min_size=1, max_size=5))
+def test_variants_round_trip(parsed):
+    text = ",".join(_text(n, r) for n, r in parsed)
+    assert parse_variants(text) == parsed
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(min_size=1, max_size=30))
+def test_anything_else_is_a_value_error_naming_the_choices(text):
+    try:
+        out = parse_variants(text)
+    except ValueError as e:
+        assert any(w in str(e) for w in ("valid variants are", "key=value", "given twice", "is not a", "out of range"))
+    else:  # only valid specs parse
+        assert all(n in VARIANTS and set(r) <= set(RECIPE_KEYS) for n, r in out)
+
+
+@pytest.mark.parametrize("text,msg", [("w4a4", "valid variants are w8a8, w8a8_lsq, w4a8, w4a8_lsq"),
+                                      ("w4a8:lr=1", "key one of lr0, epochs, freeze_bn, freeze_observers"),
+                                      ("w4a8:epochs=0", "out of range"), ("w4a8:lr0=-1", "out of range"),
+                                      ("w4a8:epochs=2:epochs=3", "given twice"), ("w4a8:epochs=x", "not an integer")])
+def test_bad_variants_are_refused(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        parse_variants(text)
+
+
+def test_cli_refuses_variants_with_qconfig_or_several_lr0(capsys):
+    for argv, msg in ((["--variants", "w4a8", "--qconfig", "tensorrt"], "give one or the other"),
+                      (["--variants", "w4a8", "--lr0", "1e-4,1e-3"], "NAME:lr0="),
+                      (["--variants", "w4a9"], "valid variants are")):
+        with pytest.raises(SystemExit):
+            main(["--fp32", "x.pt", "--data", "d.yaml", *argv])
+        assert msg in capsys.readouterr().err
+
+
+def test_variant_qconfigs():
+    for name, (preset, learnable) in VARIANTS.items():
+        qc = as_qconfig(variant_qconfig(name))
+        ref = as_qconfig(preset)
+        assert qc.weight.learnable is qc.activation.learnable is learnable and not qc.input.learnable
+        assert qc.weight.with_(learnable=False) == ref.weight.with_(learnable=False)
+        assert [r.__dict__ | {"where": ""} for r in qc.rules] == [r.__dict__ | {"where": ""} for r in ref.rules]
+        assert tag(variant_qconfig(name)) == (f"W{ref.weight.bits}A8", learnable)
+    assert tag(None) == ("W8A8", False) and tag("w4a8") == ("W4A8", True)  # the w4a8 preset learns its scales
+    assert recipe_label(3, 3e-4, {"freeze_bn": 0}) == "3 ep lr0=0.0003 freeze_bn=0"
