@@ -43,13 +43,17 @@ from fxqat.qconfig import as_qconfig  # noqa: E402
 from fxqat.qconfig.io import preset_text  # noqa: E402
 from fxqat.training import train_qat  # noqa: E402
 
-from .common import save  # noqa: E402
+from .common import markdown, save  # noqa: E402
 from .peers import export_fp32_onnx, ort_quantize_static  # noqa: E402
 
 VARIANTS = {"w8a8": ("default", False), "w8a8_lsq": ("default", True), "w4a8": ("w4a8", False),
             "w4a8_lsq": ("w4a8", True)}  # name: (preset, learnable scales on weights and activations)
-RECIPE_KEYS = {"lr0": float, "epochs": int, "freeze_bn": int, "freeze_observers": int}
-COLUMNS = ("method", "bits", "learnable", "mAP50", "mAP50-95", "delta_pt", "seconds")
+# key: (type, lowest valid value, whether the lowest value is excluded)
+RECIPE_KEYS = {"lr0": (float, 0.0, True), "epochs": (int, 1, False), "freeze_bn": (int, 0, False),
+               "freeze_observers": (int, 0, False)}
+COLUMNS = ["method", "bits", "learnable", "mAP50", "mAP50-95", "delta_pt", "seconds"]
+HEAD = ["method", "bits", "learnable", "mAP50", "mAP50-95", "Δ vs FP32 (pt)", "seconds"]
+FORMATS = {"mAP50": "{:.4f}", "mAP50-95": "{:.4f}", "delta_pt": "{:+.2f}", "seconds": "{:.0f}"}
 
 
 def variant_qconfig(name: str) -> dict:
@@ -77,14 +81,14 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
                 raise ValueError(f"{item!r}: {pair!r} is not key=value with key one of {', '.join(RECIPE_KEYS)}")
             if key in recipe:
                 raise ValueError(f"{item!r}: {key} given twice")
+            kind, low, strict = RECIPE_KEYS[key]
             try:
-                v = RECIPE_KEYS[key](value)
+                v = kind(value)
             except ValueError:
-                raise ValueError(f"{item!r}: {key}={value!r} is not a{'n integer' if key != 'lr0' else ' number'}") \
+                raise ValueError(f"{item!r}: {key}={value!r} is not a{'n integer' if kind is int else ' number'}") \
                     from None
-            low = {"lr0": "> 0", "epochs": ">= 1"}.get(key, ">= 0")
-            if not (0 < v < float("inf") if key == "lr0" else v >= (1 if key == "epochs" else 0)):
-                raise ValueError(f"{item!r}: {key}={value} out of range (must be {low})")
+            if not (low < v < float("inf") if strict else v >= low):
+                raise ValueError(f"{item!r}: {key}={value} out of range (must be {'>' if strict else '>='} {low:g})")
             recipe[key] = v
         out.append((name, recipe))
     return out
@@ -99,23 +103,6 @@ def tag(qc) -> tuple[str, bool]:
 def recipe_label(epochs: int, lr0: float, recipe: dict) -> str:
     extra = "".join(f" {k}={recipe[k]}" for k in ("freeze_bn", "freeze_observers") if k in recipe)
     return f"{epochs} ep lr0={lr0:g}{extra}"
-
-
-def markdown(rows: list[dict]) -> str:
-    fmt = {"mAP50": "{:.4f}", "mAP50-95": "{:.4f}", "delta_pt": "{:+.2f}", "seconds": "{:.0f}"}
-
-    def cell(r, c):
-        v = r.get(c)
-        if v is None or (isinstance(v, float) and v != v):
-            return ""
-        if isinstance(v, bool):
-            return "yes" if v else "no"
-        return fmt[c].format(v) if c in fmt else str(v)
-
-    head = ["method", "bits", "learnable", "mAP50", "mAP50-95", "Δ vs FP32 (pt)", "seconds"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    lines += ["| " + " | ".join(cell(r, c) for c in COLUMNS) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def ultralytics_qat(fp32: str, data: str, epochs: int, imgsz: int, batch: int, project: str) -> dict:
@@ -249,7 +236,7 @@ def main(argv=None):
     base = rows[0]["mAP50-95"]
     for r in rows:
         r["delta_pt"] = (r["mAP50-95"] - base) * 100
-    print(markdown(rows))
+    print(markdown(rows, COLUMNS, HEAD, FORMATS))
     print(f"\nevaluated on {val} (val split), imgsz {a.imgsz}; seconds: building the row's model (not evaluating)")
     for n in notes:
         print("note:", n)

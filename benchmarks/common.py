@@ -42,6 +42,22 @@ def save(name: str, rows: list[dict], extra: dict | None = None) -> Path:
     return path
 
 
+def markdown(rows: list[dict], cols: list[str], head: list[str] | None = None, fmt: dict | None = None) -> str:
+    """A markdown table of ``cols`` (titled ``head``); ``fmt``: column → format string; booleans as yes / no, missing
+    values empty."""
+    fmt = fmt or {}
+
+    def cell(v, c):
+        if v is None or (isinstance(v, float) and v != v):
+            return ""
+        if isinstance(v, bool):
+            return "yes" if v else "no"
+        return fmt[c].format(v) if c in fmt else str(v)
+
+    lines = ["| " + " | ".join(head or cols) + " |", "|" + " --- |" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c), c) for c in cols) + " |" for r in rows])
+
+
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and v != v):
         return "—"  # not measured for this row (no file, no child process)
