@@ -5,6 +5,12 @@ Targets (issue 5): fxqat QAT >= FP32 - 0.3 pt mAP50-95 and ahead of Ultralytics'
 
     python -m benchmarks.accuracy --fp32 runs/fp32/weights/best.pt --data datasets/signs/data.yaml --epochs 1
 
+Every task (issue 13): the FP32 checkpoint's task sets the metrics (``--task`` checks it): the task's main metric
+(mask mAP50-95, pose mAP50-95, OBB mAP50-95, top-1) and its 50-IoU companion (top-5 for classify); ``--data`` is
+the task's data YAML, or the classify folder. ONNX Runtime's quantize_static row is detect-only.
+
+    python -m benchmarks.accuracy --task segment --fp32 runs/seg/weights/best.pt --data signs_seg/data.yaml
+
 ``--variants`` (issue 16) replaces fxqat's PTQ / QAT rows by one set per variant, from the same checkpoint: PTQ
 (fake-quant, INT8 torch) and QAT (fake-quant, INT8 torch). Variants: w8a8 (the default preset), w4a8 (the w4a8 preset:
 4-bit weights, 8-bit first conv and Detect's last convs), each with fixed scales, and each with ``_lsq`` (learnable
@@ -41,6 +47,8 @@ from fxqat.evaluate import evaluate  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat.qconfig import as_qconfig  # noqa: E402
 from fxqat.qconfig.io import preset_text  # noqa: E402
+from fxqat.tasks import TASKS, calibration_source, metrics_of, read_data, spec  # noqa: E402
+from fxqat.tracing import task_of  # noqa: E402
 from fxqat.training import train_qat  # noqa: E402
 
 from .common import markdown, save  # noqa: E402
@@ -51,9 +59,21 @@ VARIANTS = {"w8a8": ("default", False), "w8a8_lsq": ("default", True), "w4a8": (
 # key: (type, lowest valid value, whether the lowest value is excluded)
 RECIPE_KEYS = {"lr0": (float, 0.0, True), "epochs": (int, 1, False), "freeze_bn": (int, 0, False),
                "freeze_observers": (int, 0, False)}
-COLUMNS = ["method", "bits", "learnable", "mAP50", "mAP50-95", "delta_pt", "seconds"]
-HEAD = ["method", "bits", "learnable", "mAP50", "mAP50-95", "Δ vs FP32 (pt)", "seconds"]
-FORMATS = {"mAP50": "{:.4f}", "mAP50-95": "{:.4f}", "delta_pt": "{:+.2f}", "seconds": "{:.0f}"}
+
+
+def task_metrics(task: str) -> tuple[str, str]:
+    """(companion metric, main metric) of a task, fxqat's names: detect (mAP50, mAP50-95), segment (mask_mAP50,
+    mask_mAP50-95), pose (pose_mAP50, pose_mAP50-95), obb (mAP50, mAP50-95), classify (top5, top1)."""
+    main = spec(task).main
+    return ("top5" if main == "top1" else main.replace("50-95", "50")), main
+
+
+def table_layout(task: str) -> tuple[list, list, dict]:
+    """(row keys, header, formats) of the results table for a task."""
+    second, main = task_metrics(task)
+    return (["method", "bits", "learnable", second, main, "delta_pt", "seconds"],
+            ["method", "bits", "learnable", second, main, "Δ vs FP32 (pt)", "seconds"],
+            {second: "{:.4f}", main: "{:.4f}", "delta_pt": "{:+.2f}", "seconds": "{:.0f}"})
 
 
 def variant_qconfig(name: str) -> dict:
@@ -105,21 +125,22 @@ def recipe_label(epochs: int, lr0: float, recipe: dict) -> str:
     return f"{epochs} ep lr0={lr0:g}{extra}"
 
 
-def ultralytics_qat(fp32: str, data: str, epochs: int, imgsz: int, batch: int, project: str) -> dict:
+def ultralytics_qat(fp32: str, data: str, epochs: int, imgsz: int, batch: int, project: str,
+                    task: str = "detect") -> dict:
     from ultralytics import YOLO
 
     y = YOLO(fp32)
     t = time.perf_counter()
     y.train(data=data, epochs=epochs, imgsz=imgsz, batch=batch, quantize=8, plots=False, device="cpu", amp=False,
             project=project, name="ultralytics_qat", exist_ok=True, workers=2, verbose=False)
-    m = y.trainer.metrics
-    return {"mAP50": float(m["metrics/mAP50(B)"]), "mAP50-95": float(m["metrics/mAP50-95(B)"]),
-            "train_s": time.perf_counter() - t}
+    return {**metrics_of(task, y.trainer.metrics), "train_s": time.perf_counter() - t}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--fp32", required=True)
+    ap.add_argument("--task", choices=list(TASKS), default=None, help="the FP32 model's task (checked; default: "
+                    "read from the model)")
     ap.add_argument("--data", required=True, help="data YAML: calibration, QAT training and its validation")
     ap.add_argument("--val-data", default=None, help="data YAML whose val split every row is evaluated on "
                     "(default: --data's)")
@@ -153,9 +174,9 @@ def main(argv=None):
     rows, notes = [], []
 
     def add(name, r, eval_s=None, tag=("FP32", None), seconds=None, **kw):
-        rows.append({"method": name, "bits": tag[0], "learnable": tag[1], "mAP50": r["mAP50"],
-                     "mAP50-95": r["mAP50-95"], "seconds": seconds, "eval_s": eval_s, **kw})
-        print(f"{name}: mAP50-95 {r['mAP50-95']:.4f}" + (f" ({seconds:.0f} s)" if seconds else ""), flush=True)
+        rows.append({"method": name, "bits": tag[0], "learnable": tag[1], second: r[second],
+                     main_metric: r[main_metric], "seconds": seconds, "eval_s": eval_s, **kw})
+        print(f"{name}: {main_metric} {r[main_metric]:.4f}" + (f" ({seconds:.0f} s)" if seconds else ""), flush=True)
 
     def timed_eval(model, **kw):
         t = time.perf_counter()
@@ -163,6 +184,12 @@ def main(argv=None):
         return r, time.perf_counter() - t
 
     fp32 = load_model(a.fp32).eval()
+    task = task_of(fp32)
+    if a.task is not None and a.task != task:
+        ap.error(f"--task {a.task}: {a.fp32} is a {task} model")
+    second, main_metric = task_metrics(task)
+    columns, head, formats = table_layout(task)
+    calib_source = calibration_source(read_data(a.data), a.data)
     r, es = timed_eval(a.fp32)
     add("FP32", r, es)
     meta = None
@@ -171,7 +198,7 @@ def main(argv=None):
         nonlocal meta
         t = time.perf_counter()
         model = fxqat.prepare_qat(fp32, qc)
-        fxqat.calibrate(model, iter_image_batches(a.data, imgsz=a.imgsz, batch=a.batch, split="train"),
+        fxqat.calibrate(model, iter_image_batches(calib_source, imgsz=a.imgsz, batch=a.batch, split="train"),
                         batches=a.calib)
         s = time.perf_counter() - t
         meta = (model.meta["names"], model.meta["stride"])
@@ -212,8 +239,8 @@ def main(argv=None):
             qat(f"fxqat QAT {name} {recipe_label(epochs, lr, recipe)}", variant_qconfig(name), f"qat{k}_{name}",
                 epochs, lr, recipe)
 
-    if a.skip_ort:
-        notes.append("ONNX Runtime quantize_static skipped (--skip-ort)")
+    if a.skip_ort or task != "detect":
+        notes.append("ONNX Runtime quantize_static skipped (" + ("--skip-ort)" if a.skip_ort else "detect only)"))
     else:
         t = time.perf_counter()
         calib = load_images(image_files(a.data, "train")[: a.calib * 2], a.imgsz)
@@ -228,19 +255,20 @@ def main(argv=None):
     elif importlib.util.find_spec("modelopt") is None:
         notes.append("Ultralytics QAT skipped: pip install nvidia-modelopt huggingface_hub")
     else:
-        r = ultralytics_qat(a.fp32, a.data, a.epochs, a.imgsz, a.batch, project)
+        r = ultralytics_qat(a.fp32, a.data, a.epochs, a.imgsz, a.batch, project, task)
         add(f"Ultralytics QAT {a.epochs} ep (ModelOpt)", r, tag=("W8A8", False), seconds=r["train_s"])
         if a.val_data:
             notes.append("the Ultralytics QAT row is its trainer's validation on --data's val split, not --val-data")
 
-    base = rows[0]["mAP50-95"]
+    base = rows[0][main_metric]
     for r in rows:
-        r["delta_pt"] = (r["mAP50-95"] - base) * 100
-    print(markdown(rows, COLUMNS, HEAD, FORMATS))
+        r["delta_pt"] = (r[main_metric] - base) * 100
+    print(markdown(rows, columns, head, formats))
     print(f"\nevaluated on {val} (val split), imgsz {a.imgsz}; seconds: building the row's model (not evaluating)")
     for n in notes:
         print("note:", n)
-    print("saved", save("accuracy", rows, {"fp32": a.fp32, "data": a.data, "val_data": val, "epochs": a.epochs,
+    print("saved", save("accuracy", rows, {"fp32": a.fp32, "task": task, "data": a.data, "val_data": val,
+                                           "epochs": a.epochs,
                                            "imgsz": a.imgsz, "notes": notes,
                                            "args": json.loads(json.dumps(vars(a)))}))
 

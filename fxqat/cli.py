@@ -224,7 +224,10 @@ COMMANDS: dict[str, Command] = {
                      {**_TRAIN_COMMON, "epochs": Arg(int, 30, "epochs", _at_least(1)),
                       "name": Arg(str, "fp32", "run name"),
                       "mosaic": Arg(float, None, "mosaic augmentation probability, 0 to 1 (default: Ultralytics' 1.0; "
-                                    "0 trains on whole images at their own scale)", _fraction)}),
+                                    "0 trains on whole images at their own scale)", _fraction),
+                      "pretrained": Arg(str, None, "start from this model's weights wherever layer names and shapes "
+                                        "match: a shipped name or .pt (e.g. fxqat-signs-yolov8n for "
+                                        "yolov8n-seg.yaml)")}),
     "qat": Command(_lazy("cmd_qat"), "quantization-aware fine-tuning through the Ultralytics trainer", ("model",), {
         **_TRAIN_COMMON, "name": Arg(str, "qat", "run name"),
         "qconfig": Arg(str, None, "qconfig YAML path or preset name (default, head_float, mixed_w4, onnxruntime, "

@@ -27,12 +27,12 @@ def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size, task="detec
     print(f"dataset written: {path}")
 
 
-def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust, mosaic=None):
+def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust, mosaic=None, pretrained=None):
     from .training import train_fp32
 
     extra = {} if mosaic is None else {"mosaic": mosaic}
     best = train_fp32(model, data, epochs=epochs, imgsz=imgsz, batch=batch, project=project, name=name,
-                      workers=workers, trust=trust, **extra)
+                      workers=workers, trust=trust, pretrained=pretrained, **extra)
     print(f"FP32 weights: {best}")
 
 

@@ -118,3 +118,14 @@ def load_model(spec, nc: int | None = None, trust: bool | None = None) -> nn.Mod
             return _check_detection(inner, f"YOLO({getattr(spec, 'ckpt_path', None) or spec.cfg})")
         return _check_detection(spec, type(spec).__name__)
     raise ModelLoadError(f"{spec!r}: cannot load a model from a {type(spec).__name__}; {SUPPORTED}")
+
+
+def transfer_weights(dst: nn.Module, src: nn.Module) -> tuple[int, int]:
+    """Copy every tensor of ``src``'s state dict into ``dst``'s where the name and shape match (Ultralytics'
+    ``intersect_dicts``: a detector's backbone, neck and box/class branches into a segment, pose or OBB model of the
+    same size, its backbone into a classify model). Returns (tensors copied, tensors in ``dst``)."""
+    theirs = src.float().state_dict()
+    mine = dst.state_dict()
+    same = {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}
+    dst.load_state_dict(same, strict=False)
+    return len(same), len(mine)

@@ -59,18 +59,20 @@ def read_shipped(path) -> dict:
 
 
 def build(rec: dict):
-    """An FP32 Ultralytics ``DetectionModel`` from a shipped record, in eval mode."""
-    from ultralytics.nn.tasks import DetectionModel
+    """An FP32 Ultralytics model of the record's task (``DetectionModel``, ``SegmentationModel``, ``PoseModel``,
+    ``OBBModel``, ``ClassificationModel``) from a shipped record, in eval mode."""
+    from .tasks import spec
 
-    model = DetectionModel(dict(rec["yaml"]), nc=int(rec["nc"]), verbose=False)
+    task = str(rec.get("task", "detect"))  # records written before task models hold detectors
+    model = spec(task).cls("model")(dict(rec["yaml"]), nc=int(rec["nc"]), verbose=False)
     model.load_state_dict({k: v.float() for k, v in rec["state_dict"].items()})
     model.names = {int(k): v for k, v in rec["names"].items()}
-    model.args = {"imgsz": int(rec["imgsz"]), "task": "detect"}
+    model.args = {"imgsz": int(rec["imgsz"]), "task": task}
     return model.float().eval()
 
 
 def load_shipped(name: str):
-    """The shipped model ``name`` as an FP32 ``DetectionModel``."""
+    """The shipped model ``name`` as an FP32 Ultralytics model of its task."""
     return build(read_shipped(shipped_path(name)))
 
 
@@ -80,22 +82,29 @@ def info(name: str) -> dict:
     return {k: v for k, v in rec.items() if k != "state_dict"}
 
 
-def pack(best_pt, data_yaml, out, name: str, commands: list[str], metrics: dict | None = None) -> Path:
-    """Write a shipped model from an Ultralytics ``best.pt`` trained on fxqat's signs data (``data_yaml``).
+def pack(best_pt, data_yaml, out, name: str, commands: list[str], metrics: dict | None = None,
+         imgsz: int | None = None) -> Path:
+    """Write a shipped model from an Ultralytics ``best.pt`` trained on fxqat's signs data (``data_yaml``: its data
+    YAML, or for a classify model its data folder).
 
     ``metrics``: the validation metrics to record; measured on the packed (FP16-rounded) weights when not given.
+    ``imgsz``: the size the model runs at (default: the data's image size; a classify model runs on its crops).
     """
     import yaml
 
     from .models import load_model
+    from .tasks import read_data
+    from .tracing import task_of
 
     model = load_model(str(best_pt)).float().eval()
-    data = yaml.safe_load(Path(data_yaml).read_text())
-    gen = data.get("fxqat")
+    data = read_data(data_yaml)
+    meta = Path(data_yaml) / "fxqat.yaml" if data.get("classify") else None
+    gen = yaml.safe_load(meta.read_text()) if meta is not None and meta.is_file() else data.get("fxqat")
     if not gen or gen.get("generator") != "signs":
         raise ModelLoadError(f"{data_yaml}: not made by fxqat data signs; shipped models are trained on fxqat's data")
-    rec = {"format": FORMAT, "name": name, "yaml": dict(model.yaml), "nc": int(model.model[-1].nc),
-           "names": {int(k): str(v) for k, v in data["names"].items()}, "imgsz": int(gen["imgsz"]),
+    rec = {"format": FORMAT, "name": name, "task": task_of(model), "yaml": dict(model.yaml),
+           "nc": int(model.model[-1].nc if hasattr(model.model[-1], "nc") else len(data["names"])),
+           "names": {int(k): str(v) for k, v in data["names"].items()}, "imgsz": int(imgsz or gen["imgsz"]),
            "state_dict": {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()},
            "data": dict(gen), "commands": list(commands)}
     if metrics is None:

@@ -63,3 +63,24 @@ def test_variant_qconfigs():
         assert tag(variant_qconfig(name)) == (f"W{ref.weight.bits}A8", learnable)
     assert tag(None) == ("W8A8", False) and tag("w4a8") == ("W4A8", True)  # the w4a8 preset learns its scales
     assert recipe_label(3, 3e-4, {"freeze_bn": 0}) == "3 ep lr0=0.0003 freeze_bn=0"
+
+
+@pytest.mark.parametrize("task,second,main_metric", [("detect", "mAP50", "mAP50-95"),
+                                                     ("segment", "mask_mAP50", "mask_mAP50-95"),
+                                                     ("pose", "pose_mAP50", "pose_mAP50-95"),
+                                                     ("obb", "mAP50", "mAP50-95"), ("classify", "top5", "top1")])
+def test_each_task_reports_its_own_metrics(task, second, main_metric):
+    from benchmarks.accuracy import table_layout, task_metrics
+    from fxqat.tasks import spec
+
+    assert task_metrics(task) == (second, main_metric)
+    columns, head, formats = table_layout(task)
+    assert columns[3:5] == [second, main_metric] and head[3:5] == [second, main_metric]
+    assert {second, main_metric} <= set(formats)
+    assert {second, main_metric} <= {name for name, _ in spec(task).metrics}  # metrics the validator gives
+
+
+def test_task_must_match_the_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["--fp32", "yolov8n.yaml", "--data", "missing.yaml", "--task", "segment"])
+    assert "--task segment: yolov8n.yaml is a detect model" in capsys.readouterr().err

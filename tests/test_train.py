@@ -208,3 +208,41 @@ def test_fxqat_train_stays_the_function_after_the_module_is_imported():
             "assert callable(fxqat.train) and callable(fxqat.deploy.as_yolo) and callable(fxqat.checkpoint.load_checkpoint)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-500:]
+
+
+def test_train_fp32_starts_from_pretrained(tiny_data, tmp_path, monkeypatch, capsys):
+    """pretrained= reaches the model Ultralytics' trainer trains: the detector's backbone and box branch in a segment
+    model, its mask branch left as built; nothing matching is refused before any training."""
+    from ultralytics.engine.trainer import BaseTrainer
+
+    from fxqat.errors import FxqatError
+    from fxqat.models import load_model
+    from fxqat.training import train_fp32
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def capture(self):
+        seen["model"] = self.model
+        raise Started
+
+    monkeypatch.setattr(BaseTrainer, "train", capture)
+    src = load_model("yolov8n.yaml", nc=10)
+    with torch.no_grad():
+        for p in src.parameters():
+            p.uniform_(-1, 1)  # weights no fresh model has
+    with pytest.raises(Started):
+        train_fp32("yolov8n-seg.yaml", str(tiny_data), epochs=1, imgsz=64, project=str(tmp_path), pretrained=src)
+    trained = seen["model"].state_dict()
+    theirs = src.state_dict()
+    assert torch.equal(trained["model.0.conv.weight"], theirs["model.0.conv.weight"])  # backbone
+    assert torch.equal(trained["model.22.cv2.0.0.conv.weight"], theirs["model.22.cv2.0.0.conv.weight"])  # box branch
+    assert trained["model.22.cv4.0.0.conv.weight"].abs().max() < 1  # the mask branch: as Ultralytics builds it
+    assert "pretrained: " in capsys.readouterr().out
+    import fxqat.models as M
+
+    monkeypatch.setattr(M, "load_model", lambda spec, **kw: torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    with pytest.raises(FxqatError, match="no tensor matches"):
+        train_fp32("yolov8n-seg.yaml", str(tiny_data), epochs=1, imgsz=64, project=str(tmp_path), pretrained="x.pt")

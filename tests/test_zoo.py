@@ -62,3 +62,36 @@ def test_unknown_or_foreign_file_refused(tmp_path):
     torch.save({"format": "other"}, tmp_path / "f.pt")
     with pytest.raises(ModelLoadError, match="not an fxqat shipped model"):
         read_shipped(tmp_path / "f.pt")
+
+
+@pytest.mark.parametrize("yaml_name,task", [("yolov8n-seg.yaml", "segment"), ("yolov8n-pose.yaml", "pose"),
+                                            ("yolov8n-cls.yaml", "classify")])
+def test_pack_round_trip_task_models(tmp_path, tiny_data, yaml_name, task):
+    """A task model packs with its task and builds back as the same model class, weights FP16-exact."""
+    from fxqat.data.signs import generate
+    from fxqat.tracing import task_of
+
+    if task == "classify":
+        data = generate(tmp_path / "cls", train=40, val=16, imgsz=128, seed=0, progress=False, task="classify",
+                        min_size=0.2, max_size=0.4)
+    else:
+        data = tiny_data
+    kw = {"data_kpt_shape": (4, 3)} if task == "pose" else {}
+    model = load_model(yaml_name, nc=10)
+    if kw:
+        from ultralytics.nn.tasks import PoseModel
+
+        model = PoseModel(yaml_name, nc=10, verbose=False, **kw)
+    torch.save({"model": model.half()}, tmp_path / "best.pt")
+    out = pack(tmp_path / "best.pt", data, tmp_path / "x.pt", "x", [], metrics={"m": 0.5}, imgsz=64)
+    rec = read_shipped(out)
+    assert rec["task"] == task and rec["imgsz"] == 64 and rec["nc"] == 10
+    from fxqat.zoo import build
+
+    m = build(rec)
+    assert type(m) is type(model) and task_of(m) == task
+    ref = model.float().state_dict()
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, ref[k].half().float()), k
+    if task == "pose":
+        assert tuple(m.model[-1].kpt_shape) == (4, 3)
