@@ -267,10 +267,9 @@ def main(argv=None):
     print(f"\nevaluated on {val} (val split), imgsz {a.imgsz}; seconds: building the row's model (not evaluating)")
     for n in notes:
         print("note:", n)
-    print("saved", save("accuracy", rows, {"fp32": a.fp32, "task": task, "data": a.data, "val_data": val,
-                                           "epochs": a.epochs,
-                                           "imgsz": a.imgsz, "notes": notes,
-                                           "args": json.loads(json.dumps(vars(a)))}))
+    name = "accuracy" if task == "detect" else f"accuracy_{task}"
+    print("saved", save(name, rows, {"fp32": a.fp32, "task": task, "data": a.data, "val_data": val, "epochs": a.epochs,
+                                     "imgsz": a.imgsz, "notes": notes, "args": json.loads(json.dumps(vars(a)))}))
 
 
 if __name__ == "__main__":
