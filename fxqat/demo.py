@@ -106,12 +106,12 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
         raise FxqatError(f"task={task!r}: valid choices are {', '.join(MODELS)}")
     model_name = MODELS[task]
     cfg = demo_config(task, quick)
+    shipped = info(model_name)  # a shipped file missing from this installation is named before any work
     out = Path(project).resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    shipped = info(model_name)
     gen = shipped["data"]
     scene = int(gen["imgsz"])
     imgsz = int(shipped.get("imgsz", scene))  # the size the model runs at (classify: its crops)

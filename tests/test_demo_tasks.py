@@ -38,6 +38,16 @@ def test_every_task_has_a_shipped_entry():
             assert SHIPPED[name].file in str(e) and "reinstall fxqat" in str(e)
 
 
+def test_demo_names_a_missing_shipped_file_before_any_work(tmp_path, monkeypatch, capsys):
+    import fxqat.zoo as zoo
+
+    monkeypatch.setattr(zoo, "WEIGHTS_DIR", tmp_path / "empty")
+    assert main(["demo", "task=pose", f"project={tmp_path / 'demo'}"]) == 1
+    err = capsys.readouterr().err
+    assert "fxqat-signs-yolov8n-pose.pt is missing from this installation" in err and "Traceback" not in err
+    assert not (tmp_path / "demo").exists()
+
+
 @pytest.mark.parametrize("task", ["detect", "segment", "pose", "obb", "classify"])
 def test_table_columns_are_the_tasks_metrics(task):
     companion, main_metric = task_metrics(task)
