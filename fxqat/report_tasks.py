@@ -63,7 +63,7 @@ def decode(task: str, pred: torch.Tensor, proto, nc: int, imgsz: int, conf: floa
                 torch.zeros(0, imgsz, imgsz)
             r["masks"] = masks.numpy() > 0.5
         elif task == "pose":
-            r["kpts"] = d[:, 6:].reshape(len(d), -1, 3).numpy()
+            r["kpts"] = d[:, 6:].reshape(len(d), (d.shape[1] - 6) // 3, 3).numpy()  # x, y, visibility
         elif task == "obb":
             r["corners"] = ops.xywhr2xyxyxyxy(torch.cat([d[:, :4], d[:, -1:]], 1)).reshape(-1, 4, 2).numpy()
             r["boxes"] = np.concatenate([r["corners"].min(1), r["corners"].max(1)], 1) if len(d) else r["boxes"]

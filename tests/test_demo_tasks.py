@@ -123,6 +123,18 @@ def test_decode_obb_and_pose_predictions():
     np.testing.assert_allclose(r["boxes"][0], [22, 22, 42, 42], atol=1e-4)
 
 
+@pytest.mark.parametrize("task,extra", [("detect", 0), ("segment", 32), ("pose", 12), ("obb", 1)])
+def test_no_detection_draws_the_plain_image(task, extra):
+    from fxqat.report_tasks import draw_tile
+
+    proto = torch.zeros(1, 32, 16, 16) if task == "segment" else None
+    (r,) = decode(task, torch.zeros(1, 4 + 10 + extra, 8), proto, 10, 64)
+    assert len(r["cls"]) == 0
+    img = torch.full((3, 64, 64), 0.5)
+    im = draw_tile(task, img, r, NAMES, 2)
+    assert im.shape == (128, 128, 3) and (im == 127).all()
+
+
 def test_decode_segment_masks_stay_in_their_box():
     pred = torch.zeros(1, 4 + 10 + 32, 4)
     pred[0, :4, 0] = torch.tensor([24.0, 24.0, 16.0, 16.0])
