@@ -47,7 +47,7 @@ from fxqat.evaluate import evaluate  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat.qconfig import as_qconfig  # noqa: E402
 from fxqat.qconfig.io import preset_text  # noqa: E402
-from fxqat.tasks import TASKS, calibration_source, metrics_of, read_data, spec  # noqa: E402
+from fxqat.tasks import TASKS, calibration_source, metrics_of, read_data, task_metrics  # noqa: E402
 from fxqat.tracing import task_of  # noqa: E402
 from fxqat.training import train_qat  # noqa: E402
 
@@ -59,13 +59,6 @@ VARIANTS = {"w8a8": ("default", False), "w8a8_lsq": ("default", True), "w4a8": (
 # key: (type, lowest valid value, whether the lowest value is excluded)
 RECIPE_KEYS = {"lr0": (float, 0.0, True), "epochs": (int, 1, False), "freeze_bn": (int, 0, False),
                "freeze_observers": (int, 0, False)}
-
-
-def task_metrics(task: str) -> tuple[str, str]:
-    """(companion metric, main metric) of a task, fxqat's names: detect (mAP50, mAP50-95), segment (mask_mAP50,
-    mask_mAP50-95), pose (pose_mAP50, pose_mAP50-95), obb (mAP50, mAP50-95), classify (top5, top1)."""
-    main = spec(task).main
-    return ("top5" if main == "top1" else main.replace("50-95", "50")), main
 
 
 def table_layout(task: str) -> tuple[list, list, dict]:

@@ -201,7 +201,9 @@ COMMANDS: dict[str, Command] = {
     "demo": Command(_lazy("cmd_demo"), "the main job: data → FP32 → PTQ → QAT → INT8 → ONNX → one comparison table",
                     (), {"quick": Arg(_bool, False, "a tiny run to check the set-up (about a minute on 2 cores)"),
                          "project": Arg(str, "runs/demo", "report folder"),
-                         "seed": Arg(int, 0, "data seed")}),
+                         "seed": Arg(int, 0, "data seed"),
+                         "task": Arg(str, "detect", "the shipped model's task: detect | segment | pose | obb | classify",
+                                     _one_of("detect", "segment", "pose", "obb", "classify"))}),
     "data": Command(_lazy("cmd_data"), "generate the synthetic traffic-sign dataset (YOLO format)", ("kind", "out"), {
         "train": Arg(int, 800, "training images", _at_least(1)), "val": Arg(int, 200, "validation images", _at_least(1)),
         "imgsz": Arg(int, 320, "image size (a multiple of 32, at least 64)", _at_least(64)),

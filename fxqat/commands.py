@@ -198,10 +198,10 @@ def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out, trust):
         print(f"graph drawn to {fxqat.draw(gm, draw, expand=exp, imgsz=imgsz)}")
 
 
-def cmd_demo(quick, project, seed):
+def cmd_demo(quick, project, seed, task="detect"):
     from .demo import run_demo
 
-    run_demo(quick=quick, project=project, seed=seed)
+    run_demo(quick=quick, project=project, seed=seed, task=task)
 
 
 def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig, trust, budget=None):

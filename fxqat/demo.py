@@ -3,6 +3,10 @@
     shipped FP32 yolov8n ─► PTQ (calibrate) ─► QAT (1 epoch, Ultralytics trainer) ─► INT8 torch, QDQ ONNX on
     OpenVINO and ONNX Runtime ─► mAP, latency, size against FP32 ─► report.md / report.html / report.json, pictures
 
+``task=`` tells the same story for another task's shipped model (:data:`MODELS`): segment (mask mAP), pose (key
+point mAP), obb (rotated-box mAP) or classify (top-1 on sign crops); the table's metrics are the task's own
+(:func:`fxqat.tasks.task_metrics`) and the pictures draw its predictions (:mod:`fxqat.report_tasks`).
+
 The data is regenerated with the same generator settings the shipped model was trained on; its validation split is
 the one the shipped model's metrics were measured on. Training an FP32 model from scratch is its own command
 (``fxqat train``, see the README).
@@ -12,12 +16,14 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 MODEL = "fxqat-signs-yolov8n"
+MODELS = {"detect": MODEL, "segment": "fxqat-signs-yolov8n-seg", "pose": "fxqat-signs-yolov8n-pose",
+          "obb": "fxqat-signs-yolov8n-obb", "classify": "fxqat-signs-yolov8n-cls"}  # task → the shipped model
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,15 @@ DEFAULT = DemoConfig(train=320, val=96, qat_epochs=1, batch=16, calib_batches=8,
 QUICK = DemoConfig(train=32, val=16, qat_epochs=1, batch=16, calib_batches=2, analyze_images=0, rounds=2)  # no analysis
 
 
+def demo_config(task: str = "detect", quick: bool = False) -> DemoConfig:
+    """The run's sizes; classify trains on the sign crops of the scenes (a few per scene), and needs enough scenes
+    for every class to have a crop in both splits."""
+    cfg = QUICK if quick else DEFAULT
+    if task == "classify":
+        cfg = replace(cfg, train=max(cfg.train, 64), val=max(cfg.val, 64))
+    return cfg
+
+
 def _step(i: int, n: int, text: str) -> float:
     print(f"\n[{i}/{n}] {text}", flush=True)
     return time.perf_counter()
@@ -49,48 +64,78 @@ def _save_state(model, path: Path) -> Path:
     return path
 
 
-def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None = None) -> dict:
-    """Run the demo into ``project`` and return the report dict (also written as report.json)."""
+def _pictures(task: str, data, fp32, qat_int8, names: dict, imgsz: int, out: Path) -> Path:
+    """FP32 (top) vs INT8 (bottom) predictions on the same validation images: 4 scenes, or 8 crops of different
+    classes (classify)."""
+    from .data.images import image_files, load_images
+    from .report import prediction_grid
+    from .report_tasks import task_prediction_grid
+
+    models, path = {"FP32": fp32, "QAT INT8 (torch)": qat_int8}, out / "predictions.png"
+    if task == "detect":
+        return prediction_grid(models, load_images(image_files(data, "val")[:4], imgsz), names, path)
+    if task != "classify":
+        return task_prediction_grid(task, models, load_images(image_files(data, "val")[:4], imgsz), names, path)
+    by_class = {}
+    for f in image_files(Path(data) / "val"):  # one crop of each class (folders are class names)
+        by_class.setdefault(f.parent.name, f)
+    ids = {v: k for k, v in names.items()}
+    files = list(by_class.values())[:8]
+    return task_prediction_grid(task, models, load_images(files, imgsz), names, path,
+                                truth=[ids.get(f.parent.name, -1) for f in files])
+
+
+def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None = None, task: str = "detect") -> dict:
+    """Run the demo of ``task``'s shipped model (:data:`MODELS`) into ``project`` and return the report dict (also
+    written as report.json)."""
     import fxqat
 
     from .bench import interleaved_medians
     from .checkpoint import load_checkpoint
-    from .data.images import iter_image_batches, load_images, image_files
+    from .data.images import iter_image_batches
     from .data.signs import generate
+    from .errors import FxqatError
     from .evaluate import OnnxRunner, evaluate
     from .modules.int8 import cpu_has_vnni
-    from .report import prediction_grid, write_reports
+    from .report import write_reports
+    from .tasks import calibration_source, read_data, task_metrics
     from .training import train_qat
     from .zoo import info, load_shipped
 
-    cfg = QUICK if quick else DEFAULT
+    if task not in MODELS:
+        raise FxqatError(f"task={task!r}: valid choices are {', '.join(MODELS)}")
+    model_name = MODELS[task]
+    cfg = demo_config(task, quick)
+    shipped = info(model_name)  # a shipped file missing from this installation is named before any work
     out = Path(project).resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = min(2, os.cpu_count() or 1)
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    shipped = info(MODEL)
     gen = shipped["data"]
-    imgsz = int(gen["imgsz"])
+    scene = int(gen["imgsz"])
+    imgsz = int(shipped.get("imgsz", scene))  # the size the model runs at (classify: its crops)
     seed = int(gen["seed"]) if seed is None else seed
     n = 7
-    _step(1, n, f"data: {cfg.train} train / {cfg.val} val synthetic signs at {imgsz} px (the shipped model's "
-                f"generator settings, seed {seed})")
-    data = generate(out / "data", train=cfg.train, val=cfg.val, imgsz=imgsz, seed=seed,
-                    min_size=gen["min_size"], max_size=gen["max_size"])
-    fp32 = load_shipped(MODEL)
+    what = f"synthetic signs at {imgsz} px" if task != "classify" else \
+        f"scenes at {scene} px, their sign crops run at {imgsz} px"
+    _step(1, n, f"data: {cfg.train} train / {cfg.val} val {what} (the shipped model's generator settings, seed {seed})")
+    data = generate(out / "data", train=cfg.train, val=cfg.val, imgsz=scene, seed=seed, min_size=gen["min_size"],
+                    max_size=gen["max_size"], task=task)
+    calib_source = calibration_source(read_data(data), data)
+    fp32 = load_shipped(model_name)
     names, stride = fp32.names, fp32.stride
 
     _step(2, n, f"PTQ: fxqat.prepare_qat + fxqat.calibrate on {cfg.calib_batches} batches of training images")
     ptq = fxqat.prepare_qat(fp32)
-    fxqat.calibrate(ptq, iter_image_batches(data, imgsz=imgsz, batch=cfg.batch, split="train"),
+    fxqat.calibrate(ptq, iter_image_batches(calib_source, imgsz=imgsz, batch=cfg.batch, split="train"),
                     batches=cfg.calib_batches)
     ort_ptq = fxqat.prepare_qat(fp32, "onnxruntime")  # ONNX Runtime's placement (see its preset)
-    fxqat.calibrate(ort_ptq, iter_image_batches(data, imgsz=imgsz, batch=cfg.batch, split="train"),
+    fxqat.calibrate(ort_ptq, iter_image_batches(calib_source, imgsz=imgsz, batch=cfg.batch, split="train"),
                     batches=cfg.calib_batches, progress=False)
 
     _step(3, n, f"QAT: {cfg.qat_epochs} epoch on {cfg.train} images through the Ultralytics trainer")
-    _, qat_ckpt = train_qat(MODEL, data, epochs=cfg.qat_epochs, imgsz=imgsz, batch=cfg.batch, project=str(out),
+    _, qat_ckpt = train_qat(model_name, data, epochs=cfg.qat_epochs, imgsz=imgsz, batch=cfg.batch, project=str(out),
                             name="qat", workers=2, calib_batches=cfg.calib_batches, verbose=False)
     qat, ck = load_checkpoint(qat_ckpt, with_extra=True)
     qat.eval()
@@ -125,9 +170,11 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
              "QAT INT8": _save_state(qat_int8, out / "qat_int8.pt"), "QAT INT8 QDQ": onnx_path,
              "PTQ INT8 QDQ": ort_path}
 
-    _step(5, n, f"evaluate mAP on the {cfg.val} validation images (Ultralytics validator) for every form")
-    maps = {k: evaluate(m, data, imgsz=imgsz, batch=cfg.batch, names=names, stride=stride)
-            for k, (_, m) in forms.items()}
+    companion, main = task_metrics(task)
+    _step(5, n, f"evaluate {main} on the {cfg.val} validation {'scenes' if task == 'classify' else 'images'} "
+                f"(Ultralytics validator) for every form")
+    scores = {k: evaluate(m, data, imgsz=imgsz, batch=cfg.batch, names=names, stride=stride)
+              for k, (_, m) in forms.items()}
 
     torch.set_num_threads(threads)  # Ultralytics' trainer changes it
     _step(6, n, f"latency at {imgsz} px, batch 1, {threads} threads, {cfg.rounds} interleaved rounds")
@@ -138,29 +185,29 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     _step(7, n, "report: table, FP32 vs INT8 predictions, graph drawing, sensitivity")
     rows = []
     for k, (runtime, _) in forms.items():
-        rows.append({"model": k, "runtime": runtime, "mAP50": maps[k]["mAP50"], "mAP50-95": maps[k]["mAP50-95"],
+        rows.append({"model": k, "runtime": runtime, companion: scores[k][companion], main: scores[k][main],
                      "latency_ms": lat[k], "size_mb": _size_mb(sizes[k])})
-    images = load_images(image_files(data, "val")[:4], imgsz)
-    pictures = {"predictions": prediction_grid({"FP32": fp32, "QAT INT8 (torch)": qat_int8}, images, names,
-                                               out / "predictions.png").name}
-    fxqat.draw(qat, out / "qat_graph.svg", color_by="precision", imgsz=imgsz, title="yolov8n QAT graph")
+    pictures = {"predictions": _pictures(task, data, fp32, qat_int8, names, imgsz, out).name}
+    arch = "yolov8n" if task == "detect" else f"yolov8n-{task}"
+    fxqat.draw(qat, out / "qat_graph.svg", color_by="precision", imgsz=imgsz, title=f"{arch} QAT graph")
     pictures["graph"] = "qat_graph.svg"
     critical = []
     try:
         if not cfg.analyze_images:
             raise RuntimeError("not in --quick (run fxqat analyze)")
-        rep = fxqat.analyze(fp32, data, imgsz=imgsz, images=cfg.analyze_images, out=out / "analysis", topk=3,
-                            progress=True)
+        rep = fxqat.analyze(fp32, Path(data) / "val" if task == "classify" else data, imgsz=imgsz,
+                            images=cfg.analyze_images, out=out / "analysis", topk=3, progress=True)
         pictures["sensitivity"] = "analysis/sensitivity.png"
         critical = [r["name"] for r in rep.ranking()[:3]]
     except Exception as e:  # noqa: BLE001 - the report still stands without the analysis
         print(f"analysis skipped: {e}")
-    report = {"config": asdict(cfg), "model": MODEL, "shipped_metrics": shipped.get("metrics", {}), "imgsz": imgsz,
-              "rows": rows, "critical_layers": critical, "pictures": pictures,
+    report = {"config": asdict(cfg), "model": model_name, "shipped_metrics": shipped.get("metrics", {}),
+              "imgsz": imgsz, "rows": rows, "critical_layers": critical, "pictures": pictures,
               "machine": {"threads": threads, "torch": torch.__version__, "vnni": cpu_has_vnni()},
               "qat_kept_ptq_start": qat_kept_ptq, "seconds": time.perf_counter() - t0,
               "qat_checkpoint": str(qat_ckpt), "onnx": str(onnx_path),
-              "onnx_onnxruntime": str(ort_path), "openvino": str(ov_dir) if ov_dir else None}
+              "onnx_onnxruntime": str(ort_path), "openvino": str(ov_dir) if ov_dir else None,
+              "task": task, "metrics": [companion, main], "scene_imgsz": scene}
     table = write_reports(report, out, quick)
     print("\n" + table)
     print(f"\nreport: {out / 'report.html'}  ({report['seconds'] / 60:.1f} min)")

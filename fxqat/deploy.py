@@ -231,8 +231,10 @@ class OpenVINORunner(BatchRunner):
         dim0 = self.compiled.input(0).get_partial_shape()[0]
         self.static_batch = dim0.get_length() if dim0.is_static else None
 
-    def run(self, x) -> torch.Tensor:
-        return torch.from_numpy(self.compiled(x)[0].copy())
+    def run(self, x):
+        res = self.compiled(x)
+        outs = [torch.from_numpy(res[o].copy()) for o in self.compiled.outputs]
+        return outs[0] if len(outs) == 1 else tuple(outs)  # segment: (predictions, prototypes)
 
 
 def openvino_predictor(folder):
@@ -243,7 +245,7 @@ def openvino_predictor(folder):
     from .evaluate import Predictor
 
     md = yaml.safe_load((Path(folder) / "metadata.yaml").read_text())
-    return Predictor(OpenVINORunner(folder), md["names"], md["stride"], "openvino")
+    return Predictor(OpenVINORunner(folder), md["names"], md["stride"], "openvino", md.get("task", TASK))
 
 
 # ------------------------------------------------------------------------------------------ Ultralytics YOLO object

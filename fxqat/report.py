@@ -15,25 +15,37 @@ def _fmt(v: float, spec: str) -> str:
     return "-" if v != v else format(v, spec)  # NaN: not measured
 
 
-def table_rows(rows: list[dict]) -> list[list[str]]:
-    """Rows of strings with the deltas against the FP32 row (mAP points, speed-up, size ratio)."""
+DETECT_METRICS = ("mAP50", "mAP50-95")  # (companion, main): fxqat.tasks.task_metrics("detect")
+
+
+def table_rows(rows: list[dict], metrics=DETECT_METRICS) -> list[list[str]]:
+    """Rows of strings with the deltas against the FP32 row (main-metric points, speed-up, size ratio).
+    ``metrics``: the task's (companion, main) metric names (:func:`fxqat.tasks.task_metrics`)."""
+    companion, main = metrics
     ref = next(r for r in rows if r["model"] == "FP32")
     out = []
     for r in rows:
-        d = r["mAP50-95"] - ref["mAP50-95"]
+        d = r[main] - ref[main]
         speed = ref["latency_ms"] / r["latency_ms"] if r["latency_ms"] == r["latency_ms"] else float("nan")
-        out.append([r["model"], r["runtime"], f"{r['mAP50-95']:.3f}", "" if r is ref else f"{d:+.3f}",
-                    f"{r['mAP50']:.3f}", _fmt(r["latency_ms"], ".1f"), "" if r is ref else _fmt(speed, ".2f") + "×",
+        out.append([r["model"], r["runtime"], f"{r[main]:.3f}", "" if r is ref else f"{d:+.3f}",
+                    f"{r[companion]:.3f}", _fmt(r["latency_ms"], ".1f"), "" if r is ref else _fmt(speed, ".2f") + "×",
                     _fmt(r["size_mb"], ".2f"), "" if r is ref else f"{r['size_mb'] / ref['size_mb']:.2f}×"])
     return out
 
 
-HEAD = ["model", "runtime", "mAP50-95", "Δ vs FP32", "mAP50", "latency (ms)", "speed-up", "size (MB)", "size ratio"]
+def head(metrics=DETECT_METRICS) -> list[str]:
+    """The table's header for the task's (companion, main) metrics."""
+    companion, main = metrics
+    return ["model", "runtime", main, "Δ vs FP32", companion, "latency (ms)", "speed-up", "size (MB)", "size ratio"]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows)]
+HEAD = head()
+
+
+def markdown_table(rows: list[dict], metrics=DETECT_METRICS) -> str:
+    h = head(metrics)
+    lines = ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(rows, metrics)]
     return "\n".join(lines)
 
 
@@ -86,25 +98,30 @@ def write_reports(report: dict, out: Path, quick: bool) -> str:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     rows, pics, imgsz = report["rows"], report["pictures"], report["imgsz"]
     threads, cfg = report["machine"]["threads"], report["config"]
-    note = (f"Start: the shipped {report['model']} (FP32). Data: {cfg['train']} train / {cfg['val']} val synthetic "
-            f"signs at {imgsz} px; QAT {cfg['qat_epochs']} epoch. Latency: batch 1, {threads} threads, median of "
+    metrics, task = tuple(report.get("metrics", DETECT_METRICS)), report.get("task", "detect")
+    what = f"synthetic signs at {imgsz} px" if task != "classify" else \
+        f"synthetic scenes at {report.get('scene_imgsz', imgsz)} px, their sign crops at {imgsz} px"
+    note = (f"Start: the shipped {report['model']} (FP32). Data: {cfg['train']} train / {cfg['val']} val {what}; "
+            f"QAT {cfg['qat_epochs']} epoch. Latency: batch 1, {threads} threads, median of "
             f"{cfg['rounds']} interleaved rounds in this run. ONNX Runtime runs the model prepared with the "
             "onnxruntime preset (its placement); OpenVINO runs the QAT model's QDQ export.")
     if report.get("qat_kept_ptq_start"):
         note += (" The QAT epoch did not beat the PTQ start on the validation images, so best.pt (the QAT rows) is the "
                  "PTQ start: QAT never ends below it.")
-    table = markdown_table(rows)
+    table = markdown_table(rows, metrics)
     critical = ", ".join(report["critical_layers"]) or "n/a"
-    md = [f"# fxqat demo ({'quick' if quick else 'default'})", "", table, "", note, "",
+    title = f"fxqat demo{'' if task == 'detect' else f' task={task}'} ({'quick' if quick else 'default'})"
+    md = [f"# {title}", "", table, "", note, "",
           f"Critical layers (analysis): {critical}", "", f"![predictions]({pics['predictions']})",
           f"![graph]({pics['graph']})"]
     if "sensitivity" in pics:
         md.append(f"![sensitivity]({pics['sensitivity']})")
     (out / "report.md").write_text("\n".join(md) + "\n")
-    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in table_rows(rows))
+    cells = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
+                    for r in table_rows(rows, metrics))
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fxqat demo</title><style>{CSS}</style>"
-             "</head><body>", f"<h1>fxqat demo ({'quick' if quick else 'default'})</h1>",
-             "<table><tr>" + "".join(f"<th>{h}</th>" for h in HEAD) + f"</tr>{cells}</table>",
+             "</head><body>", f"<h1>{html.escape(title)}</h1>",
+             "<table><tr>" + "".join(f"<th>{h}</th>" for h in head(metrics)) + f"</tr>{cells}</table>",
              f"<p class='note'>{html.escape(note)} Finished in {report['seconds'] / 60:.1f} min.</p>",
              "<h2>Predictions: FP32 (top) and INT8 (bottom), same images</h2>", _embed(out / pics["predictions"])]
     if "sensitivity" in pics:

@@ -86,6 +86,13 @@ def spec(task: str) -> TaskSpec:
     return TASKS[task]
 
 
+def task_metrics(task: str) -> tuple[str, str]:
+    """(companion metric, main metric) of a task, fxqat's names: detect (mAP50, mAP50-95), segment (mask_mAP50,
+    mask_mAP50-95), pose (pose_mAP50, pose_mAP50-95), obb (mAP50, mAP50-95), classify (top5, top1)."""
+    main = spec(task).main
+    return ("top5" if main == "top1" else main.replace("50-95", "50")), main
+
+
 def head_values(meta: dict) -> dict:
     """The task head's attributes the loss reads (``TaskSpec.head_attrs``), from a QAT graph's ``meta``."""
     s = spec(meta.get("task", "detect"))

@@ -31,6 +31,14 @@ class Shipped:
 SHIPPED = {s.name: s for s in (
     Shipped("fxqat-signs-yolov8n", "fxqat-signs-yolov8n.pt",
             "yolov8n trained by fxqat on its synthetic traffic signs (10 classes, trained at 192 px, runs at 256 px)"),
+    Shipped("fxqat-signs-yolov8n-seg", "fxqat-signs-yolov8n-seg.pt",
+            "yolov8n-seg trained by fxqat on its synthetic traffic signs: each sign's visible mask (192 px)"),
+    Shipped("fxqat-signs-yolov8n-pose", "fxqat-signs-yolov8n-pose.pt",
+            "yolov8n-pose trained by fxqat on its synthetic traffic signs: the 4 corners of each sign (192 px)"),
+    Shipped("fxqat-signs-yolov8n-obb", "fxqat-signs-yolov8n-obb.pt",
+            "yolov8n-obb trained by fxqat on its synthetic traffic signs: rotated boxes along the signs (192 px)"),
+    Shipped("fxqat-signs-yolov8n-cls", "fxqat-signs-yolov8n-cls.pt",
+            "yolov8n-cls trained by fxqat on crops of its synthetic traffic signs (runs at 64 px)"),
 )}
 
 
