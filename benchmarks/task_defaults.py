@@ -25,10 +25,9 @@ from fxqat.evaluate import evaluate  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat.qconfig.config import DEFAULT_RULES, FLOAT, QConfig, Rule  # noqa: E402
 from fxqat.quant.fake_quant import FakeQuant  # noqa: E402
-from fxqat.tasks import calibration_source, read_data  # noqa: E402
+from fxqat.tasks import calibration_source, read_data, task_metrics  # noqa: E402
 from fxqat.tracing import task_of  # noqa: E402
 
-from .accuracy import task_metrics  # noqa: E402
 from .common import markdown, save  # noqa: E402
 
 # task: {label: (default-rule roles removed, roles given a float output)}
