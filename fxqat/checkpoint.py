@@ -49,7 +49,8 @@ OPT_IN = (f"if you trust where this file comes from, opt in with trust=true (CLI
 # ------------------------------------------------------------------------------------------- the allow-list
 _MODULE_NAMESPACES = ("torch.nn.modules.", "ultralytics.nn.modules.")  # nn.Module classes defined there
 _MODULE_FILES = ("ultralytics.nn.tasks",)  # DetectionModel and the other task models
-_CLASS_FILES = ("ultralytics.utils.loss", "ultralytics.utils.tal")  # loss objects older checkpoints pickle
+_CLASS_FILES = ("ultralytics.utils.loss", "ultralytics.utils.tal",  # loss objects older checkpoints pickle
+                "torchvision.transforms.transforms")  # a classify model's preprocessing (model.transforms)
 
 
 def trusted(trust: bool | None = None) -> bool:
@@ -87,6 +88,12 @@ def _data_globals() -> dict:
     for m in ("pathlib", "pathlib._local"):
         for c in ("PosixPath", "WindowsPath"):
             out[f"{m}.{c}"] = path
+    try:  # the resize mode of a classify model's transforms (an enum)
+        from torchvision.transforms.functional import InterpolationMode
+
+        out["torchvision.transforms.functional.InterpolationMode"] = InterpolationMode
+    except ImportError:
+        pass
     return out
 
 
@@ -94,7 +101,8 @@ def allowed_global(name: str):
     """The object ``name`` ("module.Class") stands for if fxqat's allow-list admits it, else None.
 
     Admitted: nn.Module classes defined in ``torch.nn.modules.*``, ``ultralytics.nn.modules.*`` and
-    ``ultralytics.nn.tasks``; classes defined in Ultralytics' loss / assigner modules; the data globals above.
+    ``ultralytics.nn.tasks``; classes defined in Ultralytics' loss / assigner modules and torchvision's transforms
+    (a classify checkpoint's ``model.transforms``); the data globals above.
     """
     if name in _data_globals():
         return _data_globals()[name]

@@ -217,3 +217,22 @@ def test_legacy_format_pickle_is_refused_too(tmp_path):
     with pytest.raises(ModelLoadError) as e:
         load_model(path)
     assert "io.open" in str(e.value) and "trust=True" in str(e.value) and not marker.exists()
+
+
+def test_classify_checkpoint_with_its_transforms_loads_weights_only(tmp_path):
+    """Ultralytics' ClassificationTrainer pickles model.transforms (torchvision Compose/Resize/CenterCrop/Normalize,
+    an InterpolationMode enum): admitted; a transform holding a foreign callable is still refused."""
+    import torchvision.transforms as T
+    from ultralytics.data.augment import classify_transforms
+
+    model = load_model("yolov8n-cls.yaml", nc=10)
+    model.transforms = classify_transforms(64)
+    torch.save({"model": model}, tmp_path / "best.pt")
+    loaded = load_model(tmp_path / "best.pt")
+    assert [type(t).__name__ for t in loaded.transforms.transforms] == \
+        [type(t).__name__ for t in model.transforms.transforms]
+    assert torch.equal(loaded.state_dict()["model.9.linear.weight"], model.state_dict()["model.9.linear.weight"])
+    model.transforms = T.Compose([T.Lambda(subprocess.call)])  # a callable a transform could carry
+    torch.save({"model": model}, tmp_path / "evil.pt")
+    with pytest.raises(ModelLoadError, match=r"refused to unpickle \S*call"):
+        load_model(tmp_path / "evil.pt")
