@@ -21,7 +21,9 @@ from .conftest_helpers import assert_traced_matches_in_both_modes, liven, signs_
 NC = 10
 
 
-@pytest.mark.parametrize("name", ["yolov8n-cls.yaml", pytest.param("yolo11n-cls.yaml", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["yolov8n-cls.yaml", "yolov8s-cls.yaml", "yolo11s-cls.yaml"] + [
+    pytest.param(f"{n}-cls.yaml", marks=pytest.mark.slow)
+    for n in ("yolo11n", "yolov8m", "yolov8l", "yolov8x", "yolo11m", "yolo11l", "yolo11x")])
 def test_classify_traces_bit_exact_at_its_own_sizes(name):
     model = load_model(name, nc=NC)
     gm = fxqat.trace(model, "eval")

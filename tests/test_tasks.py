@@ -18,10 +18,17 @@ def _decode_path(gm):
     return next(n.target for n in gm.graph.nodes if n.op == "call_module" and info(n).role == "detect.decode")
 
 
-@pytest.mark.parametrize("name", [
-    "yolov8n-seg.yaml", "yolov8n-pose.yaml", "yolov8n-obb.yaml", pytest.param("yolo11n-seg.yaml", marks=pytest.mark.slow),
-    pytest.param("yolo11n-pose.yaml", marks=pytest.mark.slow), pytest.param("yolo11n-obb.yaml", marks=pytest.mark.slow),
-])
+def _sizes(fast: tuple[str, ...], slow: tuple[str, ...], tasks=("seg", "pose", "obb")) -> list:
+    """Model YAML names per task and scale: ``fast`` ones in the default suite, ``slow`` ones marked slow."""
+    return [pytest.param(f"{fam}{scale}-{t}.yaml", marks=() if f"{fam}{scale}" in fast else pytest.mark.slow)
+            for fam in ("yolov8", "yolo11") for scale in "nsmlx" for t in tasks if f"{fam}{scale}" in fast + slow]
+
+
+ALL_SCALES = _sizes(("yolov8n", "yolov8s", "yolo11s"),
+                    ("yolo11n", "yolov8m", "yolov8l", "yolov8x", "yolo11m", "yolo11l", "yolo11x"))
+
+
+@pytest.mark.parametrize("name", ALL_SCALES)
 def test_task_heads_bit_identical_train_eval_export(name):
     model = load_model(name, nc=3)
     gm = fxqat.trace(model, "train")
