@@ -67,6 +67,13 @@ def build(spec: str, imgsz: int) -> dict:
     return rows
 
 
+def _same(a, b) -> bool:
+    """Bit-identical outputs, of any task (segment: predictions and prototypes)."""
+    if isinstance(a, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return torch.equal(a, b)
+
+
 def conv_kind(m: Int8ConvBnAct) -> str:
     depthwise = m.groups > 1 and m.w_int8.shape[1] == 1
     split = m._packed is not None and m._packed[2]
@@ -126,7 +133,7 @@ def main(argv=None):
         rows = build(spec, a.imgsz)
         with torch.no_grad():
             if OLD in rows:
-                same = torch.equal(rows[NOW](x), rows[OLD](x))
+                same = _same(rows[NOW](x), rows[OLD](x))
                 print(f"{spec}: outputs of the two INT8 rows bit-identical: {same}")
         times = interleaved_times(rows, x, a.rounds)
         med = {k: statistics.median(v) for k, v in times.items()}
