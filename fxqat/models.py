@@ -124,8 +124,9 @@ def transfer_weights(dst: nn.Module, src: nn.Module) -> tuple[int, int]:
     """Copy every tensor of ``src``'s state dict into ``dst``'s where the name and shape match (Ultralytics'
     ``intersect_dicts``: a detector's backbone, neck and box/class branches into a segment, pose or OBB model of the
     same size, its backbone into a classify model). Returns (tensors copied, tensors in ``dst``)."""
-    theirs = src.float().state_dict()
+    from ultralytics.utils.torch_utils import intersect_dicts
+
     mine = dst.state_dict()
-    same = {k: v for k, v in theirs.items() if k in mine and v.shape == mine[k].shape}
-    dst.load_state_dict(same, strict=False)
+    same = intersect_dicts(src.state_dict(), mine)
+    dst.load_state_dict(same, strict=False)  # copies into dst's tensors, in dst's dtype; src is left as it was
     return len(same), len(mine)

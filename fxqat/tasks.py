@@ -119,8 +119,13 @@ def read_data(path) -> dict:
     if not classes:
         raise FxqatError(f"{p}: a classify data folder holds train/<class>/ image folders (and val/<class>/); make "
                          "one with fxqat data signs OUT task=classify")
-    return {"names": dict(enumerate(classes)), "nc": len(classes), "path": p, "train": p / "train",
+    info = {"names": dict(enumerate(classes)), "nc": len(classes), "path": p, "train": p / "train",
             "val": p / "val", "classify": True, "yaml_file": str(p)}
+    if (p / "fxqat.yaml").is_file():  # fxqat's generator settings (a data YAML's ``fxqat:`` key)
+        import yaml
+
+        info["fxqat"] = yaml.safe_load((p / "fxqat.yaml").read_text())
+    return info
 
 
 def calibration_source(data: dict, given):

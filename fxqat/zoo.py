@@ -98,16 +98,13 @@ def pack(best_pt, data_yaml, out, name: str, commands: list[str], metrics: dict 
     ``metrics``: the validation metrics to record; measured on the packed (FP16-rounded) weights when not given.
     ``imgsz``: the size the model runs at (default: the data's image size; a classify model runs on its crops).
     """
-    import yaml
-
     from .models import load_model
     from .tasks import read_data
     from .tracing import task_of
 
     model = load_model(str(best_pt)).float().eval()
     data = read_data(data_yaml)
-    meta = Path(data_yaml) / "fxqat.yaml" if data.get("classify") else None
-    gen = yaml.safe_load(meta.read_text()) if meta is not None and meta.is_file() else data.get("fxqat")
+    gen = data.get("fxqat")
     if not gen or gen.get("generator") != "signs":
         raise ModelLoadError(f"{data_yaml}: not made by fxqat data signs; shipped models are trained on fxqat's data")
     rec = {"format": FORMAT, "name": name, "task": task_of(model), "yaml": dict(model.yaml),
