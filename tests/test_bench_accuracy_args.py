@@ -84,3 +84,22 @@ def test_task_must_match_the_model(capsys):
     with pytest.raises(SystemExit):
         main(["--fp32", "yolov8n.yaml", "--data", "missing.yaml", "--task", "segment"])
     assert "--task segment: yolov8n.yaml is a detect model" in capsys.readouterr().err
+
+
+def test_task_default_variants_each_change_the_prepared_graph():
+    """benchmarks.task_defaults: every variant of every task head flips a rule that changes the quantizers."""
+    import fxqat
+    from benchmarks.task_defaults import VARIANTS, variant_qconfig
+    from fxqat.models import load_model
+    from fxqat.quant.fake_quant import FakeQuant
+
+    for task, yaml_name in (("segment", "yolov8n-seg.yaml"), ("pose", "yolov8n-pose.yaml"), ("obb", "yolov8n-obb.yaml"),
+                            ("classify", "yolov8n-cls.yaml")):
+        model = load_model(yaml_name, nc=3)
+
+        def count(qc, model=model):
+            return sum(isinstance(m, FakeQuant) for m in fxqat.prepare_qat(model, qc).modules())
+
+        base = count(variant_qconfig())
+        for label, (removed, floated) in VARIANTS[task].items():
+            assert count(variant_qconfig(removed, floated)) != base, (task, label)

@@ -104,3 +104,5 @@ def test_train_passes_mosaic_only_when_given(monkeypatch, capsys):
     assert "mosaic" not in seen
     assert main(["train", "yolov8n.yaml", "data=d.yaml", "mosaic=1.5"]) == 2
     assert "mosaic=1.5: must be between 0 and 1" in capsys.readouterr().err
+    assert main(["train", "yolov8n-seg.yaml", "data=d.yaml", "pretrained=fxqat-signs-yolov8n"]) == 0
+    assert seen["pretrained"] == "fxqat-signs-yolov8n"  # reaches train_fp32 (tests/test_train.py: what it does)
