@@ -21,6 +21,12 @@ recipes; its PTQ rows run once):
     python -m benchmarks.accuracy --fp32 best.pt --data data.yaml --val-data big_val.yaml --imgsz 192 --batch 32 \\
         --variants w8a8,w8a8_lsq,w4a8,w4a8_lsq,w4a8:epochs=3,w4a8:freeze_bn=0 --skip-ultralytics
 
+``--budgets`` (issue 16, item 4) adds a PTQ and a QAT row set per mixed-precision budget: the per-layer weight bits
+that ``fxqat analyze budget=...`` chooses (:func:`fxqat.analysis.budget.run_budget` on ``--budget-images`` training
+images of the FP32 model at ``--imgsz``; a latency budget is batch 1 at ``--imgsz`` on this machine's INT8 kernels):
+
+    python -m benchmarks.accuracy ... --variants w8a8,w4a8_lsq --budgets size:2.4MB,latency:15ms
+
 ``seconds``: wall time to build the row's model from the FP32 checkpoint (PTQ: prepare + calibration; QAT: the whole
 ``train_qat`` run with its calibration and validations; INT8 torch: + conversion), evaluation not included.
 """
@@ -108,9 +114,12 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
 
 
 def tag(qc) -> tuple[str, bool]:
-    """(bits label from the global specs, e.g. "W4A8"; whether any scale is learnable) of a qconfig."""
+    """(bits label from the global specs, e.g. "W4A8"; whether any scale is learnable) of a qconfig. A budget's
+    qconfig (one rule per layer, several weight widths: ``fxqat analyze budget=``) is "mixed"."""
     qc = as_qconfig(qc)
-    return f"W{qc.weight.bits}A{qc.activation.bits}", qc.weight.learnable or qc.activation.learnable
+    widths = {r.weight["bits"] for r in qc.rules if isinstance(r.weight, dict) and "bits" in r.weight}
+    w = "mixed " if len(widths) > 1 and len(qc.rules) > 8 else f"W{qc.weight.bits}"
+    return f"{w}A{qc.activation.bits}", qc.weight.learnable or qc.activation.learnable
 
 
 def recipe_label(epochs: int, lr0: float, recipe: dict) -> str:
@@ -146,11 +155,23 @@ def main(argv=None):
                     "--variants: one value, the default of every variant)")
     ap.add_argument("--variants", default=None, help=f"comma-separated, NAME[:key=value...]; names "
                     f"{', '.join(VARIANTS)}; keys {', '.join(RECIPE_KEYS)}")
+    ap.add_argument("--budgets", default=None, help="comma-separated mixed-precision budgets (size:2.4MB, "
+                    "latency:15ms): PTQ and QAT rows with the bits fxqat analyze chooses for each")
+    ap.add_argument("--budget-images", type=int, default=16, help="training images for the budget measurements")
     ap.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime quantize_static row")
     ap.add_argument("--skip-ultralytics", action="store_true")
     ap.add_argument("--project", default=None)
     a = ap.parse_args(argv)
     lrs = [float(v) for v in a.lr0.split(",")]
+    budgets = []
+    if a.budgets is not None:
+        from fxqat.analysis.budget import parse_budget
+        from fxqat.errors import FxqatError
+
+        try:
+            budgets = [parse_budget(t.strip()) for t in a.budgets.split(",")]
+        except FxqatError as e:
+            ap.error(f"--budgets: {e}")
     variants = None
     if a.variants is not None:
         try:
@@ -231,6 +252,26 @@ def main(argv=None):
             epochs, lr = recipe.get("epochs", a.epochs), recipe.get("lr0", lrs[0])
             qat(f"fxqat QAT {name} {recipe_label(epochs, lr, recipe)}", variant_qconfig(name), f"qat{k}_{name}",
                 epochs, lr, recipe)
+
+    for k, b in enumerate(budgets):
+        from fxqat.analysis.budget import run_budget
+
+        t = time.perf_counter()
+        x = load_images(image_files(a.data, "train")[:a.budget_images], a.imgsz)
+        base = as_qconfig(a.qconfig)
+        gm = fxqat.prepare_qat(fp32, base)
+        fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=False)
+        res = run_budget(gm, fp32, base, x, b, progress=False)
+        qc = fxqat.load_qconfig(res["qconfig"])
+        s = time.perf_counter() - t
+        counts = "/".join(str(res["counts"][c]) for c in (4, 8, 16))
+        lat = (f", {res['latency_ms']:.1f} ms predicted / {res['measured_ms']:.1f} ms measured"
+               if b.kind == "latency" else "")
+        notes.append(f"budget {b.text}: layers at 4/8/16 bits {counts}, {res['size_bytes'] / 1e6:.2f} MB{lat}; "
+                     f"chosen in {s:.0f} s")
+        label = f"budget {b.text} ({counts})"
+        ptq(f"fxqat PTQ {label}", qc)
+        qat(f"fxqat QAT {label} {recipe_label(a.epochs, lrs[0], {})}", qc, f"budget{k}", a.epochs, lrs[0], {})
 
     if a.skip_ort or task != "detect":
         notes.append("ONNX Runtime quantize_static skipped (" + ("--skip-ort)" if a.skip_ort else "detect only)"))

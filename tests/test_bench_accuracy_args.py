@@ -103,3 +103,26 @@ def test_task_default_variants_each_change_the_prepared_graph():
         base = count(variant_qconfig())
         for label, (removed, floated) in VARIANTS[task].items():
             assert count(variant_qconfig(removed, floated)) != base, (task, label)
+
+
+def test_cli_refuses_bad_budgets(capsys):
+    for text, msg in (("size:2.4XB", "is not a size"), ("latency:-3ms", "is not a latency"), ("bytes:3", "valid kinds")):
+        with pytest.raises(SystemExit):
+            main(["--fp32", "x.pt", "--data", "d.yaml", "--budgets", f"size:2MB,{text}"])
+        err = capsys.readouterr().err
+        assert "--budgets: " in err and msg in err, err
+
+
+def test_budget_qconfigs_are_tagged_mixed():
+    from fxqat import load_qconfig
+    from fxqat.analysis.budget import BudgetPlan, budget_yaml, parse_budget
+
+    layers = [{"name": f"conv{i}", "module_path": f"model.{i}", "role": "conv", "params": 10, "scales": 1,
+               "nsr": {4: 1.0, 8: 0.1, 16: 0.0}, "bytes": {4: 5, 8: 10, 16: 20}} for i in range(12)]
+    plan = BudgetPlan(layers, act_nsr=0.0, fixed_bytes=0)
+    mixed = {r["name"]: (4, 8)[i % 2] for i, r in enumerate(layers)}
+    text = budget_yaml(plan, mixed, as_qconfig(None), parse_budget("size:1MB"))
+    assert tag(load_qconfig(text)) == ("mixed A8", False)
+    uniform = budget_yaml(plan, plan.uniform(8), as_qconfig(None), parse_budget("size:1MB"))
+    assert tag(load_qconfig(uniform)) == ("W8A8", False)
+    assert tag("w4a8") == ("W4A8", True)  # a preset's few rules (first conv, head at 8 bits) are not a mix

@@ -106,8 +106,10 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
     "raise" (float weights + 16-bit output grid for the critical layers) or "skip". ``trust``: see
     :func:`fxqat.trace` (a ``.pt`` is loaded once, weights-only unless trusted). ``budget="size:2.5MB"``
     (also KB, KiB, MiB, bytes) picks 4 / 8 / 16-bit weights per layer for the least predicted head-output error
-    within that model size (:mod:`fxqat.analysis.budget`): ``report.budget`` has the choice, and ``out`` also gets
-    ``budget_qconfig.yaml``, ``budget.json`` and ``frontier.png``.
+    within that model size (:mod:`fxqat.analysis.budget`); ``budget="latency:30ms"`` within that batch-1 latency at
+    ``imgsz`` on this machine's INT8 kernels (each layer timed at each precision on converted models,
+    :mod:`fxqat.analysis.latency`). ``report.budget`` has the choice, and ``out`` also gets ``budget_qconfig.yaml``,
+    ``budget.json`` and ``frontier.png``.
     """
     import fxqat
 
@@ -133,7 +135,7 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
         x = load_images(image_files(data, "val")[:images], imgsz)
     base = as_qconfig(qconfig)
     gm = fxqat.prepare_qat(model, base)
-    if budget is not None:
+    if budget is not None and budget.kind == "size":
         from .budget import sizes
 
         sizes(gm).check(budget.value)  # an infeasible size is reported before the measurements

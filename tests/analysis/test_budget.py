@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxqat
-from fxqat.analysis.budget import UNITS, BudgetPlan, budget_yaml, measure, parse_budget
+from fxqat.analysis.budget import TIME_UNITS, UNITS, BudgetPlan, budget_yaml, measure, parse_budget
 from fxqat.analysis.sensitivity import head_sqnr
 from fxqat.cli import main
 from fxqat.errors import FxqatError
@@ -57,18 +57,54 @@ def test_larger_budget_never_predicts_more_error():
     assert all(b["sqnr_db"] >= a["sqnr_db"] for a, b in zip(front, front[1:]))
 
 
-def test_infeasible_and_latency_refused():
+def _with_latency(plan: BudgetPlan, seed: int = 3) -> BudgetPlan:
+    """Latencies as the INT8 kernels give them: 4-bit no slower than 8-bit (sometimes equal), 16-bit (float) slower."""
+    rnd = random.Random(seed)
+    for r in plan.layers:
+        t8 = rnd.uniform(0.1, 2.0)
+        r["ms"] = {4: t8 if rnd.random() < 0.3 else t8 * rnd.uniform(0.5, 1.0), 8: t8, 16: t8 * rnd.uniform(1.5, 5)}
+    plan.fixed_ms = 4.2
+    return plan.with_kind("latency")
+
+
+def test_latency_knapsack_is_exact_up_to_one_bin_per_layer():
+    plan = _with_latency(_synthetic(6))
+    combos = [dict(zip([r["name"] for r in plan.layers], c)) for c in itertools.product((4, 8, 16), repeat=6)]
+    assert plan.min_cost == pytest.approx(min(plan.latency(c) for c in combos))
+    assert plan.max_cost == pytest.approx(max(plan.latency(c) for c in combos))
+    step = plan._dp()[0]
+    for t in [i / 12 for i in range(1, 13)]:
+        budget = plan.min_cost + t * (plan.max_cost - plan.min_cost)
+        bits = plan.solve(budget)
+        assert plan.latency(bits) <= budget + 1e-9
+        best = min((plan.nsr(c) for c in combos if plan.latency(c) <= budget - 6 * step), default=float("inf"))
+        assert plan.nsr(bits) <= best * (1 + 1e-12)
+    # with 4 bits as fast as 8 (a layer's tie), the less noisy 8 bits is chosen; all 16 fits only the largest budget
+    assert plan.solve(plan.max_cost + 6 * step) == plan.uniform(16)
+    ties = [r["name"] for r in plan.layers if r["ms"][4] == r["ms"][8]]
+    fastest = plan.solve(plan.min_cost)
+    assert all(fastest[n] == 8 for n in ties) and plan.latency(fastest) == pytest.approx(plan.min_cost)
+
+
+def test_infeasible_and_unknown_kinds_refused():
     plan = _synthetic(5)
     with pytest.raises(FxqatError, match=f"smallest feasible size.*{plan.min_bytes} bytes"):
         plan.solve(plan.min_bytes - 1)
-    with pytest.raises(FxqatError, match="latency budgets are not supported.*valid kinds: size"):
-        parse_budget("latency:5ms")
-    with pytest.raises(FxqatError, match="valid kinds: size"):
+    lat = _with_latency(_synthetic(5))
+    with pytest.raises(FxqatError, match=f"below the fastest configuration measured, {lat.min_cost:.2f} ms"):
+        lat.solve(lat.min_cost - 0.01)
+    with pytest.raises(FxqatError, match="needs the per-layer latencies"):
+        _synthetic(5).with_kind("latency")
+    with pytest.raises(FxqatError, match="valid kinds: size, latency"):
         parse_budget("flops:5G")
+    assert parse_budget("latency:0.03s").value == pytest.approx(30.0)
+    assert parse_budget("latency:2500us").value == pytest.approx(2.5)
+    assert parse_budget("latency: 40").value == 40.0  # milliseconds by default
 
 
 def test_cli_refuses_bad_budgets_before_model_work(capsys):
-    for arg, fragment in [("budget=latency:3ms", "valid kinds: size"), ("budget=size:2.5XB", "is not a size"),
+    for arg, fragment in [("budget=latency:3xs", "is not a latency"), ("budget=size:2.5XB", "is not a size"),
+                          ("budget=latency:0ms", "positive"), ("budget=flops:2G", "valid kinds: size, latency"),
                           ("budget=size:0", "positive"), ("budget=2.5MB", "give KIND:VALUE")]:
         assert main(["analyze", "no_such_model.pt", "data=missing.yaml", arg]) == 2
         err = capsys.readouterr().err
@@ -141,16 +177,24 @@ def test_parse_budget_round_trip(value, unit, space):
     assert b.kind == "size" and b.value == pytest.approx(expected, rel=1e-12)
 
 
+@settings(max_examples=100, deadline=None)
+@given(value=st.floats(1e-3, 1e6, allow_nan=False), unit=st.sampled_from(["", "ms", "s", "us", "MS"]),
+       space=st.sampled_from(["", " "]))
+def test_parse_latency_round_trip(value, unit, space):
+    b = parse_budget(f"latency:{value:.6f}{space}{unit}")
+    assert b.kind == "latency" and b.value == pytest.approx(round(value, 6) * TIME_UNITS[unit.lower()], rel=1e-12)
+
+
 @settings(max_examples=150, deadline=None)
-@given(text=st.text(max_size=20) | st.from_regex(r"size:[-+0-9.eE]{0,6}[a-zA-Z]{0,4}", fullmatch=True))
+@given(text=st.text(max_size=20) | st.from_regex(r"(size|latency):[-+0-9.eE]{0,6}[a-zA-Z]{0,4}", fullmatch=True))
 def test_parse_budget_strict(text):
     try:
         b = parse_budget(text)
     except FxqatError as e:
-        assert "\n" not in str(e) and "size:2.5MB" in str(e)  # one line, with an example
+        assert "\n" not in str(e) and "size:2.5MB" in str(e) and "latency:30ms" in str(e)  # one line, examples
         return
-    assert b.kind == "size" and b.value > 0 and b.value != float("inf")
-    number = text.split(":", 1)[1].strip().lower().rstrip("bkmi").rstrip(" ")
+    assert b.kind in ("size", "latency") and b.value > 0 and b.value != float("inf")
+    number = text.split(":", 1)[1].strip().lower().rstrip("bkmisu").rstrip(" ")
     assert number.replace(".", "", 1).isdigit() and number.isascii()  # only plain decimals get through
 
 
@@ -177,3 +221,23 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert sorted({r.weight["bits"] for r in qc.rules if r.weight}) == sorted({int(b) for b in rep["bits"].values()})
     assert main(args + ["budget=size:100KB"]) == 1  # below all-4-bit: the smallest feasible size is named
     assert "smallest feasible size" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the sweep, three converted models timed, four references converted and timed
+def test_latency_budget_end_to_end(tmp_path):
+    from fxqat.analysis import analyze
+
+    model = liven(load_model("yolov8n.yaml", nc=2))
+    x = signs_like_images(2, 64)
+    rep = analyze(model, x, imgsz=64, images=2, out=tmp_path, budget="latency:10s", progress=False)
+    b = rep.budget
+    assert b["kind"] == "latency" and b["budget_ms"] == 10_000.0
+    assert b["min_cost"] < b["max_cost"] <= 10_000.0
+    assert set(b["bits"].values()) == {16}  # every layer fits in float: the least error
+    assert b["latency_ms"] == pytest.approx(b["max_cost"])
+    for p in b["references"].values():
+        assert p["measured_ms"] > 0 and p["latency_ms"] > 0
+    assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert "predicted latency" in (tmp_path / "budget_qconfig.yaml").read_text()
+    with pytest.raises(FxqatError, match="below the fastest configuration measured"):
+        analyze(model, x, imgsz=64, images=2, budget="latency:0.001ms", progress=False)
