@@ -149,8 +149,8 @@ class BudgetPlan:
                              f"{min(self.choices)} bits plus {self.fixed_bytes} bytes of biases and float "
                              "parameters); give at least that")
         raise FxqatError(f"budget {budget:.2f} ms is below the fastest configuration measured, {self.min_cost:.2f} ms "
-                         f"(every layer at its fastest precision, plus {self.fixed_ms:.2f} ms that no weight choice "
-                         "changes); give at least that")
+                         "(every layer at its fastest precision, batch 1 on this machine's INT8 kernels); give at "
+                         "least that")
 
     def _dp(self):
         if self._table is None:

@@ -12,8 +12,8 @@ the quantize of its output, and the dequantizes and other glue that only it read
 pools, the head's decode, glue shared by several layers — is the fixed part, taken from the all-8-bit graph.
 
 Predicted latency of a configuration = fixed part + Σ its layers' times at their precisions. The interpreter adds
-a small per-node overhead that a plain forward does not have; :func:`forward_ms` times the real forwards (also
-interleaved) so that the prediction can be checked against them.
+a small per-node overhead that a plain forward does not have: the plain forwards are timed too (:func:`forward_ms`,
+also interleaved), and the all-8-bit graph's difference comes off the fixed part.
 """
 
 from __future__ import annotations
@@ -70,19 +70,29 @@ def owners(cg: fx.GraphModule, layer_paths: dict[str, str]) -> dict[str, str]:
 
 @torch.no_grad()
 def node_times(graphs: list[fx.GraphModule], x: torch.Tensor, rounds: int = 15, warmup: int = 2,
-               progress: bool = True) -> list[dict[str, float]]:
-    """Each graph's per-node median time (ms) over ``rounds`` interleaved rounds (one pass of each graph per round)."""
+               progress: bool = True) -> tuple[list[dict[str, float]], list[dict]]:
+    """Each graph's per-node median time (ms) and its plain forward's median and spread (:func:`forward_ms`'s
+    fields), over ``rounds`` interleaved rounds: one timed pass and one plain forward of each graph per round, so
+    that both see the same load on a shared machine."""
     from tqdm.auto import tqdm
 
     samples: list[dict[str, list[float]]] = [{} for _ in graphs]
+    plain: list[list[float]] = [[] for _ in graphs]
     for r in tqdm(range(warmup + rounds), desc="latency", disable=not progress, unit="round"):
-        for g, s in zip(graphs, samples):
+        for g, s, f in zip(graphs, samples, plain):
             timer = _NodeTimer(g)
             timer.run(x)
+            t = time.perf_counter()
+            g(x)
             if r >= warmup:
+                f.append((time.perf_counter() - t) * 1e3)
                 for k, v in timer.times.items():
                     s.setdefault(k, []).append(v * 1e3)
-    return [{k: statistics.median(v) for k, v in s.items()} for s in samples]
+    return ([{k: statistics.median(v) for k, v in s.items()} for s in samples], [_stats(f) for f in plain])
+
+
+def _stats(s: list[float]) -> dict:
+    return {"median_ms": statistics.median(s), "min_ms": min(s), "max_ms": max(s), "rounds": len(s)}
 
 
 @torch.no_grad()
@@ -95,8 +105,7 @@ def forward_ms(models: list[torch.nn.Module], x: torch.Tensor, rounds: int = 15,
             m(x)
             if r >= warmup:
                 s.append((time.perf_counter() - t) * 1e3)
-    return [{"median_ms": statistics.median(s), "min_ms": min(s), "max_ms": max(s), "rounds": rounds}
-            for s in samples]
+    return [_stats(s) for s in samples]
 
 
 def measure_latency(plan, build, x: torch.Tensor, rounds: int = 15, progress: bool = True) -> dict:
@@ -106,7 +115,7 @@ def measure_latency(plan, build, x: torch.Tensor, rounds: int = 15, progress: bo
     ``x``: one image batch (batch 1 is what a latency budget means). Returns the measurement's summary."""
     paths = {r["module_path"]: r["name"] for r in plan.layers}
     graphs = [build(plan.uniform(b)) for b in plan.choices]
-    times = node_times(graphs, x[:1], rounds=rounds, progress=progress)
+    times, real = node_times(graphs, x[:1], rounds=rounds, progress=progress)
     charged = {}
     for b, g, t in zip(plan.choices, graphs, times):
         own = owners(g, paths)
@@ -118,7 +127,12 @@ def measure_latency(plan, build, x: torch.Tensor, rounds: int = 15, progress: bo
             r.setdefault("ms", {})[b] = per[r["name"]]
         charged[b] = {"total_ms": sum(t.values()), "fixed_ms": sum(ms for n, ms in t.items() if n not in own),
                       "unowned_layers": sorted(k for k, v in per.items() if v == 0.0)}
+    # the interpreter's own per-node overhead, which a plain forward does not have, comes off the fixed part: the
+    # all-8-bit prediction then equals its measured forward, and the other precisions' forwards check the prediction
+    for b, t in zip(plan.choices, real):
+        charged[b]["forward_ms"] = t["median_ms"]
     ref = 8 if 8 in plan.choices else plan.choices[0]
-    plan.fixed_ms = charged[ref]["fixed_ms"]
+    overhead = charged[ref]["total_ms"] - charged[ref]["forward_ms"]
+    plan.fixed_ms = charged[ref]["fixed_ms"] - overhead
     return {"imgsz": list(x.shape[-2:]), "rounds": rounds, "threads": torch.get_num_threads(),
-            "per_precision": {str(b): v for b, v in charged.items()}}
+            "interpreter_overhead_ms": overhead, "per_precision": {str(b): v for b, v in charged.items()}}

@@ -109,11 +109,12 @@ def _register_fxqat_modules() -> None:
     _LAZY_DONE = True
     from ultralytics.nn.modules.block import DFL
 
-    from ..modules.conv_bn_act import ConvBnAct
+    from ..modules.conv_bn_act import ConvBnAct, FrozenConvBnAct
     from ..modules.decode import DetectDecode
     from ..quant.fake_quant import FakeQuant
 
     register_module(ConvBnAct, "conv")
+    register_module(FrozenConvBnAct, "conv")  # a convert-stage conv that stays float
     register_module(DetectDecode, "decode")
     register_module(DFL, "decode")
     from ..modules.heads import ClassifyDecode

@@ -148,3 +148,22 @@ class ConvBnAct(nn.Module):
 
     def extra_repr(self) -> str:
         return f"act={self.act_kind}, bn={'frozen' if self.bn_frozen else ('yes' if self.bn is not None else 'no')}"
+
+
+class FrozenConvBnAct(nn.Module):
+    """A :class:`ConvBnAct`'s eval forward with its folded, fake-quantized weight computed once: the same arithmetic
+    bit for bit, without folding BatchNorm and fake-quantizing the weight on every call. ``fxqat.convert`` runs the
+    convs that stay float (weights wider than the INT8 kernels take, float qconfig rules) as this."""
+
+    def __init__(self, m: ConvBnAct):
+        super().__init__()
+        w, b = m.deploy_weight()
+        self.register_buffer("weight", w.detach().clone())
+        self.register_buffer("bias", b.detach().clone())
+        c = m.conv
+        self.stride, self.padding, self.dilation, self.groups = c.stride, c.padding, c.dilation, c.groups
+        self.act, self.preact_fq = m.act, m.preact_fq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self.act(self.preact_fq(y) if self.preact_fq is not None else y)

@@ -5,7 +5,7 @@ reading each node's annotation (``node.meta["fxqat"].qspec``: its weight spec, t
 it shares its input's grid):
 
     conv   ConvBnAct on a grid          ==> Int8ConvBnAct (BN folded, int8 weights, SiLU fused, uint8 or float out);
-                                            weights wider than 8 bits keep simulating in float
+                                            weights wider than 8 bits run float (FrozenConvBnAct: the same values)
     quant  FakeQuant after a float op   ==> Quantize (8-bit grids; other widths keep simulating in float)
     add    on a grid                    ==> Int8Add (requantized)
     cat / split / resize / detach (shared grid) ==> the same op on uint8;  pool ==> Int8MaxPool
@@ -28,7 +28,7 @@ import torch.nn as nn
 from ..errors import ConvertError
 from ..graph.meta import info
 from ..graph.registry import op_kind
-from ..modules.conv_bn_act import ConvBnAct
+from ..modules.conv_bn_act import ConvBnAct, FrozenConvBnAct
 from ..modules.int8 import Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize
 from ..quant.fake_quant import FakeQuant
 from ..quant.spec import NodeQSpec
@@ -139,8 +139,8 @@ def lower_conv(c: Lowering, n: fx.Node) -> None:
     int8 = (isinstance(q, NodeQSpec) and q.weight is not None and m.weight_fq is not None and c.on_grid(x) and
             m.weight_fq.spec.bits <= 8 and  # wider weights (16-bit) keep simulating: int8 codes cannot hold them
             (out_fq is None or out is not None) and (m.preact_fq is None or pre is not None))
-    if not int8:
-        return c.set(n, c.call(n.target, m, (c.as_float(x),)), None)
+    if not int8:  # float, on the weights fake-quant computes with (folded and on their grid once, here)
+        return c.set(n, c.call(n.target, FrozenConvBnAct(m), (c.as_float(x),)), None)
     if pre is None:
         y = c.call(n.target, int8_conv(m, c.dom[x], out), (c.env[x],))
     else:  # conv to the pre-activation grid, then the activation between two grids

@@ -7,7 +7,7 @@ import torch
 import fxqat
 from fxqat.analysis.budget import budget_yaml, parse_budget, sizes
 from fxqat.analysis.latency import forward_ms, measure_latency, node_times, owners
-from fxqat.modules.conv_bn_act import ConvBnAct
+from fxqat.modules.conv_bn_act import FrozenConvBnAct
 from fxqat.modules.int8 import Dequantize, Int8ConvBnAct, Quantize
 from fxqat.models import load_model
 from fxqat.qconfig import as_qconfig
@@ -41,7 +41,7 @@ def _owned(cg, own, layer):
 def test_each_layer_owns_its_conv_its_output_quantize_and_its_own_dequantize(tiny):
     plan, build, _ = tiny
     paths = {r["module_path"]: r["name"] for r in plan.layers}
-    for bits, conv_type in [(8, Int8ConvBnAct), (16, ConvBnAct)]:
+    for bits, conv_type in [(8, Int8ConvBnAct), (16, FrozenConvBnAct)]:
         cg = build(plan.uniform(bits))
         own = owners(cg, paths)
         mods = {n.name: cg.get_submodule(n.target) for n in cg.graph.nodes if n.op == "call_module"}
@@ -73,9 +73,11 @@ def test_measure_latency_charges_every_node_once(tiny):
         charged = sum(r["ms"][b] for r in plan.layers)
         assert charged + t["fixed_ms"] == pytest.approx(t["total_ms"], rel=1e-9)  # nothing counted twice or lost
         assert all(r["ms"][b] > 0 for r in plan.layers)
-    assert plan.fixed_ms == timing["per_precision"]["8"]["fixed_ms"]
+    eight = timing["per_precision"]["8"]
+    assert timing["interpreter_overhead_ms"] == pytest.approx(eight["total_ms"] - eight["forward_ms"], rel=1e-9)
+    assert plan.fixed_ms == pytest.approx(eight["fixed_ms"] - timing["interpreter_overhead_ms"], rel=1e-9)
     plan.with_kind("latency")
-    assert plan.latency(plan.uniform(8)) == pytest.approx(timing["per_precision"]["8"]["total_ms"], rel=1e-9)
+    assert plan.latency(plan.uniform(8)) == pytest.approx(eight["forward_ms"], rel=1e-9)  # calibrated on its forward
     bits = plan.solve((plan.min_cost + plan.max_cost) / 2)
     assert plan.latency(bits) <= (plan.min_cost + plan.max_cost) / 2
 
@@ -83,9 +85,10 @@ def test_measure_latency_charges_every_node_once(tiny):
 def test_node_times_and_forward_ms_shapes(tiny):
     plan, build, x = tiny
     cg = build(plan.uniform(8))
-    times = node_times([cg, cg], x[:1], rounds=3, warmup=0, progress=False)
+    times, plain = node_times([cg, cg], x[:1], rounds=3, warmup=0, progress=False)
     names = {n.name for n in cg.graph.nodes}
     assert len(times) == 2 and set(times[0]) == names and all(v >= 0 for v in times[0].values())
+    assert len(plain) == 2 and all(p["rounds"] == 3 and 0 < p["min_ms"] <= p["median_ms"] for p in plain)
     (f,) = forward_ms([cg], x[:1], rounds=3, warmup=0)
     assert f["rounds"] == 3 and 0 < f["min_ms"] <= f["median_ms"] <= f["max_ms"]
     with torch.no_grad():

@@ -108,3 +108,24 @@ def test_weight_side_rescale_matches_output_rescale(bias, monkeypatch):
     for pa, pb in zip(a.parameters(), b.parameters()):  # (a conv bias before BN has a zero gradient in exact
         # arithmetic: both give float32 noise of ~1e-5 there, hence atol 1e-4; the other gradients are O(1)-O(100))
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [None, 8, 16])
+@pytest.mark.parametrize("preact", [False, True])
+def test_frozen_equals_eval_forward_bit_for_bit(bits, preact):
+    """FrozenConvBnAct (what convert runs for convs that stay float) computes the eval forward exactly (tolerance 0)."""
+    from fxqat.modules.conv_bn_act import FrozenConvBnAct
+
+    _, fused = _pair(seed=3)
+    if bits is not None:
+        fused.set_weight_spec(WEIGHT_INT8.with_(bits=bits))
+    if preact:
+        fused.set_preact_spec(ACT_UINT8, SIGMOID_UINT8)
+    x = torch.randn(2, 8, 16, 16)
+    fused.train()
+    fused(x)  # observers see data
+    fused.eval()
+    frozen = FrozenConvBnAct(fused)
+    with torch.no_grad():
+        torch.testing.assert_close(frozen(x), fused(x), rtol=0, atol=0)
+    assert not list(frozen.parameters())  # constants: nothing left to train or fold
