@@ -34,7 +34,7 @@ from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_sta
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
-from .quant.oscillation import Dampening, check_dampen
+from .quant.oscillation import Dampening, Freezer, check_dampen, check_freeze
 from .tasks import head_values, spec
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -152,7 +152,8 @@ def _trainer_cls(task: str = "detect"):
 
         def __init__(self, qat_model: QATDetectionModel, overrides: dict, freeze_bn_epoch: int | None = None,
                      freeze_observer_epoch: int | None = None, resume_state: dict | None = None,
-                     run_args: dict | None = None, ptq_epoch0: bool = True, dampen: float = 0.0):
+                     run_args: dict | None = None, ptq_epoch0: bool = True, dampen: float = 0.0,
+                     freeze_osc: float | None = None):
             if resume_state:  # Ultralytics keeps results.csv when args.resume is set; fxqat restores the state itself
                 overrides = dict(overrides, resume=str(resume_state.get("_path", True)))
             super().__init__(overrides=overrides)
@@ -165,6 +166,7 @@ def _trainer_cls(task: str = "detect"):
             self.resume_state = resume_state
             self.ptq_epoch0 = ptq_epoch0
             self.dampening = Dampening(dampen) if dampen else None
+            self.freezer = Freezer(freeze_osc) if freeze_osc is not None else None
             self.add_callback("on_train_epoch_start", QATTrainer._schedule)
             self.add_callback("on_train_batch_end", QATTrainer._sync_after_batch)
 
@@ -212,6 +214,8 @@ def _trainer_cls(task: str = "detect"):
                 unwrap_model(self.model).dampening = self.dampening
                 self.add_callback("on_train_batch_start", lambda t: t.dampening.on_batch_start(
                     t.epoch, t.epochs, len(t.train_loader)))
+            if self.freezer is not None:  # right after each step, before the EMA update reads the weights
+                self.optimizer.register_step_post_hook(lambda *_: self.freezer.after_step(unwrap_model(self.model).gm))
             if self.resume_state:
                 rs = self.resume_state
                 self.optimizer.load_state_dict(rs["optimizer"])
@@ -291,7 +295,7 @@ def _trainer_cls(task: str = "detect"):
     return QATTrainer
 
 
-RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat", dampen=0.0)
+RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat", dampen=0.0, freeze_osc=None)
 # overrides a resumed run may change (they do not change what is learned); everything else must match or be omitted
 RESUME_MAY_CHANGE = {"workers", "device", "verbose", "plots", "patience", "cache", "save_period", "exist_ok"}
 
@@ -338,7 +342,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
               batch: int | None = None, project: str | None = None, name: str | None = None,
               freeze_bn_epoch: int | None = None, freeze_observer_epoch: int | None = None, calib_batches: int = 8,
               resume: str | None = None, trust: bool | None = None, ptq_epoch0: bool | None = None,
-              dampen: float | None = None, **overrides):
+              dampen: float | None = None, freeze_osc: float | None = None, **overrides):
     """QAT fine-tuning of ``model`` (YAML name, Ultralytics ``.pt``, DetectionModel or prepared QAT graph).
 
     Returns ``(trainer, best_checkpoint_path)``. Defaults: epochs 3, imgsz 320, batch 16, project runs/fxqat, name
@@ -348,7 +352,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     given here that differs from the checkpoint's is an error. ``trust``: see :func:`fxqat.models.load_model`.
     ``ptq_epoch0`` (default True): validate the PTQ-initialized model first and keep it as best.pt unless a QAT
     epoch does better. ``dampen`` (default 0: off): oscillation dampening weight for low-bit weights
-    (:mod:`fxqat.quant.oscillation`), e.g. 0.01.
+    (:mod:`fxqat.quant.oscillation`), e.g. 0.001; ``freeze_osc`` (default None: off): iterative weight freezing,
+    the oscillation frequency above which a weight's code is frozen, e.g. 0.02.
     """
     from .calibrate import calibrate
     from .data.images import iter_image_batches
@@ -360,7 +365,7 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
                  batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
                  freeze_observer_epoch=freeze_observer_epoch, ptq_epoch0=ptq_epoch0,
-                 dampen=None if dampen is None else check_dampen(dampen))
+                 dampen=None if dampen is None else check_dampen(dampen), freeze_osc=check_freeze(freeze_osc))
     resume_state = None
     if resume:
         gm, ckpt = load_checkpoint(resume, with_extra=True)
@@ -429,7 +434,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     args.update(over)
     trainer = _trainer_cls(task)(QATDetectionModel(gm.to(device)), args, run["freeze_bn_epoch"],
                                  run["freeze_observer_epoch"], resume_state, run_args=run,
-                                 ptq_epoch0=run.get("ptq_epoch0", True) is not False, dampen=run["dampen"])
+                                 ptq_epoch0=run.get("ptq_epoch0", True) is not False, dampen=run["dampen"],
+                                 freeze_osc=run["freeze_osc"])
     try:
         trainer.train()
         if trainer.world_size > 1:

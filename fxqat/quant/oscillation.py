@@ -45,16 +45,21 @@ def quantized_convs(model: nn.Module) -> list[nn.Module]:
             and m.weight_fq.fake_quant_enabled and bool(m.weight_fq.initialized)]
 
 
+def _grid(m: nn.Module, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero_point) of ``m``'s weight quantizer, constants shaped to broadcast over ``w``."""
+    fq = m.weight_fq
+    s, zp = fq.effective_scale().detach().float(), fq.zero_point.float()
+    shape = [1] * w.dim()
+    if fq.ch_axis is not None:
+        shape[fq.ch_axis] = -1
+    return s.reshape(shape), zp.reshape(shape)
+
+
 def latent_codes(m: nn.Module) -> torch.Tensor:
     """``w / s + zero_point`` of the weight ``m``'s quantizer rounds (the BN-folded weight), differentiable in the
     weights (and gamma), with the scale a constant."""
-    fq = m.weight_fq
     w = m.folded()[0]
-    s, zp = fq.effective_scale().detach().float(), fq.zero_point.float()
-    if fq.ch_axis is not None:
-        shape = [1] * w.dim()
-        shape[fq.ch_axis] = -1
-        s, zp = s.reshape(shape), zp.reshape(shape)
+    s, zp = _grid(m, w)
     return w.float() / s + zp
 
 
@@ -103,3 +108,74 @@ class Dampening:
         d, lam = dampening_term(model), self.lam()
         self.last = (float(d.detach()), lam)
         return d * (lam * batch_size)
+
+
+# ------------------------------------------------------------------------------------------- iterative freezing
+FREEZE_MOMENTUM = 0.01  # the EMA momentum of the oscillation frequency and of the integer code (the paper's)
+
+
+def check_freeze(value) -> float | None:
+    """``value`` as a freezing threshold (None: off), or FxqatError with the valid range."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise FxqatError(f"freeze_osc={value!r}: must be a number between 0 and 1 (exclusive), the oscillation "
+                         "frequency above which a weight's integer code is frozen, e.g. freeze_osc=0.02; or None (off)")
+    return float(value)
+
+
+class Freezer:
+    """Iterative weight freezing: after every optimizer step, each quantized weight's integer code is compared with
+    the previous step's; a change in the opposite direction of the last change is an oscillation. An EMA (momentum
+    :data:`FREEZE_MOMENTUM`) of that indicator is the weight's oscillation frequency; once it exceeds ``threshold``
+    the weight is frozen at the EMA of its codes (rounded: the code it held most) and, from then on, its latent
+    weight is written back after every step so that the BN-folded weight sits on that grid point: the code stays
+    constant whatever the optimizer, BN's gamma or the learned scale do. The state lives in this object (a resumed
+    run starts tracking afresh; frozen weights then start on their grid point)."""
+
+    def __init__(self, threshold: float, momentum: float = FREEZE_MOMENTUM):
+        self.threshold = check_freeze(threshold)
+        self.momentum = momentum
+        self.state: dict[str, dict] = {}
+
+    def frozen(self) -> int:
+        """How many weights are frozen."""
+        return sum(int(s["frozen"].sum()) for s in self.state.values())
+
+    @torch.no_grad()
+    def after_step(self, model: nn.Module) -> None:
+        units = {id(m) for m in quantized_convs(model)}
+        for name, m in model.named_modules():
+            if id(m) not in units:
+                continue
+            codes = m.weight_fq.codes(m.folded()[0])
+            st = self.state.get(name)
+            if st is None or st["prev"].shape != codes.shape:
+                self.state[name] = dict(prev=codes, dir=torch.zeros_like(codes), freq=torch.zeros_like(codes,
+                                        dtype=torch.float32), ema=codes.float(), frozen=torch.zeros_like(codes,
+                                        dtype=torch.bool), code=codes.clone())
+                continue
+            d = torch.sign(codes - st["prev"])
+            osc = (d != 0) & (st["dir"] != 0) & (d != st["dir"])
+            st["dir"] = torch.where(d != 0, d, st["dir"])
+            st["prev"] = codes
+            st["freq"].mul_(1 - self.momentum).add_(osc.float(), alpha=self.momentum)
+            st["ema"].mul_(1 - self.momentum).add_(codes.float(), alpha=self.momentum)
+            new = (st["freq"] > self.threshold) & ~st["frozen"]
+            if new.any():
+                fq = m.weight_fq
+                st["code"] = torch.where(new, st["ema"].round().clamp(fq.qmin, fq.qmax).to(codes.dtype), st["code"])
+                st["frozen"] |= new
+            if st["frozen"].any():
+                self._hold(m, st)
+
+    @staticmethod
+    def _hold(m: nn.Module, st: dict) -> None:
+        """Write the frozen weights' latent values so the folded weight is ``(code - zero_point) * scale``."""
+        w = m.conv.weight
+        s, zp = _grid(m, w)
+        f = m._bn_factor().detach().float().reshape(-1, *[1] * (w.dim() - 1)) if m.bn is not None \
+            else torch.ones((), device=w.device)
+        ok = st["frozen"] & (f.abs() > 1e-12)  # a zero gamma folds every weight to 0: nothing to hold
+        target = (st["code"].float() - zp) * s / torch.where(f.abs() > 1e-12, f, torch.ones_like(f))
+        w.copy_(torch.where(ok, target.to(w.dtype), w))

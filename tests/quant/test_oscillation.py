@@ -124,3 +124,54 @@ def test_dampen_values_are_checked(v):
     else:
         with pytest.raises(FxqatError, match=r"dampen=.*from 0 \(off\) to 10"):
             check_dampen(v)
+
+
+def _codes(m):
+    return m.weight_fq.codes(m.folded()[0])
+
+
+def test_freezing_freezes_oscillating_weights_and_keeps_their_codes_across_optimizer_steps():
+    from fxqat.quant.oscillation import Freezer
+
+    m = unit()
+    m.train()
+    m.bn_frozen = True  # the folded conv; gamma still trains
+    put_on_grid(m, 0.4)  # 0.4 steps above each grid point: a +0.2 step crosses the threshold, -0.2 comes back
+    fz = Freezer(0.3, momentum=0.5)
+    fz.after_step(m)  # first call: takes the codes
+    osc = torch.zeros_like(m.conv.weight, dtype=torch.bool)
+    osc[0, :, 0] = True  # these weights flip up and down every step
+    step = 0.2 * m.weight_fq.effective_scale().detach().reshape(-1, 1, 1, 1) / m._bn_factor().detach().reshape(
+        -1, 1, 1, 1)
+    start = _codes(m)
+    for k in range(4):
+        with torch.no_grad():
+            m.conv.weight.add_(torch.where(osc, step * (1 if k % 2 == 0 else -1), torch.zeros_like(step)))
+        fz.after_step(m)
+    frozen = fz.state[""]["frozen"].clone()
+    assert torch.equal(frozen, osc) and fz.frozen() == int(osc.sum())  # only the oscillating weights froze
+    held = _codes(m)[frozen].clone()
+    assert torch.equal(held, start[frozen]) or torch.equal(held, start[frozen] + 1)
+    opt = torch.optim.SGD([m.conv.weight, m.bn.weight, m.weight_fq.scale], lr=0.05, momentum=0.9)
+    x = torch.rand(2, 3, 8, 8)
+    fz.threshold = 0.99  # no new freezing from here: the free weights show the steps move codes
+    for _ in range(5):  # real optimizer steps on weights, gamma and the learned scale
+        opt.zero_grad()
+        (m(x) ** 2).mean().mul(100).backward()
+        opt.step()
+        fz.after_step(m)
+        assert torch.equal(_codes(m)[frozen], held)
+    free = ~fz.state[""]["frozen"]
+    assert torch.equal(~free, frozen) and not torch.equal(_codes(m)[free], start[free])  # the free weights did move
+
+
+@given(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=3), st.booleans()))
+def test_freeze_values_are_checked(v):
+    from fxqat.quant.oscillation import check_freeze
+
+    if not isinstance(v, (bool, str)) and 0 < v < 1:
+        assert check_freeze(v) == v
+    else:
+        with pytest.raises(FxqatError, match=r"freeze_osc=.*between 0 and 1"):
+            check_freeze(v)
+    assert check_freeze(None) is None
