@@ -115,7 +115,7 @@ def tag(qc) -> tuple[str, bool]:
 
 
 def recipe_label(epochs: int, lr0: float, recipe: dict) -> str:
-    extra = "".join(f" {k}={recipe[k]}" for k in ("freeze_bn", "freeze_observers") if k in recipe)
+    extra = "".join(f" {k}={recipe[k]}" for k in ("freeze_bn", "freeze_observers", "dampen", "freeze_osc") if k in recipe)
     return f"{epochs} ep lr0={lr0:g}{extra}"
 
 
