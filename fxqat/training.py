@@ -34,7 +34,7 @@ from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_sta
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
-from .quant.oscillation import Dampening, Freezer, check_dampen, check_freeze
+from .quant.oscillation import Dampening, Freezer, check_dampen, check_freeze, install_oscillation
 from .tasks import head_values, spec
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -210,12 +210,7 @@ def _trainer_cls(task: str = "detect"):
             with cpu_ddp(self.world_size > 1 and self.device.type == "cpu"):
                 super()._setup_train()
             self.ema = FxqatEMA(self.model)
-            if self.dampening is not None:  # after the EMA copy: the EMA model never adds it
-                unwrap_model(self.model).dampening = self.dampening
-                self.add_callback("on_train_batch_start", lambda t: t.dampening.on_batch_start(
-                    t.epoch, t.epochs, len(t.train_loader)))
-            if self.freezer is not None:  # right after each step, before the EMA update reads the weights
-                self.optimizer.register_step_post_hook(lambda *_: self.freezer.after_step(unwrap_model(self.model).gm))
+            install_oscillation(self, unwrap_model(self.model), self.dampening, self.freezer)  # after the EMA copy
             if self.resume_state:
                 rs = self.resume_state
                 self.optimizer.load_state_dict(rs["optimizer"])

@@ -76,6 +76,18 @@ def dampening_term(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+def install_oscillation(trainer, model: nn.Module, dampening: Dampening | None, freezer: Freezer | None) -> None:
+    """Hook into an fxqat QAT trainer (``model``: its unwrapped ``QATDetectionModel``, once the EMA copy exists, so
+    the EMA model never adds the term): dampening into the model's training loss with its progress set before each
+    batch, freezing right after each optimizer step (before the EMA update reads the weights)."""
+    if dampening is not None:
+        model.dampening = dampening
+        trainer.add_callback("on_train_batch_start",
+                             lambda t: dampening.on_batch_start(t.epoch, t.epochs, len(t.train_loader)))
+    if freezer is not None:
+        trainer.optimizer.register_step_post_hook(lambda *_: freezer.after_step(model.gm))
+
+
 def cosine_ramp(final: float, progress: float) -> float:
     """The paper's cosine schedule: 0 at ``progress`` 0, ``final`` at 1 (clamped outside [0, 1])."""
     p = min(max(float(progress), 0.0), 1.0)
