@@ -64,7 +64,8 @@ VARIANTS = {"w8a8": ("default", False), "w8a8_lsq": ("default", True), "w4a8": (
             "w4a8_lsq": ("w4a8", True)}  # name: (preset, learnable scales on weights and activations)
 # key: (type, lowest valid value, whether the lowest value is excluded)
 RECIPE_KEYS = {"lr0": (float, 0.0, True), "epochs": (int, 1, False), "freeze_bn": (int, 0, False),
-               "freeze_observers": (int, 0, False)}
+               "freeze_observers": (int, 0, False), "dampen": (float, 0.0, False),
+               "freeze_osc": (float, 0.0, True)}
 
 
 def table_layout(task: str) -> tuple[list, list, dict]:
@@ -123,7 +124,7 @@ def tag(qc) -> tuple[str, bool]:
 
 
 def recipe_label(epochs: int, lr0: float, recipe: dict) -> str:
-    extra = "".join(f" {k}={recipe[k]}" for k in ("freeze_bn", "freeze_observers") if k in recipe)
+    extra = "".join(f" {k}={recipe[k]}" for k in ("freeze_bn", "freeze_observers", "dampen", "freeze_osc") if k in recipe)
     return f"{epochs} ep lr0={lr0:g}{extra}"
 
 
@@ -227,7 +228,8 @@ def main(argv=None):
         _, best = train_qat(a.fp32, a.data, epochs=epochs, imgsz=a.imgsz, batch=a.batch, qconfig=qc,
                             project=project, name=run_name, workers=2, calib_batches=a.calib, verbose=False, lr0=lr,
                             freeze_bn_epoch=recipe.get("freeze_bn"),
-                            freeze_observer_epoch=recipe.get("freeze_observers"))
+                            freeze_observer_epoch=recipe.get("freeze_observers"), dampen=recipe.get("dampen"),
+                            freeze_osc=recipe.get("freeze_osc"))
         s = time.perf_counter() - t
         model, ckpt = load_checkpoint(best, with_extra=True)
         epoch = int(ckpt.get("epoch", -1)) + 1

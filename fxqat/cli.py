@@ -175,6 +175,17 @@ def _positive_float(v):
     return None if v > 0 and v != float("inf") else "must be a positive finite number"
 
 
+def _dampen(v, name="dampen"):
+    from .errors import FxqatError
+    from .quant.oscillation import check_dampen, check_freeze
+
+    try:
+        (check_dampen if name == "dampen" else check_freeze)(v)
+    except FxqatError as e:
+        return str(e).split(": ", 1)[-1]  # the CLI names the argument itself
+    return None
+
+
 # ------------------------------------------------------------------------------------------------------ commands
 def _lazy(name: str) -> Callable:
     def run(**kw):
@@ -243,6 +254,11 @@ COMMANDS: dict[str, Command] = {
         "nproc": Arg(int, None, "with device=cpu: DDP on this many CPU processes (gloo)", _at_least(1)),
         "ptq_epoch0": Arg(_bool, None, "validate the PTQ start as epoch 0; it stays best.pt unless QAT beats it "
                           "(default true)"),
+        "dampen": Arg(float, None, "oscillation dampening weight for low-bit weights (Nagel et al. 2022), 0 (off, "
+                      "default) to 10, e.g. 0.001", _dampen),
+        "freeze_osc": Arg(float, None, "iterative weight freezing: freeze a weight's integer code once its oscillation "
+                          "frequency exceeds this, between 0 and 1 (default: off), e.g. 0.02",
+                          lambda v: _dampen(v, "freeze_osc")),
     }, given_only=True, positionals_optional_with="resume"),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
         "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size", _stride_multiple),

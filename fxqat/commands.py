@@ -37,7 +37,8 @@ def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust, 
 
 
 def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn, freeze_observers, lr0, resume,
-            workers, trust, device=None, nproc=None, ptq_epoch0=None):
+            workers, trust, device=None, nproc=None, ptq_epoch0=None, dampen=None,
+            freeze_osc=None):
     """Arguments not on the command line arrive as None: train_qat applies the defaults, or the checkpoint's.
     Several ranks (device=0,1 or device=cpu nproc=N) and no launcher yet: re-run this command under torchrun."""
     from .distributed import launch, launched_world, plan_devices
@@ -45,7 +46,8 @@ def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn
     if launched_world()[0] == 1 and plan_devices(device, nproc).world > 1:
         given = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project, name=name,
                      freeze_bn=freeze_bn, freeze_observers=freeze_observers, lr0=lr0, resume=resume, workers=workers,
-                     trust=trust, device=device)
+                     trust=trust, device=device, dampen=dampen,
+                     freeze_osc=freeze_osc)
         args = ["qat", *([str(model)] if model is not None else [])]
         args += [f"{k}={v}" for k, v in given.items() if v is not None]
         rc = launch(args, plan_devices(device, nproc).world)
@@ -60,7 +62,8 @@ def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn
           if v is not None}
     _, best = train_qat(model, data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project,
                         name=name, freeze_bn_epoch=freeze_bn, freeze_observer_epoch=freeze_observers, resume=resume,
-                        trust=trust, ptq_epoch0=ptq_epoch0, **kw)
+                        trust=trust, ptq_epoch0=ptq_epoch0, dampen=dampen,
+                        freeze_osc=freeze_osc, **kw)
     from .distributed import launched_world
 
     if launched_world()[1] == 0:

@@ -34,6 +34,7 @@ from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_sta
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
+from .quant.oscillation import Dampening, Freezer, check_dampen, check_freeze, install_oscillation
 from .tasks import head_values, spec
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -79,11 +80,18 @@ class QATDetectionModel(_detection_model_base()):
         self.save = []
         self.task = gm.meta.get("task", "detect")
         self.end2end = False
+        self.dampening = None  # fxqat.quant.oscillation.Dampening: added to the training loss (set by QATTrainer)
         if "kpt_shape" in gm.meta:
             self.kpt_shape = list(gm.meta["kpt_shape"])
 
     def init_criterion(self):
         return spec(self.task).cls("model").init_criterion(self)  # the task's loss (v8SegmentationLoss, ...)
+
+    def loss(self, batch, preds=None):
+        loss, items = super().loss(batch, preds)
+        if self.training and self.dampening is not None:  # the optimizer steps on it; the logged items stay the task's
+            loss = loss.sum() + self.dampening(self.gm, batch["img"].shape[0])
+        return loss, items
 
     def _predict_once(self, x, profile=False, visualize=False, embed=None):
         return self.gm(x)
@@ -144,7 +152,8 @@ def _trainer_cls(task: str = "detect"):
 
         def __init__(self, qat_model: QATDetectionModel, overrides: dict, freeze_bn_epoch: int | None = None,
                      freeze_observer_epoch: int | None = None, resume_state: dict | None = None,
-                     run_args: dict | None = None, ptq_epoch0: bool = True):
+                     run_args: dict | None = None, ptq_epoch0: bool = True, dampen: float = 0.0,
+                     freeze_osc: float | None = None):
             if resume_state:  # Ultralytics keeps results.csv when args.resume is set; fxqat restores the state itself
                 overrides = dict(overrides, resume=str(resume_state.get("_path", True)))
             super().__init__(overrides=overrides)
@@ -156,6 +165,8 @@ def _trainer_cls(task: str = "detect"):
             self.freeze_bn_epoch, self.freeze_observer_epoch = freeze_bn_epoch, freeze_observer_epoch
             self.resume_state = resume_state
             self.ptq_epoch0 = ptq_epoch0
+            self.dampening = Dampening(dampen) if dampen else None
+            self.freezer = Freezer(freeze_osc) if freeze_osc is not None else None
             self.add_callback("on_train_epoch_start", QATTrainer._schedule)
             self.add_callback("on_train_batch_end", QATTrainer._sync_after_batch)
 
@@ -199,6 +210,7 @@ def _trainer_cls(task: str = "detect"):
             with cpu_ddp(self.world_size > 1 and self.device.type == "cpu"):
                 super()._setup_train()
             self.ema = FxqatEMA(self.model)
+            install_oscillation(self, unwrap_model(self.model), self.dampening, self.freezer)  # after the EMA copy
             if self.resume_state:
                 rs = self.resume_state
                 self.optimizer.load_state_dict(rs["optimizer"])
@@ -278,7 +290,7 @@ def _trainer_cls(task: str = "detect"):
     return QATTrainer
 
 
-RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat")
+RUN_DEFAULTS = dict(epochs=3, imgsz=320, batch=16, project="runs/fxqat", name="qat", dampen=0.0, freeze_osc=None)
 # overrides a resumed run may change (they do not change what is learned); everything else must match or be omitted
 RESUME_MAY_CHANGE = {"workers", "device", "verbose", "plots", "patience", "cache", "save_period", "exist_ok"}
 
@@ -324,7 +336,8 @@ def _resume_args(resume, ckpt: dict, given: dict, overrides: dict) -> tuple[dict
 def train_qat(model=None, data: str | None = None, epochs: int | None = None, imgsz: int | None = None, qconfig=None,
               batch: int | None = None, project: str | None = None, name: str | None = None,
               freeze_bn_epoch: int | None = None, freeze_observer_epoch: int | None = None, calib_batches: int = 8,
-              resume: str | None = None, trust: bool | None = None, ptq_epoch0: bool | None = None, **overrides):
+              resume: str | None = None, trust: bool | None = None, ptq_epoch0: bool | None = None,
+              dampen: float | None = None, freeze_osc: float | None = None, **overrides):
     """QAT fine-tuning of ``model`` (YAML name, Ultralytics ``.pt``, DetectionModel or prepared QAT graph).
 
     Returns ``(trainer, best_checkpoint_path)``. Defaults: epochs 3, imgsz 320, batch 16, project runs/fxqat, name
@@ -333,7 +346,9 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     interrupted run is restored from it (in the same run folder, so results.csv keeps its rows), and an argument
     given here that differs from the checkpoint's is an error. ``trust``: see :func:`fxqat.models.load_model`.
     ``ptq_epoch0`` (default True): validate the PTQ-initialized model first and keep it as best.pt unless a QAT
-    epoch does better.
+    epoch does better. ``dampen`` (default 0: off): oscillation dampening weight for low-bit weights
+    (:mod:`fxqat.quant.oscillation`), e.g. 0.001; ``freeze_osc`` (default None: off): iterative weight freezing,
+    the oscillation frequency above which a weight's code is frozen, e.g. 0.02.
     """
     from .calibrate import calibrate
     from .data.images import iter_image_batches
@@ -344,7 +359,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     device, trainer_device, _ = rank_device(overrides.pop("device", None), overrides.pop("nproc", None))
     given = dict(model=model if isinstance(model, (str, Path)) else None, data=data, epochs=epochs, imgsz=imgsz,
                  batch=batch, project=project, name=name, freeze_bn_epoch=freeze_bn_epoch,
-                 freeze_observer_epoch=freeze_observer_epoch, ptq_epoch0=ptq_epoch0)
+                 freeze_observer_epoch=freeze_observer_epoch, ptq_epoch0=ptq_epoch0,
+                 dampen=None if dampen is None else check_dampen(dampen), freeze_osc=check_freeze(freeze_osc))
     resume_state = None
     if resume:
         gm, ckpt = load_checkpoint(resume, with_extra=True)
@@ -413,7 +429,8 @@ def train_qat(model=None, data: str | None = None, epochs: int | None = None, im
     args.update(over)
     trainer = _trainer_cls(task)(QATDetectionModel(gm.to(device)), args, run["freeze_bn_epoch"],
                                  run["freeze_observer_epoch"], resume_state, run_args=run,
-                                 ptq_epoch0=run.get("ptq_epoch0", True) is not False)
+                                 ptq_epoch0=run.get("ptq_epoch0", True) is not False, dampen=run["dampen"],
+                                 freeze_osc=run["freeze_osc"])
     try:
         trainer.train()
         if trainer.world_size > 1:

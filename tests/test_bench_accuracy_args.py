@@ -9,7 +9,8 @@ from fxqat.qconfig import as_qconfig
 
 recipes = st.fixed_dictionaries({}, optional={
     "lr0": st.floats(1e-6, 1.0, allow_nan=False), "epochs": st.integers(1, 50),
-    "freeze_bn": st.integers(0, 50), "freeze_observers": st.integers(0, 50)})
+    "freeze_bn": st.integers(0, 50), "freeze_observers": st.integers(0, 50),
+    "dampen": st.floats(0.0, 10.0, allow_nan=False), "freeze_osc": st.floats(1e-6, 0.999, allow_nan=False)})
 items = st.tuples(st.sampled_from(sorted(VARIANTS)), recipes)
 
 
