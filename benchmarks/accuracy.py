@@ -49,6 +49,7 @@ import yaml  # noqa: E402
 import fxqat  # noqa: E402
 from fxqat.checkpoint import load_checkpoint  # noqa: E402
 from fxqat.data.images import image_files, iter_image_batches, load_images  # noqa: E402
+from fxqat.errors import FxqatError  # noqa: E402
 from fxqat.evaluate import evaluate  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat.qconfig import as_qconfig  # noqa: E402
@@ -159,6 +160,8 @@ def main(argv=None):
     ap.add_argument("--budgets", default=None, help="comma-separated mixed-precision budgets (size:2.4MB, "
                     "latency:15ms): PTQ and QAT rows with the bits fxqat analyze chooses for each")
     ap.add_argument("--budget-images", type=int, default=16, help="training images for the budget measurements")
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads (Ultralytics' "
+                    "trainer and validator set 1 on a 2-core CPU; a latency budget is measured at this count)")
     ap.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime quantize_static row")
     ap.add_argument("--skip-ultralytics", action="store_true")
     ap.add_argument("--project", default=None)
@@ -167,7 +170,6 @@ def main(argv=None):
     budgets = []
     if a.budgets is not None:
         from fxqat.analysis.budget import parse_budget
-        from fxqat.errors import FxqatError
 
         try:
             budgets = [parse_budget(t.strip()) for t in a.budgets.split(",")]
@@ -183,7 +185,7 @@ def main(argv=None):
             ap.error("--qconfig and --variants: each variant sets its own qconfig; give one or the other")
         if len(lrs) != 1:
             ap.error("--variants takes one --lr0 (the default); set a variant's own as NAME:lr0=...")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(a.threads)
     project = a.project or tempfile.mkdtemp(prefix="fxqat_acc_")
     val = a.val_data or a.data
     rows, notes = [], []
@@ -258,17 +260,24 @@ def main(argv=None):
     for k, b in enumerate(budgets):
         from fxqat.analysis.budget import run_budget
 
+        torch.set_num_threads(a.threads)  # Ultralytics' validator / trainer reset it (to 1 on 2 cores)
         t = time.perf_counter()
         x = load_images(image_files(a.data, "train")[:a.budget_images], a.imgsz)
         base = as_qconfig(a.qconfig)
         gm = fxqat.prepare_qat(fp32, base)
         fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=False)
-        res = run_budget(gm, fp32, base, x, b, progress=False)
+        try:
+            res = run_budget(gm, fp32, base, x, b, progress=False)
+        except FxqatError as e:  # e.g. a latency below the fastest configuration: the other rows still run
+            notes.append(f"budget {b.text} skipped: {e}")
+            print(f"budget {b.text} skipped: {e}", flush=True)
+            continue
         qc = fxqat.load_qconfig(res["qconfig"])
         s = time.perf_counter() - t
         counts = "/".join(str(res["counts"][c]) for c in (4, 8, 16))
-        lat = (f", {res['latency_ms']:.1f} ms predicted / {res['measured_ms']:.1f} ms measured"
-               if b.kind == "latency" else "")
+        lat = (f", {res['latency_ms']:.1f} ms predicted / {res['measured_ms']:.1f} ms measured at batch 1, "
+               f"{a.threads} threads (all-8-bit {res['references']['uniform W8']['measured_ms']:.1f} ms, all-4-bit "
+               f"{res['references']['uniform W4']['measured_ms']:.1f} ms)" if b.kind == "latency" else "")
         notes.append(f"budget {b.text}: layers at 4/8/16 bits {counts}, {res['size_bytes'] / 1e6:.2f} MB{lat}; "
                      f"chosen in {s:.0f} s")
         label = f"budget {b.text} ({counts})"
