@@ -211,9 +211,9 @@ def main(argv=None):
     add("FP32", r, es)
     meta = None
 
-    def ptq(label, qc):
+    def ptq(label, qc, seconds0=0.0):
         nonlocal meta
-        t = time.perf_counter()
+        t = time.perf_counter() - seconds0
         model = fxqat.prepare_qat(fp32, qc)
         fxqat.calibrate(model, iter_image_batches(calib_source, imgsz=a.imgsz, batch=a.batch, split="train"),
                         batches=a.calib)
@@ -245,19 +245,10 @@ def main(argv=None):
             path = fxqat.export_onnx(model, Path(project) / f"{run_name}.onnx", imgsz=a.imgsz)
             add(f"{label} (QDQ ONNX, ORT)", *timed_eval(str(path)), tag=tag(qc), best_epoch=epoch)
 
-    if variants is None:
-        ptq("fxqat PTQ", a.qconfig)
-        for lr in lrs:
-            qat(f"fxqat QAT {a.epochs} ep lr0={lr:g}", a.qconfig, f"fxqat_qat_lr{lr:g}", a.epochs, lr, {}, onnx=True)
-    else:
-        for name in dict.fromkeys(n for n, _ in variants):  # PTQ once per variant, in the order given
-            ptq(f"fxqat PTQ {name}", variant_qconfig(name))
-        for k, (name, recipe) in enumerate(variants):
-            epochs, lr = recipe.get("epochs", a.epochs), recipe.get("lr0", lrs[0])
-            qat(f"fxqat QAT {name} {recipe_label(epochs, lr, recipe)}", variant_qconfig(name), f"qat{k}_{name}",
-                epochs, lr, recipe)
-
-    for k, b in enumerate(budgets):
+    # the budgets' choices first, in a process no trainer has run in yet (its data-loader workers and thread
+    # settings slow the latency measurements down): their rows run after the variants'
+    chosen = []
+    for b in budgets:
         from fxqat.analysis.budget import run_budget
 
         torch.set_num_threads(a.threads)  # Ultralytics' validator / trainer reset it (to 1 on 2 cores)
@@ -272,16 +263,30 @@ def main(argv=None):
             notes.append(f"budget {b.text} skipped: {e}")
             print(f"budget {b.text} skipped: {e}", flush=True)
             continue
-        qc = fxqat.load_qconfig(res["qconfig"])
         s = time.perf_counter() - t
         counts = "/".join(str(res["counts"][c]) for c in (4, 8, 16))
         lat = (f", {res['latency_ms']:.1f} ms predicted / {res['measured_ms']:.1f} ms measured at batch 1, "
                f"{a.threads} threads (all-8-bit {res['references']['uniform W8']['measured_ms']:.1f} ms, all-4-bit "
                f"{res['references']['uniform W4']['measured_ms']:.1f} ms)" if b.kind == "latency" else "")
         notes.append(f"budget {b.text}: layers at 4/8/16 bits {counts}, {res['size_bytes'] / 1e6:.2f} MB{lat}; "
-                     f"chosen in {s:.0f} s")
-        label = f"budget {b.text} ({counts})"
-        ptq(f"fxqat PTQ {label}", qc)
+                     f"chosen in {s:.0f} s (added to its PTQ rows' seconds)")
+        print(notes[-1], flush=True)
+        chosen.append((f"budget {b.text} ({counts})", fxqat.load_qconfig(res["qconfig"]), s))
+
+    if variants is None:
+        ptq("fxqat PTQ", a.qconfig)
+        for lr in lrs:
+            qat(f"fxqat QAT {a.epochs} ep lr0={lr:g}", a.qconfig, f"fxqat_qat_lr{lr:g}", a.epochs, lr, {}, onnx=True)
+    else:
+        for name in dict.fromkeys(n for n, _ in variants):  # PTQ once per variant, in the order given
+            ptq(f"fxqat PTQ {name}", variant_qconfig(name))
+        for k, (name, recipe) in enumerate(variants):
+            epochs, lr = recipe.get("epochs", a.epochs), recipe.get("lr0", lrs[0])
+            qat(f"fxqat QAT {name} {recipe_label(epochs, lr, recipe)}", variant_qconfig(name), f"qat{k}_{name}",
+                epochs, lr, recipe)
+
+    for k, (label, qc, s) in enumerate(chosen):
+        ptq(f"fxqat PTQ {label}", qc, seconds0=s)
         qat(f"fxqat QAT {label} {recipe_label(a.epochs, lrs[0], {})}", qc, f"budget{k}", a.epochs, lrs[0], {})
 
     if a.skip_ort or task != "detect":
