@@ -288,8 +288,9 @@ COMMANDS: dict[str, Command] = {
         "topk": Arg(int, 3, "layers to raise in the generated qconfig", _at_least(1)),
         "metric": Arg(str, "sqnr", "sqnr | map", _one_of("sqnr", "map")),
         "qconfig": Arg(str, None, "base qconfig YAML"), "trust": _TRUST,
-        "budget": Arg(str, None, "size:2.5MB | size:800KB | size:BYTES | latency:30ms: 4/8/16-bit weights per layer "
-                      "within that model size, or batch-1 latency at imgsz on this machine's INT8 kernels (writes "
+        "budget": Arg(str, None, "size:2.5MB | size:800KB | size:BYTES | latency:30ms | latency:85%: 4/8/16-bit weights "
+                      "per layer within that model size, or batch-1 latency at imgsz on this machine's INT8 kernels "
+                      "(a percentage: of the all-8-bit model's) (writes "
                       "budget_qconfig.yaml, budget.json, frontier.png)", _budget)}),
     "bench": Command(_lazy("cmd_bench"), "latency of a model's forms measured in one run", ("model",), {
         "imgsz": Arg(int, 640, "input size", _stride_multiple), "threads": Arg(int, 2, "torch / ORT threads", _at_least(1)),

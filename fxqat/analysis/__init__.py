@@ -138,7 +138,8 @@ def analyze(model, data, imgsz: int = 320, images: int = 32, out=None, topk: int
     if budget is not None and budget.kind == "size":
         from .budget import sizes
 
-        sizes(gm).check(budget.value)  # an infeasible size is reported before the measurements
+        plan = sizes(gm)
+        plan.check(plan.resolve(budget))  # an infeasible size is reported before the measurements
     fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=progress)
     layers, summary = sweep(gm, x, progress=progress)
     summary["images"] = len(x)

@@ -100,6 +100,12 @@ def test_infeasible_and_unknown_kinds_refused():
     assert parse_budget("latency:0.03s").value == pytest.approx(30.0)
     assert parse_budget("latency:2500us").value == pytest.approx(2.5)
     assert parse_budget("latency: 40").value == 40.0  # milliseconds by default
+    rel = parse_budget("latency:85%")
+    assert rel.relative and rel.value == 85.0 and not parse_budget("latency:85ms").relative
+    assert lat.resolve(rel) == pytest.approx(0.85 * lat.latency(lat.uniform(8)))
+    size = _synthetic(5)
+    assert size.resolve(parse_budget("size:70%")) == pytest.approx(0.7 * size.size(size.uniform(8)))
+    assert size.resolve(parse_budget("size:2MB")) == 2e6
 
 
 def test_cli_refuses_bad_budgets_before_model_work(capsys):
@@ -186,7 +192,7 @@ def test_parse_latency_round_trip(value, unit, space):
 
 
 @settings(max_examples=150, deadline=None)
-@given(text=st.text(max_size=20) | st.from_regex(r"(size|latency):[-+0-9.eE]{0,6}[a-zA-Z]{0,4}", fullmatch=True))
+@given(text=st.text(max_size=20) | st.from_regex(r"(size|latency):[-+0-9.eE]{0,6}([a-zA-Z]{0,4}|%)", fullmatch=True))
 def test_parse_budget_strict(text):
     try:
         b = parse_budget(text)
@@ -194,7 +200,8 @@ def test_parse_budget_strict(text):
         assert "\n" not in str(e) and "size:2.5MB" in str(e) and "latency:30ms" in str(e)  # one line, examples
         return
     assert b.kind in ("size", "latency") and b.value > 0 and b.value != float("inf")
-    number = text.split(":", 1)[1].strip().lower().rstrip("bkmisu").rstrip(" ")
+    assert b.relative == text.strip().endswith("%")
+    number = text.split(":", 1)[1].strip().lower().rstrip("bkmisu%").rstrip(" ")
     assert number.replace(".", "", 1).isdigit() and number.isascii()  # only plain decimals get through
 
 
