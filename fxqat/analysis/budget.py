@@ -60,7 +60,8 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     """``size:2.5MB`` / ``size:800KB`` / ``size:2500000`` → :class:`Budget` (bytes); ``latency:30ms`` /
-    ``latency:0.03s`` / ``latency:30`` → milliseconds. Anything else: FxqatError."""
+    ``latency:0.03s`` / ``latency:30`` → milliseconds; ``latency:85%`` / ``size:70%`` → a percentage of the
+    all-8-bit configuration's (``relative``). Anything else: FxqatError."""
     if not isinstance(text, str) or ":" not in text:
         raise FxqatError(f"budget={text!r}: give KIND:VALUE, valid kinds: {', '.join(KINDS)} ({EXAMPLES})")
     kind, value = (s.strip() for s in text.lower().split(":", 1))
