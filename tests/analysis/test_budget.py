@@ -241,7 +241,9 @@ def test_latency_budget_end_to_end(tmp_path):
     assert b["kind"] == "latency" and b["budget_ms"] == 10_000.0
     assert b["min_cost"] < b["max_cost"] <= 10_000.0
     assert set(b["bits"].values()) == {16}  # every layer fits in float: the least error
-    assert b["latency_ms"] == pytest.approx(b["max_cost"])
+    # the dearest configuration is each layer at its slowest precision: 16 bits for most, but on a model this small
+    # timing noise can make a layer's 8-bit time the slower one
+    assert b["min_cost"] < b["latency_ms"] <= b["max_cost"] + 1e-9
     for p in b["references"].values():
         assert p["measured_ms"] > 0 and p["latency_ms"] > 0
     assert (tmp_path / "frontier.png").read_bytes()[:4] == b"\x89PNG"
