@@ -46,7 +46,7 @@ def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn
     if launched_world()[0] == 1 and plan_devices(device, nproc).world > 1:
         given = dict(data=data, epochs=epochs, imgsz=imgsz, batch=batch, qconfig=qconfig, project=project, name=name,
                      freeze_bn=freeze_bn, freeze_observers=freeze_observers, lr0=lr0, resume=resume, workers=workers,
-                     trust=trust, device=device, dampen=dampen,
+                     trust=trust, device=device, ptq_epoch0=ptq_epoch0, dampen=dampen,
                      freeze_osc=freeze_osc)
         args = ["qat", *([str(model)] if model is not None else [])]
         args += [f"{k}={v}" for k, v in given.items() if v is not None]

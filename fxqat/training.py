@@ -138,7 +138,7 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
 
 def _trainer_cls(task: str = "detect"):
     DetectionTrainer = spec(task).cls("trainer")  # the task's trainer: its loss, augmentation, validator
-    from ultralytics.utils import LOGGER, RANK
+    from ultralytics.utils import LOGGER
     from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
     class FxqatEMA(ModelEMA):
@@ -219,18 +219,31 @@ def _trainer_cls(task: str = "detect"):
                 self.start_epoch = rs["epoch"] + 1
                 self.best_fitness = rs.get("best_fitness")
                 self.scheduler.last_epoch = self.start_epoch - 1
-            elif self.ptq_epoch0 and RANK in {-1, 0}:
+            elif self.ptq_epoch0:
                 self._validate_start()
 
         def _validate_start(self):
             """Epoch 0: the PTQ-initialized model, before any QAT step, is validated and saved as best.pt. A QAT
             epoch replaces it only with a higher fitness, so QAT never ends below the PTQ model it starts from."""
-            v = self.get_validator()
-            v.args.plots = False
-            v.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
             start = QATDetectionModel(self._gm_copy(self.ema.ema.gm)).to(self.device)
             start.args = self.args
-            metrics = v(model=start)
+            if self.world_size > 1:  # every rank validates its shard and rank 0 gathers, as in training (a rank-0-only
+                self.validator.args.plots = False  # validation would wait forever for the other ranks' shards)
+                names = start.init_criterion().loss_names  # the keys the model's loss returns (before any step)
+                self.epoch, self.loss_items = self.start_epoch, {k: torch.zeros((), device=self.device) for k in names}
+                ema, self.ema.ema = self.ema.ema, start
+                try:
+                    metrics = self.validator(self)
+                finally:
+                    self.ema.ema, self.loss_items = ema, None
+                if metrics is None:  # ranks > 0
+                    return
+                metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
+            else:
+                v = self.get_validator()
+                v.args.plots = False
+                v.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
+                metrics = v(model=start)
             self.best_fitness = self.fitness = metrics.pop("fitness", None)
             self.metrics = metrics
             save_checkpoint(self.best, start.gm, **self._extra(epoch=-1))
