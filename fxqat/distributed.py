@@ -277,3 +277,24 @@ if __name__ == "__main__":  # ``python -m fxqat.distributed ARGS`` = ``fxqat qat
     from .cli import main
 
     sys.exit(main(["qat", *sys.argv[1:]]))
+
+
+@contextlib.contextmanager
+def single_process_ultralytics():
+    """Ultralytics as if no process group existed (``RANK`` / ``LOCAL_RANK`` -1 in its modules): a validation one
+    rank runs alone (the PTQ start, epoch 0) then neither gathers from nor waits at a barrier for the other ranks,
+    which are training meanwhile. Restored on exit."""
+    import sys
+
+    saved = []
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("ultralytics") and mod is not None:
+            for attr in ("RANK", "LOCAL_RANK"):
+                if isinstance(getattr(mod, attr, None), int):
+                    saved.append((mod, attr, getattr(mod, attr)))
+                    setattr(mod, attr, -1)
+    try:
+        yield
+    finally:
+        for mod, attr, value in saved:
+            setattr(mod, attr, value)

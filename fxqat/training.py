@@ -30,7 +30,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .checkpoint import load_checkpoint, save_checkpoint, trusted
-from .distributed import check_ranks_agree, cpu_ddp, rank_device, sync_quant_state
+from .distributed import (check_ranks_agree, cpu_ddp, rank_device, single_process_ultralytics,
+                          sync_quant_state)
 from .errors import FxqatError
 from .passes.pipeline import freeze_bn, prepare_qat
 from .quant.fake_quant import FakeQuant, set_observers
@@ -138,7 +139,7 @@ def _sync_quant_state(dst: nn.Module, src: nn.Module) -> None:
 
 def _trainer_cls(task: str = "detect"):
     DetectionTrainer = spec(task).cls("trainer")  # the task's trainer: its loss, augmentation, validator
-    from ultralytics.utils import LOGGER
+    from ultralytics.utils import LOGGER, RANK
     from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
     class FxqatEMA(ModelEMA):
@@ -225,24 +226,16 @@ def _trainer_cls(task: str = "detect"):
         def _validate_start(self):
             """Epoch 0: the PTQ-initialized model, before any QAT step, is validated and saved as best.pt. A QAT
             epoch replaces it only with a higher fitness, so QAT never ends below the PTQ model it starts from."""
+            if RANK > 0:  # rank 0 validates alone (the others start training and wait for it at the first step)
+                return
             start = QATDetectionModel(self._gm_copy(self.ema.ema.gm)).to(self.device)
             start.args = self.args
-            if self.world_size > 1:  # every rank validates its shard and rank 0 gathers, as in training (a rank-0-only
-                self.validator.args.plots = False  # validation would wait forever for the other ranks' shards)
-                names = start.init_criterion().loss_names  # the keys the model's loss returns (before any step)
-                self.epoch, self.loss_items = self.start_epoch, {k: torch.zeros((), device=self.device) for k in names}
-                ema, self.ema.ema = self.ema.ema, start
-                try:
-                    metrics = self.validator(self)
-                finally:
-                    self.ema.ema, self.loss_items = ema, None
-                if metrics is None:  # ranks > 0
-                    return
-                metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
-            else:
-                v = self.get_validator()
-                v.args.plots = False
-                v.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
+            v = self.get_validator()
+            v.args.plots = False
+            v.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
+            if self.world_size > 1:
+                v.dataloader = None  # the trainer's val loader holds this rank's shard only: the whole val set
+            with single_process_ultralytics():  # Ultralytics' validator would gather from / wait for the other ranks
                 metrics = v(model=start)
             self.best_fitness = self.fitness = metrics.pop("fitness", None)
             self.metrics = metrics
