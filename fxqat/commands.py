@@ -28,7 +28,7 @@ def cmd_data(kind, out, train, val, imgsz, seed, min_size, max_size, task="detec
 
 
 def cmd_train(model, data, epochs, imgsz, batch, project, name, workers, trust, mosaic=None, pretrained=None):
-    from .training import train_fp32
+    from .training_fp32 import train_fp32
 
     extra = {} if mosaic is None else {"mosaic": mosaic}
     best = train_fp32(model, data, epochs=epochs, imgsz=imgsz, batch=batch, project=project, name=name,

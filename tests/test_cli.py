@@ -88,7 +88,7 @@ def test_qat_passes_only_given_arguments(monkeypatch, capsys):
 
 def test_train_passes_mosaic_only_when_given(monkeypatch, capsys):
     """mosaic= reaches Ultralytics' trainer arguments; left out, Ultralytics' own default applies; out of range: refused."""
-    import fxqat.training as T
+    import fxqat.training_fp32 as T
 
     seen = {}
 

@@ -217,7 +217,7 @@ def test_train_fp32_starts_from_pretrained(tiny_data, tmp_path, monkeypatch, cap
 
     from fxqat.errors import FxqatError
     from fxqat.models import load_model
-    from fxqat.training import train_fp32
+    from fxqat.training_fp32 import train_fp32
 
     class Started(Exception):
         pass

@@ -80,7 +80,7 @@ def test_ultralytics_checkpoint_loads_weights_only(tmp_path, monkeypatch, yaml, 
 @pytest.mark.slow  # one Ultralytics training epoch (~20 s on 2 cores)
 def test_real_ultralytics_training_checkpoint_loads(tmp_path, tiny_data):
     """The allow-list was derived from a real Ultralytics run: its last.pt loads weights-only."""
-    from fxqat.training import train_fp32
+    from fxqat.training_fp32 import train_fp32
 
     pt = train_fp32("yolov8n.yaml", tiny_data, epochs=1, imgsz=128, batch=8, project=str(tmp_path), name="fp32",
                     workers=0, verbose=False)
@@ -119,7 +119,8 @@ def test_unsafe_pickle_refused_by_every_command(command, evil, tiny_data, capsys
 def _api(path, data):
     from fxqat.bench import bench_model
     from fxqat.evaluate import evaluate
-    from fxqat.training import train_fp32, train_qat
+    from fxqat.training import train_qat
+    from fxqat.training_fp32 import train_fp32
 
     return {
         "load_model": lambda: load_model(path),
