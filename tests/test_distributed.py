@@ -200,3 +200,18 @@ def test_cpu_ddp_lets_ultralytics_wrap_a_cpu_module():
         assert torch.equal(ddp(torch.ones(1, 2)), m(torch.ones(1, 2)))
     finally:
         dist.destroy_process_group()
+
+
+def test_single_process_ultralytics_sets_and_restores_the_rank_globals(monkeypatch):
+    """Inside, Ultralytics' validator modules see no process group (RANK / LOCAL_RANK -1); outside, the ranks again."""
+    import ultralytics.engine.validator as V
+    import ultralytics.models.yolo.detect.val as D
+
+    from fxqat.distributed import single_process_ultralytics
+
+    for m in (V, D):
+        monkeypatch.setattr(m, "RANK", 0)
+    monkeypatch.setattr(V, "LOCAL_RANK", 0)
+    with single_process_ultralytics():
+        assert V.RANK == D.RANK == V.LOCAL_RANK == -1
+    assert V.RANK == D.RANK == V.LOCAL_RANK == 0
