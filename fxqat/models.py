@@ -14,7 +14,8 @@ from .errors import ModelLoadError
 
 SUPPORTED = ("a detection, segment, pose, OBB or classify model: a shipped model (fxqat-signs-yolov8n and its -seg, "
              "-pose, -obb, -cls siblings), a YAML name such as yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, "
-             "yolov8n-seg.yaml, yolo11n-pose.yaml, yolov8n-obb.yaml or yolov8n-cls.yaml, a .pt checkpoint, an "
+             "yolov8n-seg.yaml, yolo11n-pose.yaml, yolov8n-obb.yaml, yolov8n-cls.yaml, yolo26n(-seg|-pose|-obb).yaml or "
+             "yolov10n.yaml, a .pt checkpoint, an "
              "ultralytics YOLO object or a DetectionModel (or its Segmentation/Pose/OBB subclass) or ClassificationModel")
 TASKS = ("detect", "segment", "pose", "obb", "classify")  # the heads fxqat traces
 
@@ -39,10 +40,12 @@ def _check_detection(model: nn.Module, source: str) -> nn.Module:
         raise ModelLoadError(f"{source}: {type(model).__name__} is not an Ultralytics detection model ({SUPPORTED})")
     head = model.model[-1]
     from .modules.e2e import e2e_heads, has_one2one
+    from .modules.e2e_tasks import e2e_task_heads
 
-    if has_one2one(head) and type(head) not in e2e_heads():
-        raise ModelLoadError(f"{source}: end-to-end (NMS-free) {type(head).__name__} heads are not supported yet; "
-                             "end-to-end detection (yolo26n.yaml, yolov10n.yaml) is")
+    if has_one2one(head) and type(head) not in (*e2e_heads(), *e2e_task_heads()):
+        raise ModelLoadError(f"{source}: end-to-end (NMS-free) {type(head).__name__} heads are not supported; "
+                             "fxqat traces YOLO26's (yolo26n.yaml, yolo26n-seg|pose|obb.yaml) and YOLOv10's "
+                             "(yolov10n.yaml)")
     return model
 
 

@@ -40,9 +40,10 @@ class TaskSpec:
     main: str  # the main metric (fxqat name)
     data_keys: tuple[str, ...] = ()  # keys the data YAML must hold for this task
     outputs: tuple[str, ...] = ()  # roles of the task's own head outputs, each measured on its own by fxqat analyze
+    loss26: str = ""  # the loss of YOLO26's head of this task (Segment26, Pose26, OBB26), inside Ultralytics' E2ELoss
 
     def cls(self, what: str):
-        """The Ultralytics class named by field ``what`` (model | trainer | validator), imported on use."""
+        """The Ultralytics class named by field ``what`` (model | trainer | validator | loss26), imported on use."""
         module, _, name = getattr(self, what).partition(":")
         return getattr(importlib.import_module(module), name)
 
@@ -63,20 +64,26 @@ TASKS: dict[str, TaskSpec] = {
                         "ultralytics.models.yolo.segment:SegmentationValidator",
                         (*_DET, "mask_coefficient", "proto"), (),
                         _box_metrics("B") + _box_metrics("M", "mask_"), "mask_mAP50-95",
-                        outputs=("segment.mask_last", "segment.proto_last")),
+                        outputs=("segment.mask_last", "segment.proto_last"),
+                        loss26="ultralytics.utils.loss:SegmentLoss26"),
     "pose": TaskSpec("pose", "ultralytics.nn.tasks:PoseModel", "ultralytics.models.yolo.pose:PoseTrainer",
                      "ultralytics.models.yolo.pose:PoseValidator", (*_DET, "kpts"), ("kpt_shape",),
                      _box_metrics("B") + _box_metrics("P", "pose_"), "pose_mAP50-95", ("kpt_shape",),
-                     outputs=("pose.kpt_last",)),
+                     outputs=("pose.kpt_last",), loss26="ultralytics.utils.loss:PoseLoss26"),
     "obb": TaskSpec("obb", "ultralytics.nn.tasks:OBBModel", "ultralytics.models.yolo.obb:OBBTrainer",
                     "ultralytics.models.yolo.obb:OBBValidator", (*_DET, "angle"), (), _box_metrics("B"), "mAP50-95",
-                    outputs=("obb.angle_last",)),
+                    outputs=("obb.angle_last",), loss26="ultralytics.utils.loss:v8OBBLoss"),
     "classify": TaskSpec("classify", "ultralytics.nn.tasks:ClassificationModel",
                          "ultralytics.models.yolo.classify:ClassificationTrainer",
                          "ultralytics.models.yolo.classify:ClassificationValidator", ("logits",), (),
                          (("top1", "metrics/accuracy_top1"), ("top5", "metrics/accuracy_top5")), "top1",
                          outputs=("classify.linear",)),
 }
+
+
+# An end-to-end (YOLO26) task head deployed on its one-to-one path: the roles of its task outputs there
+ONE2ONE_ROLES = {"segment.mask_last": "e2e.mask_last", "pose.kpt_last": "e2e.kpt_last",
+                 "obb.angle_last": "e2e.angle_last"}
 
 
 def spec(task: str) -> TaskSpec:

@@ -32,6 +32,7 @@ from .graph.registry import module_kind
 from .models import load_model
 from .modules.decode import DetectDecode
 from .modules.e2e import EndToEndDecode, e2e_detect_forward, e2e_forwards, e2e_heads, has_one2one
+from .modules.e2e_tasks import e2e_task_forwards, e2e_task_heads, prepare_e2e_task_head
 from .modules.heads import head_decodes
 
 # --------------------------------------------------------------------------------------------- traceable forwards
@@ -115,7 +116,8 @@ def traceable_forwards() -> dict[type, Callable | None]:
 
     return {C2f: _c2f_forward, C3k2: _c2f_forward, C2fAttn: None, C2PSA: _c2psa_forward,
             Attention: _attention_forward, Detect: _detect_forward, Segment: _segment_forward, Pose: _pose_forward,
-            OBB: _obb_forward, Classify: _classify_forward, C2fCIB: _c2f_forward, **e2e_forwards()}
+            OBB: _obb_forward, Classify: _classify_forward, C2fCIB: _c2f_forward, **e2e_forwards(),
+            **e2e_task_forwards()}
 
 
 class YoloRoot(nn.Module):
@@ -228,6 +230,9 @@ class YoloTracer(fx.Tracer):
 
 def _install_decode(model: nn.Module) -> None:
     head = model.model[-1]
+    if type(head) in e2e_task_heads():  # YOLO26 Segment26 / Pose26 / OBB26
+        prepare_e2e_task_head(head)
+        return
     cls = EndToEndDecode if has_one2one(head) and type(head) in e2e_heads() else head_decodes().get(type(head))
     if cls is not None and not hasattr(head, "decode"):
         head.decode = cls(head)
@@ -291,6 +296,7 @@ def trace(model, mode: str = "eval", leaf_modules: Iterable = (), *, nc: int | N
         "yaml": copy.deepcopy(getattr(det, "yaml", {})),
         "leaf_modules": list(leaf_modules),
         "task": head_task(head),
+        "head": type(head).__name__,  # e.g. Pose26: YOLO26's task heads train with their own losses (fxqat.tasks)
     }
     if has_one2one(head):
         gm.meta["end2end"] = bool(head.end2end)  # which branch eval returns; fxqat.modules.e2e.set_end2end switches

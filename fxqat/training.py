@@ -83,9 +83,17 @@ class QATDetectionModel(_detection_model_base()):
         self.dampening = None  # fxqat.quant.oscillation.Dampening: added to the training loss (set by QATTrainer)
         if "kpt_shape" in gm.meta:
             self.kpt_shape = list(gm.meta["kpt_shape"])
+        flow = next((m.flow_model for m in gm.modules() if getattr(m, "flow_model", None) is not None), None)
+        if flow is not None:  # Pose26: PoseLoss26's RLE term reads the head's flow model (trained with the graph)
+            self.model[-1].flow_model = flow
 
     def init_criterion(self):
-        return spec(self.task).cls("model").init_criterion(self)  # the task's loss (v8SegmentationLoss, ...)
+        s = spec(self.task)
+        if s.loss26 and self.gm.meta.get("head", "").endswith("26"):  # Segment26 / Pose26 / OBB26, as Ultralytics
+            from ultralytics.utils.loss import E2ELoss  # picks them by head type (our head is a stand-in)
+
+            return E2ELoss(self, s.cls("loss26"))
+        return s.cls("model").init_criterion(self)  # the task's loss (v8SegmentationLoss, ...)
 
     def loss(self, batch, preds=None):
         loss, items = super().loss(batch, preds)

@@ -72,11 +72,20 @@ def test_one2one_branch_does_not_train_the_backbone():
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".one2one_cv3." in n)
 
 
-def test_e2e_task_heads_refused_with_a_clear_message():
+def test_other_e2e_task_heads_refused_with_a_clear_message():
+    """YOLO26's task heads are traced (tests/test_e2e_tasks.py); a YOLOv8 Segment head built with ``end2end: True``
+    (its own v8 decode with a one-to-one branch set) is not, and says which are."""
+    from ultralytics.nn.tasks import SegmentationModel, yaml_model_load
+
     from fxqat.errors import ModelLoadError
 
-    with pytest.raises(ModelLoadError, match="end-to-end \\(NMS-free\\) Segment26 heads are not supported yet"):
-        load_model("yolo26n-seg.yaml", nc=2)
+    cfg = yaml_model_load("yolov8n-seg.yaml")
+    cfg["end2end"] = True
+    model = SegmentationModel(cfg, nc=2, verbose=False)
+    assert getattr(model.model[-1], "one2one_cv4", None) is not None
+    with pytest.raises(ModelLoadError, match="end-to-end \\(NMS-free\\) Segment heads are not supported; fxqat "
+                                             "traces YOLO26's"):
+        load_model(model)
 
 
 def test_e2e_flag_reaches_checkpoint_predictor_metadata_and_analysis(tmp_path):

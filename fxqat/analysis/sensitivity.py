@@ -57,13 +57,15 @@ class Unit:
 def head_groups(gm: fx.GraphModule) -> dict[str, list[fx.Node]]:
     """Head-output groups: "detect" (box and class maps) and each of the task's own output roles (a classify
     model: its logits only)."""
-    from ..tasks import spec
+    from ..tasks import ONE2ONE_ROLES, spec
 
     nodes = list(gm.graph.nodes)
     task = getattr(gm, "meta", {}).get("task", "detect")
     detect = head_roles(gm)  # the deployed branch set (an end-to-end model's one-to-one path)
     groups = {} if task == "classify" else {"detect": [n for n in nodes if info(n).role in detect]}
+    one2one = getattr(gm, "meta", {}).get("end2end", False)
     for role in spec(task).outputs:
+        role = ONE2ONE_ROLES.get(role, role) if one2one else role  # YOLO26 on its one-to-one path
         groups[role] = [n for n in nodes if info(n).role == role]
     missing = [k for k, v in groups.items() if not v]
     if missing:

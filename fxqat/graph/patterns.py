@@ -67,7 +67,7 @@ SPPF = Pattern("sppf", ("SPPF",), (
 #   P_i ─► cv2.i.0 ─► cv2.i.1 ─► cv2.i.2 (box_last, 1×1) ─► view ─► cat ─┐
 #   P_i ─► cv3.i.0 ─► cv3.i.1 ─► cv3.i.2 (cls_last, 1×1) ─► view ─► cat ─┴─► decode: DFL, anchors, dist2bbox, sigmoid
 # Segment, Pose and OBB are Detect plus a branch: their box / class branches and decode take Detect's roles.
-DETECT_HEADS = ("Detect", "Segment", "Pose", "OBB", "v10Detect")
+DETECT_HEADS = ("Detect", "Segment", "Pose", "OBB", "v10Detect", "Segment26", "Pose26", "OBB26")
 DETECT = Pattern("detect", DETECT_HEADS, (
     Role("detect.box", "conv", "cv2.*.[01]*"), Role("detect.box_last", "conv", "cv2.*.2"),
     Role("detect.cls", "conv", "cv3.*.[01]*"), Role("detect.cls_last", "conv", "cv3.*.2"),
@@ -78,20 +78,30 @@ DETECT = Pattern("detect", DETECT_HEADS, (
 # Segment — mask coefficients per level (cv4.i, last 1×1 float out) + Proto on P3; both reach the decode (detect.decode)
 #   P_i ─► cv4.i.0 ─► cv4.i.1 ─► cv4.i.2 (mask_last) ─► view ─► cat ─────────────────────────────┐
 #   P3  ─► proto.cv1 ─► proto.upsample (ConvTranspose2d ×2, float) ─► proto.cv2 ─► proto.cv3 ─────┴─► decode
-SEGMENT = Pattern("segment", ("Segment",), (
+# Segment26 (YOLO26): the same, Proto26 first joining P4 / P5 into P3 (1×1 refine, nearest 2× / 4×, add, 3×3 fuse)
+#   P4, P5 ─► proto.feat_refine.j ─► ×2^(j+1) ─► + P3 ─► proto.feat_fuse ─► proto.cv1 ─► … (as above)
+SEGMENT = Pattern("segment", ("Segment", "Segment26"), (
     Role("segment.mask", "conv", "cv4.*.[01]*"), Role("segment.mask_last", "conv", "cv4.*.2"),
+    Role("segment.refine", "conv", "proto.feat_refine.*", optional=True),
+    Role("segment.fuse", "conv", "proto.feat_fuse*", optional=True),
     Role("segment.proto", "conv", "proto.cv[12]*"), Role("segment.upsample", "other", "proto.upsample"),
     Role("segment.proto_last", "conv", "proto.cv3*"),
-), (("segment.mask", "segment.mask_last"), ("segment.proto", "segment.upsample"),
-    ("segment.upsample", "segment.proto_last")), "QATSegmentHead")
+), (("segment.mask", "segment.mask_last"), ("segment.refine", "segment.fuse"), ("segment.fuse", "segment.proto"),
+    ("segment.proto", "segment.upsample"), ("segment.upsample", "segment.proto_last")), "QATSegmentHead")
 
 # Pose — keypoints per level (cv4.i; last 1×1 float out); PoseDecode: (xy·2 + anchor − 0.5)·stride, sigmoid(vis)
 POSE = Pattern("pose", ("Pose",), (
     Role("pose.kpt", "conv", "cv4.*.[01]*"), Role("pose.kpt_last", "conv", "cv4.*.2"),
 ), (("pose.kpt", "pose.kpt_last"),), "QATPoseHead")
 
+# Pose26 (YOLO26): cv4.i is two Convs; the keypoints' 1×1 is cv4_kpts.i (its sigma 1×1, cv4_sigma.i, is
+# training-only and runs inside the decode leaf); EndToEndTaskDecode: (xy + anchor)·stride, sigmoid(vis)
+POSE26 = Pattern("pose26", ("Pose26",), (
+    Role("pose.kpt", "conv", "cv4.*"), Role("pose.kpt_last", "conv", "cv4_kpts.*"),
+), (("pose.kpt", "pose.kpt_last"),), "QATPoseHead")
+
 # OBB — angle logits per level (cv4.i; last 1×1 float out); OBBDecode: (sigmoid − 0.25)·π, dist2rbox
-OBB = Pattern("obb", ("OBB",), (
+OBB = Pattern("obb", ("OBB", "OBB26"), (  # OBB26: the angle logits reach the decode raw (no sigmoid)
     Role("obb.angle", "conv", "cv4.*.[01]*"), Role("obb.angle_last", "conv", "cv4.*.2"),
 ), (("obb.angle", "obb.angle_last"),), "QATOBBHead")
 
@@ -107,12 +117,24 @@ CLASSIFY = Pattern("classify", ("Classify",), (
 # class branch DWConv 3×3 + Conv 1×1 twice (v10: grouped Conv 3×3 + Conv 1×1).
 #   P_i ─► detach ─► one2one_cv2.i.0 ─► one2one_cv2.i.1 ─► one2one_cv2.i.2 (box_last) ─► view ─► cat ─┐
 #   P_i ─► detach ─► one2one_cv3.i.0 ─► one2one_cv3.i.1 ─► one2one_cv3.i.2 (cls_last) ─► view ─► cat ─┴─► decode
-E2E = Pattern("e2e", ("Detect", "v10Detect"), (
+E2E = Pattern("e2e", ("Detect", "v10Detect", "Segment26", "Pose26", "OBB26"), (
     Role("e2e.detach", "detach"), Role("e2e.box", "conv", "one2one_cv2.*.[01]*"),
     Role("e2e.box_last", "conv", "one2one_cv2.*.2"), Role("e2e.cls", "conv", "one2one_cv3.*.[01]*"),
     Role("e2e.cls_last", "conv", "one2one_cv3.*.2"),
 ), (("e2e.detach", "e2e.box"), ("e2e.detach", "e2e.cls"), ("e2e.box", "e2e.box_last"), ("e2e.cls", "e2e.cls_last")),
     "QATEndToEndHead")  # the decode keeps Detect's role, detect.decode
+
+# The YOLO26 task heads' one-to-one task branch (one2one_cv4[, one2one_cv4_kpts]) on the same detached maps; the last
+# 1×1 keeps INT8 weights and a float output, as the one-to-many branch's
+E2E_SEGMENT = Pattern("e2e_segment", ("Segment26",), (
+    Role("e2e.mask", "conv", "one2one_cv4.*.[01]*"), Role("e2e.mask_last", "conv", "one2one_cv4.*.2"),
+), (("e2e.mask", "e2e.mask_last"),), "QATEndToEndHead")
+E2E_POSE = Pattern("e2e_pose", ("Pose26",), (
+    Role("e2e.kpt", "conv", "one2one_cv4.*"), Role("e2e.kpt_last", "conv", "one2one_cv4_kpts.*"),
+), (("e2e.kpt", "e2e.kpt_last"),), "QATEndToEndHead")
+E2E_OBB = Pattern("e2e_obb", ("OBB26",), (
+    Role("e2e.angle", "conv", "one2one_cv4.*.[01]*"), Role("e2e.angle_last", "conv", "one2one_cv4.*.2"),
+), (("e2e.angle", "e2e.angle_last"),), "QATEndToEndHead")
 
 # Attention (C2PSA / PSA / C3k2-with-attention PSABlocks): qkv conv, q·k and attn·v matmuls, softmax, positional
 # conv on v, output projection. The matmuls and the softmax are float by default (kinds matmul / softmax).
@@ -128,8 +150,8 @@ ATTENTION = Pattern("attention", ("Attention",), (
 CONCAT = Pattern("concat", ("Concat",), (Role("concat", "cat"),))
 UPSAMPLE = Pattern("upsample", ("Upsample",), (Role("upsample", "resize"),))
 
-PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, OBB, CLASSIFY, E2E, ATTENTION,
-                                 CONCAT, UPSAMPLE)
+PATTERNS: tuple[Pattern, ...] = (C2F, BOTTLENECK, SPPF, DETECT, SEGMENT, POSE, POSE26, OBB, CLASSIFY, E2E, E2E_SEGMENT,
+                                 E2E_POSE, E2E_OBB, ATTENTION, CONCAT, UPSAMPLE)
 ROLES: tuple[str, ...] = ("first_conv", "conv") + tuple(r.name for p in PATTERNS for r in p.roles)
 
 

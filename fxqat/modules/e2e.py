@@ -35,6 +35,10 @@ class EndToEndDecode(DetectDecode):
 
     supports_bins_last = False
     OPTIONS = ("export", "fast_dfl", "bins_last", "one2one")
+    # positional inputs each branch set reads (keyed by one2one), and those training alone reads: what
+    # fxqat.passes.prune_head_branch cuts from a deployed graph
+    BRANCH_ARGS = {False: (0, 1), True: (3, 4)}
+    TRAIN_ONLY_ARGS: tuple[int, ...] = ()
 
     def __init__(self, detect: nn.Module, *, one2one: bool | None = None, **options):
         """``one2one``: eval returns the one-to-one top-k detections (default: the head's ``end2end`` flag)."""

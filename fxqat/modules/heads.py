@@ -42,6 +42,26 @@ class SegmentDecode(DetectDecode):
         return (y, proto) if self.export else ((y, proto), raw)
 
 
+def decode_keypoints(kpts: torch.Tensor, anchors, strides, kpt_shape, export: bool, yolo26: bool = False):
+    """Ultralytics' keypoint decode, op for op: ``Pose.kpts_decode`` (xy · 2 + anchor − 0.5) · stride, or
+    ``Pose26.kpts_decode`` (``yolo26``: (xy + anchor) · stride); sigmoid on visibility. The export form reshapes,
+    the other strides in place."""
+    ndim, bs = kpt_shape[1], kpts.shape[0]
+    if export:
+        y = kpts.view(bs, *kpt_shape, -1)
+        a = (y[:, :, :2] + anchors) * strides if yolo26 else (y[:, :, :2] * 2.0 + (anchors - 0.5)) * strides
+        if ndim == 3:
+            a = torch.cat((a, y[:, :, 2:3].sigmoid()), 2)
+        return a.view(bs, kpt_shape[0] * ndim, -1)
+    y = kpts.clone()
+    if ndim == 3:
+        y[:, 2::ndim] = y[:, 2::ndim].sigmoid()
+    for i in (0, 1):
+        y[:, i::ndim] = (y[:, i::ndim] + anchors[i]) * strides if yolo26 else \
+            (y[:, i::ndim] * 2.0 + (anchors[i] - 0.5)) * strides
+    return y
+
+
 class PoseDecode(DetectDecode):
     """Pose's tail: Detect's decode + keypoints ``(xy · 2 + anchor − 0.5) · stride``, sigmoid on visibility."""
 
@@ -54,21 +74,7 @@ class PoseDecode(DetectDecode):
 
     def kpts_decode(self, kpts: torch.Tensor, feats) -> torch.Tensor:
         """``Pose.kpts_decode`` (both of its forms: the export form reshapes, the other strides in place)."""
-        anchors, strides = self.anchors(feats, kpts)
-        ndim = self.kpt_shape[1]
-        bs = kpts.shape[0]
-        if self.export:
-            y = kpts.view(bs, *self.kpt_shape, -1)
-            a = (y[:, :, :2] * 2.0 + (anchors - 0.5)) * strides
-            if ndim == 3:
-                a = torch.cat((a, y[:, :, 2:3].sigmoid()), 2)
-            return a.view(bs, self.nk, -1)
-        y = kpts.clone()
-        if ndim == 3:
-            y[:, 2::ndim] = y[:, 2::ndim].sigmoid()
-        y[:, 0::ndim] = (y[:, 0::ndim] * 2.0 + (anchors[0] - 0.5)) * strides
-        y[:, 1::ndim] = (y[:, 1::ndim] * 2.0 + (anchors[1] - 0.5)) * strides
-        return y
+        return decode_keypoints(kpts, *self.anchors(feats, kpts), self.kpt_shape, self.export)
 
     def forward(self, boxes, scores, feats, kpts):
         raw = {"boxes": boxes, "scores": scores, "feats": feats, "kpts": kpts}

@@ -183,7 +183,9 @@ def lower_decode(c: Lowering, n: fx.Node) -> None:
         return c.set(n, c.call(n.target, m.with_options(export=True), (c.as_float(n.args[0]),)), None)
     boxes, scores, feats, *extra = n.args
     dec = m.with_options(export=True, fast_dfl=True)
-    args = (c.as_float(boxes), c.as_float(scores), [c.env[f] for f in feats], *(c.as_float(e) for e in extra))
+    # extras may be None (a pruned input) or per-level lists (YOLO26 Pose26's keypoint features)
+    args = (c.as_float(boxes), c.as_float(scores), [c.env[f] for f in feats],
+            *(fx.node.map_arg(e, c.as_float) for e in extra))
     c.set(n, c.call(n.target, dec, args), None)
 
 

@@ -7,6 +7,9 @@ and concats, now unused, are removed. ONNX export needs no pass: the exporter dr
 
     P_i ─► cv2/cv3 (one-to-many) ─► ✗                  (one2one=True)
     P_i ─► detach ─► one2one_cv2/cv3 ─► decode ─► top-k
+
+YOLO26's task heads (``EndToEndTaskDecode``) also drop their training-only inputs: Segment26's fused P3 feature
+(for the semantic branch) and Pose26's keypoint features (for the sigma heads).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ class PruneUnusedHeadBranch(FxqatPass):
             if not (op_kind(gm, n) == "decode" and isinstance(m, EndToEndDecode) and m.export):
                 continue
             args = list(n.args)
-            unused = (3, 4) if not m.one2one else (0, 1)
+            unused = [i for i in m.BRANCH_ARGS[not m.one2one] + m.TRAIN_ONLY_ARGS if i < len(args)]
             if all(args[i] is None for i in unused):
                 continue
             for i in unused:

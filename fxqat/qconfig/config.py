@@ -69,6 +69,9 @@ DEFAULT_RULES = (
     Rule("role", "classify.linear", activation=FLOAT, where="<default>"),  # logits float: the softmax reads them
     Rule("role", "e2e.box_last", activation=FLOAT, where="<default>"),  # end-to-end heads' one-to-one branch
     Rule("role", "e2e.cls_last", activation=FLOAT, where="<default>"),
+    Rule("role", "e2e.mask_last", activation=FLOAT, where="<default>"),  # YOLO26 task heads' one-to-one branch
+    Rule("role", "e2e.kpt_last", activation=FLOAT, where="<default>"),
+    Rule("role", "e2e.angle_last", activation=FLOAT, where="<default>"),
 )
 
 
