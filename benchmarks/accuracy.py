@@ -164,6 +164,8 @@ def main(argv=None):
                     "trainer and validator set 1 on a 2-core CPU; a latency budget is measured at this count)")
     ap.add_argument("--skip-ort", action="store_true", help="no ONNX Runtime quantize_static row")
     ap.add_argument("--skip-ultralytics", action="store_true")
+    ap.add_argument("--end2end", action="store_true", help="an end-to-end model (YOLO26, YOLOv10): every fxqat row "
+                    "on its one-to-one (top-k, no NMS) path, as Ultralytics' validator runs it (nms=False)")
     ap.add_argument("--project", default=None)
     a = ap.parse_args(argv)
     lrs = [float(v) for v in a.lr0.split(",")]
@@ -201,13 +203,19 @@ def main(argv=None):
         return r, time.perf_counter() - t
 
     fp32 = load_model(a.fp32).eval()
+    if a.end2end:
+        if getattr(fp32.model[-1], "one2one_cv2", None) is None:
+            ap.error(f"--end2end: {a.fp32} has no end-to-end (one-to-one) head")
+        fp32.end2end = True  # FP32, PTQ and QAT rows: the one-to-one path (the ORT row is skipped)
+        a.skip_ort = True
+        notes.append("end-to-end: every fxqat row on the one-to-one (top-k, no NMS) path; quantize_static skipped")
     task = task_of(fp32)
     if a.task is not None and a.task != task:
         ap.error(f"--task {a.task}: {a.fp32} is a {task} model")
     second, main_metric = task_metrics(task)
     columns, head, formats = table_layout(task)
     calib_source = calibration_source(read_data(a.data), a.data)
-    r, es = timed_eval(a.fp32)
+    r, es = timed_eval(fp32 if a.end2end else a.fp32)
     add("FP32", r, es)
     meta = None
 
@@ -227,7 +235,7 @@ def main(argv=None):
 
     def qat(label, qc, run_name, epochs, lr, recipe, onnx=False):
         t = time.perf_counter()
-        _, best = train_qat(a.fp32, a.data, epochs=epochs, imgsz=a.imgsz, batch=a.batch, qconfig=qc,
+        _, best = train_qat(fp32 if a.end2end else a.fp32, a.data, epochs=epochs, imgsz=a.imgsz, batch=a.batch, qconfig=qc,
                             project=project, name=run_name, workers=2, calib_batches=a.calib, verbose=False, lr0=lr,
                             freeze_bn_epoch=recipe.get("freeze_bn"),
                             freeze_observer_epoch=recipe.get("freeze_observers"), dampen=recipe.get("dampen"),

@@ -69,7 +69,9 @@ def main(argv=None):
     ap.add_argument("--fp32", required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--images", type=int, default=32, help="calibration images (val split)")
+    ap.add_argument("--images", type=int, default=32, help="calibration images (val split of --data)")
+    ap.add_argument("--val-data", default=None, help="data YAML whose val split the mAP rows are evaluated on "
+                    "(default: --data's; then the calibration images are among them)")
     ap.add_argument("--out", default=None, help="results name (benchmarks/results/<name>.json)")
     ap.add_argument("--no-map", action="store_true", help="SQNR only (skip the validator runs)")
     a = ap.parse_args(argv)
@@ -78,17 +80,18 @@ def main(argv=None):
     model.end2end = True  # the one-to-one path, as Ultralytics' nms=False
     x = load_images(image_files(a.data, "val")[:a.images], a.imgsz)
     rows = []
+    val = a.val_data or a.data
     if not a.no_map:
-        rows.append({"form": "FP32 one-to-one", **evaluate(model, a.data, imgsz=a.imgsz)})
+        rows.append({"form": "FP32 one-to-one", **evaluate(model, val, imgsz=a.imgsz)})
         model.end2end = False
-        rows.append({"form": "FP32 one-to-many + NMS", **evaluate(model, a.data, imgsz=a.imgsz)})
+        rows.append({"form": "FP32 one-to-many + NMS", **evaluate(model, val, imgsz=a.imgsz)})
         model.end2end = True
     for name, rules in VARIANTS.items():
         qc = {"version": 1, "default_rules": True, "rules": rules}
         gm = fxqat.prepare_qat(model, qc)
         fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=False)
         box_db, cls_db = o2o_sqnr(gm, x)
-        r = {} if a.no_map else evaluate(gm, a.data, imgsz=a.imgsz)
+        r = {} if a.no_map else evaluate(gm, val, imgsz=a.imgsz)
         rows.append({"form": f"PTQ o2o last convs {name}", **r, "o2o_box_sqnr_db": box_db, "o2o_cls_sqnr_db": cls_db})
     print(table(rows, ["form", "mAP50", "mAP50-95", "o2o_box_sqnr_db", "o2o_cls_sqnr_db"]))
     if a.out:
