@@ -16,7 +16,7 @@ an FP32 training step. Peers that are not installed are skipped with a note.
 
     python -m benchmarks [--models yolov8n,yolov8n-seg,yolov8n-cls@224] [--imgsz 640] [--cls-imgsz 224] [--rounds 5]
                          [--quick] [--placement-ab] [--calib 16] [--fp32 best.pt] [--data data.yaml] [--no-memory]
-                         [--no-train]
+                         [--no-train] [--end2end]
 
 ``--quick``: 3 rounds of 1 warm-up + 3 timed calls per row, no peak-memory children, no QAT step.
 ``--placement-ab``: adds the OpenVINO row of the ONNX form (requantization after shared ops) beside the OpenVINO form.
@@ -224,6 +224,12 @@ def build(args, work: Path, spec: str = "yolov8n.yaml", size: int | None = None)
     from fxqat.tracing import task_of
 
     model = load_model(args.fp32 or spec, nc=None if args.fp32 else 10).eval()
+    if getattr(args, "end2end", False):
+        from fxqat.modules.e2e import has_one2one
+
+        if not has_one2one(model.model[-1]):
+            raise SystemExit(f"--end2end: {args.fp32 or spec} has no end-to-end (one-to-one) head")
+        model.end2end = True  # every row, peers included, built from the one-to-one (top-k) network
     task = task_of(model)
     imgsz = model_imgsz(task, size, args)
     name = Path(args.fp32).stem if args.fp32 else Path(spec).stem
@@ -354,6 +360,8 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--no-train", action="store_true", help="skip prepare time and the QAT step measurement")
     ap.add_argument("--quick", action="store_true", help="3 rounds of 1 + 3 calls per row, --no-memory, --no-train")
+    ap.add_argument("--end2end", action="store_true", help="end-to-end models (YOLO26, YOLOv10): every row on the "
+                    "one-to-one path (top-k, no NMS), the form users deploy them in")
     ap.add_argument("--placement-ab", action="store_true",
                     help="also time the OpenVINO model exported in the ONNX form (requantized shared ops)")
     a = ap.parse_args(argv)

@@ -127,3 +127,9 @@ def test_budget_qconfigs_are_tagged_mixed():
     uniform = budget_yaml(plan, plan.uniform(8), as_qconfig(None), parse_budget("size:1MB"))
     assert tag(load_qconfig(uniform)) == ("W8A8", False)
     assert tag("w4a8") == ("W4A8", True)  # a preset's few rules (first conv, head at 8 bits) are not a mix
+
+
+def test_end2end_needs_an_end_to_end_model(capsys):
+    with pytest.raises(SystemExit):
+        main(["--fp32", "yolov8n.yaml", "--data", "missing.yaml", "--end2end"])
+    assert "--end2end: yolov8n.yaml has no end-to-end (one-to-one) head" in capsys.readouterr().err

@@ -129,3 +129,17 @@ def test_parse_models_files_and_empty():
     assert parse_models("a.pt, b.yaml@320") == [("a.pt", None), ("b.yaml", 320)]
     with pytest.raises(SystemExit, match="no model given"):
         parse_models(" , ")
+
+
+def test_end2end_rows_are_built_from_the_one_to_one_network(tmp_path):
+    """``--end2end``: the reference and fxqat's rows (and every peer's) run the one-to-one top-k network; a model
+    without that head is refused."""
+    rows, notes, info = build(_args(rows="fxqat INT8 torch", end2end=True), tmp_path, "yolo26n.yaml")
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        for row in ("torch FP32", "fxqat INT8 torch"):
+            out = rows[row][0](x)
+            y = out[0] if isinstance(out, tuple) else out
+            assert y.shape == (1, 8 * 8 + 4 * 4 + 2 * 2, 6), row  # top-k rows (k = all 84 anchors < max_det)
+    with pytest.raises(SystemExit, match="no end-to-end"):
+        build(_args(end2end=True), tmp_path, "yolov8n.yaml")
