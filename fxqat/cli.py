@@ -132,6 +132,12 @@ def _one_of(*choices):
     return lambda v: None if v in choices else f"valid choices: {', '.join(choices)}"
 
 
+def _shipped(v):
+    from .zoo import SHIPPED
+
+    return None if v in SHIPPED else f"valid choices (shipped models): {', '.join(SHIPPED)}"
+
+
 def _budget(v):
     from .analysis.budget import parse_budget
     from .errors import FxqatError
@@ -213,8 +219,11 @@ COMMANDS: dict[str, Command] = {
                     (), {"quick": Arg(_bool, False, "a tiny run to check the set-up (about a minute on 2 cores)"),
                          "project": Arg(str, "runs/demo", "report folder"),
                          "seed": Arg(int, 0, "data seed"),
-                         "task": Arg(str, "detect", "the shipped model's task: detect | segment | pose | obb | classify",
-                                     _one_of("detect", "segment", "pose", "obb", "classify"))}),
+                         "task": Arg(str, None, "the shipped model's task: detect | segment | pose | obb | classify "
+                                     "(default: detect, or the task of model=)",
+                                     _one_of("detect", "segment", "pose", "obb", "classify")),
+                         "model": Arg(str, None, "another shipped model (default: the task's yolov8n), e.g. "
+                                      "fxqat-signs-yolo26n", _shipped)}),
     "data": Command(_lazy("cmd_data"), "generate the synthetic traffic-sign dataset (YOLO format)", ("kind", "out"), {
         "train": Arg(int, 800, "training images", _at_least(1)), "val": Arg(int, 200, "validation images", _at_least(1)),
         "imgsz": Arg(int, 320, "image size (a multiple of 32, at least 64)", _at_least(64)),

@@ -201,10 +201,10 @@ def cmd_trace(model, mode, imgsz, draw, expand, leaf, nc, out, trust):
         print(f"graph drawn to {fxqat.draw(gm, draw, expand=exp, imgsz=imgsz)}")
 
 
-def cmd_demo(quick, project, seed, task="detect"):
+def cmd_demo(quick, project, seed, task=None, model=None):
     from .demo import run_demo
 
-    run_demo(quick=quick, project=project, seed=seed, task=task)
+    run_demo(quick=quick, project=project, seed=seed, task=task, model=model)
 
 
 def cmd_analyze(model, data, out, imgsz, images, topk, metric, qconfig, trust, budget=None):

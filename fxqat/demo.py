@@ -85,9 +85,11 @@ def _pictures(task: str, data, fp32, qat_int8, names: dict, imgsz: int, out: Pat
                                 truth=[ids.get(f.parent.name, -1) for f in files])
 
 
-def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None = None, task: str = "detect") -> dict:
-    """Run the demo of ``task``'s shipped model (:data:`MODELS`) into ``project`` and return the report dict (also
-    written as report.json)."""
+def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None = None, task: str | None = None,
+             model: str | None = None) -> dict:
+    """Run the demo of ``task``'s shipped model (:data:`MODELS`), or of the shipped ``model`` (its own task; e.g.
+    ``fxqat-signs-yolo26n``, run on its one-to-one path), into ``project`` and return the report dict (also written
+    as report.json)."""
     import fxqat
 
     from .bench import interleaved_medians
@@ -102,11 +104,15 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     from .training import train_qat
     from .zoo import info, load_shipped
 
-    if task not in MODELS:
+    if task is not None and task not in MODELS:
         raise FxqatError(f"task={task!r}: valid choices are {', '.join(MODELS)}")
-    model_name = MODELS[task]
-    cfg = demo_config(task, quick)
+    model_name = model or MODELS[task or "detect"]
     shipped = info(model_name)  # a shipped file missing from this installation is named before any work
+    if task is not None and shipped.get("task", "detect") != task:
+        raise FxqatError(f"model={model_name} is a {shipped.get('task', 'detect')} model, not task={task}; give "
+                         "one of them")
+    task = shipped.get("task", "detect")  # records written before task models hold detectors
+    cfg = demo_config(task, quick)
     out = Path(project).resolve()
     out.mkdir(parents=True, exist_ok=True)
     threads = min(2, os.cpu_count() or 1)
@@ -188,7 +194,7 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
         rows.append({"model": k, "runtime": runtime, companion: scores[k][companion], main: scores[k][main],
                      "latency_ms": lat[k], "size_mb": _size_mb(sizes[k])})
     pictures = {"predictions": _pictures(task, data, fp32, qat_int8, names, imgsz, out).name}
-    arch = "yolov8n" if task == "detect" else f"yolov8n-{task}"
+    arch = model_name.removeprefix("fxqat-signs-")
     fxqat.draw(qat, out / "qat_graph.svg", color_by="precision", imgsz=imgsz, title=f"{arch} QAT graph")
     pictures["graph"] = "qat_graph.svg"
     critical = []

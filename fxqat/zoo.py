@@ -39,6 +39,8 @@ SHIPPED = {s.name: s for s in (
             "yolov8n-obb trained by fxqat on its synthetic traffic signs: rotated boxes along the signs (192 px)"),
     Shipped("fxqat-signs-yolov8n-cls", "fxqat-signs-yolov8n-cls.pt",
             "yolov8n-cls trained by fxqat on crops of its synthetic traffic signs (runs at 64 px)"),
+    Shipped("fxqat-signs-yolo26n", "fxqat-signs-yolo26n.pt",
+            "yolo26n trained by fxqat on its synthetic traffic signs, run on its NMS-free one-to-one path (192 px)"),
 )}
 
 
@@ -76,6 +78,8 @@ def build(rec: dict):
     model.load_state_dict({k: v.float() for k, v in rec["state_dict"].items()})
     model.names = {int(k): v for k, v in rec["names"].items()}
     model.args = {"imgsz": int(rec["imgsz"]), "task": task}
+    if rec.get("end2end"):  # an end-to-end model shipped for its one-to-one (top-k, no NMS) path
+        model.end2end = True
     return model.float().eval()
 
 
@@ -103,6 +107,11 @@ def pack(best_pt, data_yaml, out, name: str, commands: list[str], metrics: dict 
     from .tracing import task_of
 
     model = load_model(str(best_pt)).float().eval()
+    from .modules.e2e import has_one2one
+
+    one2one = has_one2one(model.model[-1])
+    if one2one:
+        model.end2end = True  # YOLO26 / YOLOv10 ship for their NMS-free path: metrics and every use run it
     data = read_data(data_yaml)
     gen = data.get("fxqat")
     if not gen or gen.get("generator") != "signs":
@@ -111,7 +120,7 @@ def pack(best_pt, data_yaml, out, name: str, commands: list[str], metrics: dict 
            "nc": int(model.model[-1].nc if hasattr(model.model[-1], "nc") else len(data["names"])),
            "names": {int(k): str(v) for k, v in data["names"].items()}, "imgsz": int(imgsz or gen["imgsz"]),
            "state_dict": {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()},
-           "data": dict(gen), "commands": list(commands)}
+           "data": dict(gen), "commands": list(commands), **({"end2end": True} if one2one else {})}
     if metrics is None:
         from .evaluate import evaluate
 

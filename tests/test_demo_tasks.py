@@ -24,6 +24,16 @@ def test_demo_refuses_an_unknown_task(capsys):
     assert err == "fxqat demo: task=segmentation: valid choices: detect, segment, pose, obb, classify"
 
 
+def test_demo_model_is_a_shipped_model_of_the_task_given(capsys):
+    from fxqat.demo import run_demo
+    from fxqat.errors import FxqatError
+
+    assert main(["demo", "model=yolo26n.yaml"]) == 2
+    assert "model=yolo26n.yaml: valid choices (shipped models): fxqat-signs-yolov8n" in capsys.readouterr().err
+    with pytest.raises(FxqatError, match="model=fxqat-signs-yolo26n is a detect model, not task=pose"):
+        run_demo(model="fxqat-signs-yolo26n", task="pose")
+
+
 def test_every_task_has_a_shipped_entry():
     from fxqat.demo import MODELS
     from fxqat.tasks import TASKS

@@ -95,3 +95,17 @@ def test_pack_round_trip_task_models(tmp_path, tiny_data, yaml_name, task):
         assert torch.equal(v, ref[k].half().float()), k
     if task == "pose":
         assert tuple(m.model[-1].kpt_shape) == (4, 3)
+
+
+def test_shipped_yolo26n_runs_its_one_to_one_path():
+    """fxqat-signs-yolo26n is shipped for its NMS-free path: it loads (and traces) with end2end set, top-k rows out."""
+    import fxqat
+
+    rec = read_shipped(shipped_path("fxqat-signs-yolo26n"))
+    assert rec["end2end"] is True and rec["task"] == "detect" and rec["imgsz"] == 192
+    model = load_model("fxqat-signs-yolo26n")
+    assert model.end2end
+    gm = fxqat.trace("fxqat-signs-yolo26n")
+    assert gm.meta["end2end"] is True
+    with torch.no_grad():
+        assert gm(torch.rand(1, 3, 192, 192))[0].shape == (1, 300, 6)
