@@ -171,3 +171,20 @@ def test_yolo26_task_heads_roles_int8_and_onnx(y26_task, tmp_path, golden):
         _check_topk(pre, outq)
         onnx_out = torch.from_numpy(sess.run(None, {"images": x.numpy()})[0])
         _check_topk(pre, onnx_out)
+
+
+def test_converted_yolo26_pose_drops_the_other_branch_and_training_only_inputs():
+    """A small, fast convert (64 px): the INT8 graph computes neither the one-to-many branch nor what only training
+    reads (the keypoint features the sigma heads would take), and returns the top-k rows with decoded keypoints."""
+    model = load_model("yolo26n-pose.yaml", nc=2)
+    model.end2end = True
+    gm = fxqat.prepare_qat(model, example_inputs=(torch.rand(1, 3, 64, 64),))
+    fxqat.calibrate(gm, [torch.rand(2, 3, 64, 64)], progress=False)
+    q = fxqat.convert(gm.eval())
+    node = _decode_node(q)
+    assert all(node.args[i] is None for i in (0, 1, 5, 8, 9))  # one-to-many inputs, training-only inputs
+    mods = [n.target for n in q.graph.nodes if n.op == "call_module"]
+    assert not any(t.startswith(("model_23_cv", "model_23_one2one_cv4_sigma")) for t in mods)
+    with torch.no_grad():
+        y = q(torch.rand(1, 3, 64, 64))
+    assert y.shape == (1, 84, 6 + 17 * 3)  # 84 anchors < max_det: k = all
