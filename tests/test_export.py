@@ -14,6 +14,7 @@ from .conftest_helpers import liven, signs_like_images
 
 
 def _calibrated(name):
+    torch.manual_seed(0)  # the random-init weights: the same model whatever ran before in the session
     gm = fxqat.prepare_qat(liven(load_model(name, nc=10)))
     fxqat.calibrate(gm, [signs_like_images(2, 320, seed=s) for s in range(2)], progress=False)
     return gm.eval()
