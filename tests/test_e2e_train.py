@@ -33,8 +33,8 @@ def test_e2e_qat_trains_both_branch_sets_with_e2e_loss(tiny_data, tmp_path):
     assert y.shape == (1, 300, 6)  # one-to-one top-k rows (336 anchors, k = max_det)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("task", ["pose", "segment", "obb"])
+@pytest.mark.parametrize("task", ["pose", pytest.param("segment", marks=pytest.mark.slow),
+                                  pytest.param("obb", marks=pytest.mark.slow)])
 def test_yolo26_task_qat_uses_yolo26_losses_and_trains_the_training_only_parts(task, tmp_path):
     """YOLO26's task heads train with Ultralytics' own YOLO26 losses (SegmentLoss26 / PoseLoss26 / v8OBBLoss inside
     E2ELoss); the training-only parts (Pose26's sigma heads and flow model, Segment26's semantic branch) train with
