@@ -34,12 +34,6 @@ from .heads import decode_keypoints
 TASK_KEY = {"segment": "mask_coefficient", "pose": "kpts", "obb": "angle"}  # the task output in the raw dict
 
 
-def _task(head: nn.Module) -> str:
-    from ultralytics.nn.modules.head import OBB26, Pose26, Segment26
-
-    return next(t for cls, t in ((Segment26, "segment"), (Pose26, "pose"), (OBB26, "obb")) if isinstance(head, cls))
-
-
 class EndToEndTaskDecode(EndToEndDecode):
     """The float tail of Segment26 / Pose26 / OBB26 (see the module doc). Inputs, in order: each branch set's boxes
     and scores (as :class:`EndToEndDecode`), then each set's task output, Segment26's prototypes, and what training
@@ -51,8 +45,10 @@ class EndToEndTaskDecode(EndToEndDecode):
     TRAIN_ONLY_ARGS = (8, 9)
 
     def __init__(self, head: nn.Module, **options):
+        from ..tracing import head_task  # Segment26 / Pose26 / OBB26 are Segment / Pose / OBB subclasses
+
         super().__init__(head, **options)
-        self.task = _task(head)
+        self.task = head_task(head)
         self.key = TASK_KEY[self.task]
         if self.task == "segment":
             self.semseg = head.proto.semseg
@@ -159,11 +155,11 @@ def e2e_task_forward(self, x):
     return self.decode(out[0], out[1], list(x), out[2], out[3], extra[0], extra[1], proto, *aux)
 
 
-def e2e_task_heads() -> dict[type, type]:
-    """YOLO26 task head type (exact) → its decode leaf."""
+def e2e_task_heads() -> tuple[type, ...]:
+    """YOLO26 task head types fxqat traces (exact types); each gets an :class:`EndToEndTaskDecode`."""
     from ultralytics.nn.modules.head import OBB26, Pose26, Segment26
 
-    return {Segment26: EndToEndTaskDecode, Pose26: EndToEndTaskDecode, OBB26: EndToEndTaskDecode}
+    return (Segment26, Pose26, OBB26)
 
 
 def prepare_e2e_task_head(head: nn.Module) -> None:
@@ -179,4 +175,3 @@ def prepare_e2e_task_head(head: nn.Module) -> None:
 
 def e2e_task_forwards() -> dict:
     return {cls: e2e_task_forward for cls in e2e_task_heads()}
-
