@@ -133,3 +133,17 @@ def test_end2end_needs_an_end_to_end_model(capsys):
     with pytest.raises(SystemExit):
         main(["--fp32", "yolov8n.yaml", "--data", "missing.yaml", "--end2end"])
     assert "--end2end: yolov8n.yaml has no end-to-end (one-to-one) head" in capsys.readouterr().err
+
+
+def test_e2e_head_val_data_is_where_the_map_rows_are_evaluated(tiny_data, tmp_path, monkeypatch):
+    """``benchmarks.e2e_head --val-data``: calibration images from ``--data``, every mAP row on ``--val-data``."""
+    import benchmarks.e2e_head as e2e_head
+
+    seen = []
+    monkeypatch.setattr(e2e_head, "evaluate", lambda model, data, **kw: seen.append(str(data)) or {"mAP50": 0.0,
+                                                                                                    "mAP50-95": 0.0})
+    other = tmp_path / "other.yaml"
+    e2e_head.main(["--fp32", "yolo26n.yaml", "--data", str(tiny_data), "--val-data", str(other), "--imgsz", "64",
+                   "--images", "2"])
+    assert seen and set(seen) == {str(other)}  # 2 FP32 rows + 4 PTQ rows, none on --data
+    assert len(seen) == 6
