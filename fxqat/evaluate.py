@@ -144,18 +144,28 @@ def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=
     """The task's validator metrics of ``model`` on ``data``'s val split (Ultralytics metrics): ``mAP50``,
     ``mAP50-95``, ``precision``, ``recall`` of the boxes, plus ``mask_*`` (segment) or ``pose_*`` (pose); see
     :data:`fxqat.tasks.TASKS`. ``trust``: see :func:`fxqat.models.load_model`."""
-    from .tasks import check_data, metrics_of, read_data, spec
+    from .tasks import metrics_of
 
-    info = read_data(data)  # a data YAML, or a classify folder
     pred = as_predictor(model, names, stride, trust)
-    task_spec = spec(pred.task)
+    return metrics_of(pred.task, validation_stats(pred, data, imgsz, batch, verbose))
+
+
+def validation_stats(model, data, imgsz: int, batch: int, verbose: bool = False) -> dict:
+    """The task validator's own statistics (Ultralytics' keys and ``fitness``) of any model form on ``data``'s val
+    split: every image letterboxed to the square ``imgsz``, in batches of ``batch``. :func:`evaluate` and the QAT
+    trainer's validation (:mod:`fxqat.training`) both run this, so a checkpoint's stored mAP is what ``fxqat eval``
+    reports for it at the run's ``imgsz`` and ``batch`` (a fake-quant model can move by a few 1e-4 mAP with the batch
+    size: the float sums' rounding flips some values across a quantization step)."""
+    from .tasks import check_data, read_data, spec
+
+    pred = as_predictor(model)
+    info = read_data(data)  # a data YAML, or a classify folder
     check_data(pred.task, info)
     dev = next((p.device for p in pred.parameters()), torch.device("cpu"))  # a graph on a GPU is evaluated there
     args = dict(data=str(data), imgsz=imgsz, batch=batch, plots=False, rect=False, verbose=verbose, save_json=False,
                 workers=0, task=pred.task, device=str(dev.index or 0) if dev.type == "cuda" else "cpu")
     if getattr(pred, "end2end", False):  # one-to-one top-k predictions: validated without NMS (Ultralytics' nms=False)
         args["nms"] = False
-    v = task_spec.cls("validator")(args=args)
+    v = spec(pred.task).cls("validator")(args=args)
     with torch.no_grad():
-        stats = v(model=pred)
-    return metrics_of(pred.task, stats)
+        return dict(v(model=pred))

@@ -13,8 +13,9 @@ The module is ``fxqat.training``; ``fxqat.train`` is its :func:`train` function.
 
 Several processes (``fxqat qat ... device=0,1`` / ``device=cpu nproc=2``, or ``torchrun -m fxqat.cli qat``): each rank
 joins the process group before prepare/calibrate (:mod:`fxqat.distributed`), the trainer runs Ultralytics' DDP loop
-(its sampler shards the data, DDP averages gradients, rank 0 writes checkpoints, validation is sharded and gathered
-on rank 0) and :func:`fxqat.distributed.sync_quant_state` merges quantizer ranges and BN statistics after every batch.
+(its sampler shards the data, DDP averages gradients, rank 0 writes checkpoints and validates alone on every image,
+as ``fxqat eval`` does) and :func:`fxqat.distributed.sync_quant_state` merges quantizer ranges and BN statistics after
+every batch.
 """
 
 from __future__ import annotations
@@ -209,6 +210,28 @@ def _trainer_cls(task: str = "detect"):
                 trainer._sync_quant()
             trainer._quant_synced = False
 
+        def validate(self):
+            """Each epoch is validated exactly as ``fxqat eval`` validates the checkpoint
+            (:func:`fxqat.evaluate.validation_stats` on a copy of the EMA graph: one process, every image letterboxed
+            to the square imgsz, batches of the run's ``batch``), so the mAP best.pt stores is the mAP ``fxqat eval``
+            reports for it. Under DDP rank 0 validates alone; the other ranks wait for it at the trainer's next
+            collective. (Ultralytics' own training validation shards the val set over the ranks, runs the model in
+            another memory layout than its standalone validator, and in rectangular batches: each moved a fake-quant
+            model's mAP by up to 1e-3.)"""
+            if RANK > 0:
+                return None, None  # as Ultralytics' validator returns on ranks > 0
+            stats = self._stats(self.ema.ema.gm)
+            fitness = stats.pop("fitness", None)
+            if self.best_fitness is None or self.best_fitness < fitness:
+                self.best_fitness = fitness
+            return stats, fitness
+
+        def _stats(self, gm):
+            from .evaluate import validation_stats
+
+            with single_process_ultralytics():  # one rank alone: no gather from or barrier with the other ranks
+                return validation_stats(self._gm_copy(gm), self.args.data, self.args.imgsz, self.args.batch)
+
         def build_optimizer(self, model, *args, **kwargs):
             """Ultralytics' optimizer, with learned quantizer scales (LSQ) moved out of the weight-decay group:
             decay would pull every learned scale toward zero."""
@@ -235,18 +258,10 @@ def _trainer_cls(task: str = "detect"):
             epoch replaces it only with a higher fitness, so QAT never ends below the PTQ model it starts from."""
             if RANK > 0:  # rank 0 validates alone (the others start training and wait for it at the first step)
                 return
-            start = QATDetectionModel(self._gm_copy(self.ema.ema.gm)).to(self.device)
-            start.args = self.args
-            v = self.get_validator()
-            v.args.plots = False
-            v.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
-            if self.world_size > 1:
-                v.dataloader = None  # the trainer's val loader holds this rank's shard only: the whole val set
-            with single_process_ultralytics():  # Ultralytics' validator would gather from / wait for the other ranks
-                metrics = v(model=start)
+            metrics = self._stats(self.ema.ema.gm)
             self.best_fitness = self.fitness = metrics.pop("fitness", None)
             self.metrics = metrics
-            save_checkpoint(self.best, start.gm, **self._extra(epoch=-1))
+            save_checkpoint(self.best, self._gm_copy(self.ema.ema.gm), **self._extra(epoch=-1))
             LOGGER.info(f"fxqat: epoch 0 (PTQ start) fitness {self.fitness:.4f}, saved as best.pt; QAT epochs "
                         "replace it only when they do better")
 
@@ -281,24 +296,9 @@ def _trainer_cls(task: str = "detect"):
             return True
 
         def final_eval(self):
-            if self.best.exists():
-                gm = load_checkpoint(self.best)
-                self.validator.args.plots = False
-                self.validator.args.quantize = None  # not half(): a float16 copy would move the quantizer grids
-                best = QATDetectionModel(gm).to(self.device)
-                best.args = self.args  # as set_model_attributes does: the loss reads its gains from it
-                if self.world_size > 1:  # every rank validates its shard of the val set, rank 0 gathers (as in
-                    ema, self.ema.ema = self.ema.ema, best  # training; Ultralytics' model= path assumes CUDA ranks)
-                    try:
-                        metrics = self.validator(self)
-                    finally:
-                        self.ema.ema = ema
-                    if metrics is not None:
-                        self.metrics = {k: v for k, v in metrics.items() if not k.startswith("val/")}
-                else:
-                    self.metrics = self.validator(model=best)
-                if self.metrics is not None:
-                    self.metrics.pop("fitness", None)
+            if self.best.exists() and RANK in (-1, 0):  # under DDP rank 0 validates alone, as every epoch
+                self.metrics = self._stats(load_checkpoint(self.best).to(self.device))
+                self.metrics.pop("fitness", None)
 
     return QATTrainer
 
