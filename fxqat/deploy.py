@@ -187,7 +187,9 @@ def export_openvino(onnx_path, out_dir=None, name: str | None = None) -> Path:
     if note:
         print(note)
     ov_model = ov.convert_model(str(onnx_path))
-    # what Ultralytics' exporter stores for OpenVINO's own tools (model_api), then fxqat's precision request
+    # what Ultralytics' exporter stores for OpenVINO's own tools (model_api). The float parts' precision is the
+    # runtime's choice: OpenVINO 2026.4's CPU plugin ignores an INFERENCE_PRECISION_HINT stored in the model's
+    # rt_info, and Ultralytics compiles with its default (bf16 on CPUs with avx512_bf16 / AMX).
     ov_model.set_rt_info("YOLO", ["model_info", "model_type"])
     ov_model.set_rt_info(True, ["model_info", "reverse_input_channels"])
     ov_model.set_rt_info(114, ["model_info", "pad_value"])
@@ -195,8 +197,6 @@ def export_openvino(onnx_path, out_dir=None, name: str | None = None) -> Path:
     ov_model.set_rt_info(0.7, ["model_info", "iou_threshold"])
     ov_model.set_rt_info([v.replace(" ", "_") for v in md["names"].values()], ["model_info", "labels"])
     ov_model.set_rt_info("fit_to_window_letterbox", ["model_info", "resize_type"])
-    # bf16-capable CPUs would otherwise run the decode in bf16: a 2 px step on coordinates near 300
-    ov_model.set_rt_info("f32", ["runtime_options", "INFERENCE_PRECISION_HINT"])
     out_dir.mkdir(parents=True, exist_ok=True)
     xml = out_dir / f"{name or onnx_path.stem}.xml"
     ov.save_model(ov_model, str(xml), compress_to_fp16=False)
@@ -217,16 +217,18 @@ def overflow_note(md: dict) -> str | None:
 
 
 class OpenVINORunner(BatchRunner):
-    """A compiled OpenVINO model as a callable on torch tensors (CPU, f32 float parts): fxqat's own runner for
-    evaluating the OpenVINO form (``fxqat.evaluate.evaluate(openvino_predictor(folder), data)``)."""
+    """A compiled OpenVINO model as a callable on torch tensors: fxqat's own runner for evaluating the OpenVINO form
+    (``fxqat.evaluate.evaluate(openvino_predictor(folder), data)``). ``precision``: the float parts' precision,
+    OpenVINO's ``INFERENCE_PRECISION_HINT`` (default ``f32``: the QDQ arithmetic; ``bf16`` is what OpenVINO picks by
+    default, and Ultralytics runs, on CPUs with avx512_bf16 / AMX)."""
 
-    def __init__(self, path, threads: int | None = None):
+    def __init__(self, path, threads: int | None = None, precision: str = "f32"):
         ov = require_openvino()
         p = Path(path)
         xml = p if p.suffix in (".xml", ".onnx") else next(iter(sorted(p.glob("*.xml"))), None)
         if xml is None:
             raise ModelLoadError(f"{p}: no OpenVINO .xml model in this folder")
-        cfg = {"INFERENCE_PRECISION_HINT": "f32", **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+        cfg = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
         self.compiled = ov.Core().compile_model(str(xml), "CPU", cfg)
         dim0 = self.compiled.input(0).get_partial_shape()[0]
         self.static_batch = dim0.get_length() if dim0.is_static else None
@@ -237,15 +239,16 @@ class OpenVINORunner(BatchRunner):
         return outs[0] if len(outs) == 1 else tuple(outs)  # segment: (predictions, prototypes)
 
 
-def openvino_predictor(folder):
+def openvino_predictor(folder, precision: str = "f32"):
     """An ``*_openvino_model`` folder as an :class:`fxqat.evaluate.Predictor` (names and stride from its
-    metadata.yaml), for :func:`fxqat.evaluate.evaluate`."""
+    metadata.yaml), for :func:`fxqat.evaluate.evaluate`; ``precision``: see :class:`OpenVINORunner`."""
     import yaml
 
     from .evaluate import Predictor
 
     md = yaml.safe_load((Path(folder) / "metadata.yaml").read_text())
-    return Predictor(OpenVINORunner(folder), md["names"], md["stride"], "openvino", md.get("task", TASK))
+    return Predictor(OpenVINORunner(folder, precision=precision), md["names"], md["stride"], "openvino",
+                     md.get("task", TASK))
 
 
 # ------------------------------------------------------------------------------------------ Ultralytics YOLO object
