@@ -1,4 +1,5 @@
-"""Classify models (yolov8n-cls, yolo11n-cls): trace parity, the classifier's quantization, INT8 torch and QDQ ONNX.
+"""Classify models (yolov8n-cls, yolo11n-cls, yolo26n-cls): trace parity, the classifier's quantization, INT8 torch and
+QDQ ONNX.
 
 Tolerances: the INT8 model and ONNX Runtime may round a tie differently from the fake-quant model, flipping one code
 of an intermediate tensor (as for Detect); so >= 99.9 % of the classifier's input codes lie within one code of the
@@ -21,9 +22,9 @@ from .conftest_helpers import assert_traced_matches_in_both_modes, liven, signs_
 NC = 10
 
 
-@pytest.mark.parametrize("name", ["yolov8n-cls.yaml", "yolov8s-cls.yaml", "yolo11s-cls.yaml"] + [
+@pytest.mark.parametrize("name", ["yolov8n-cls.yaml", "yolov8s-cls.yaml", "yolo11s-cls.yaml", "yolo26n-cls.yaml"] + [
     pytest.param(f"{n}-cls.yaml", marks=pytest.mark.slow)
-    for n in ("yolo11n", "yolov8m", "yolov8l", "yolov8x", "yolo11m", "yolo11l", "yolo11x")])
+    for n in ("yolo11n", "yolo26s", "yolov8m", "yolov8l", "yolov8x", "yolo11m", "yolo11l", "yolo11x")])
 def test_classify_traces_bit_exact_at_its_own_sizes(name):
     model = load_model(name, nc=NC)
     gm = fxqat.trace(model, "eval")
@@ -64,7 +65,7 @@ def _check(gm, q_logits_from, x, codes_fq, codes_q, step, w):
     assert torch.equal(p.argmax(1)[sure], y.argmax(1)[sure])
 
 
-@pytest.mark.parametrize("name,imgsz", [("yolov8n-cls.yaml", 160),
+@pytest.mark.parametrize("name,imgsz", [("yolov8n-cls.yaml", 160), ("yolo26n-cls.yaml", 160),
                                         pytest.param("yolov8n-cls.yaml", 224, marks=pytest.mark.slow),
                                         pytest.param("yolo11n-cls.yaml", 224, marks=pytest.mark.slow)])
 def test_classify_int8_and_onnx_match_fake_quant(name, imgsz, tmp_path):
