@@ -14,8 +14,8 @@ from .errors import ModelLoadError
 
 SUPPORTED = ("a detection, segment, pose, OBB or classify model: a shipped model (fxqat-signs-yolov8n and its -seg, "
              "-pose, -obb, -cls siblings), a YAML name such as yolov8n.yaml … yolov8x.yaml, yolo11n.yaml, "
-             "yolov8n-seg.yaml, yolo11n-pose.yaml, yolov8n-obb.yaml, yolov8n-cls.yaml, yolo26n(-seg|-pose|-obb|-cls).yaml or "
-             "yolov10n.yaml, a .pt checkpoint, an "
+             "yolov8n-seg.yaml, yolo11n-pose.yaml, yolov8n-obb.yaml, yolov8n-cls.yaml, "
+             "yolo26n(-seg|-pose|-obb|-cls).yaml or yolov10n.yaml, a .pt checkpoint, an "
              "ultralytics YOLO object or a DetectionModel (or its Segmentation/Pose/OBB subclass) or ClassificationModel")
 TASKS = ("detect", "segment", "pose", "obb", "classify")  # the heads fxqat traces
 
