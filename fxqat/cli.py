@@ -270,8 +270,9 @@ COMMANDS: dict[str, Command] = {
                           lambda v: _dampen(v, "freeze_osc")),
     }, given_only=True, positionals_optional_with="resume"),
     "eval": Command(_lazy("cmd_eval"), "mAP of a model in all its forms (fake-quant, INT8 torch, QDQ ONNX)", ("model",), {
-        "data": Arg(str, None, "Ultralytics data YAML"), "imgsz": Arg(int, 320, "image size", _stride_multiple),
-        "batch": Arg(int, 16, "batch size", _at_least(1)),
+        "data": Arg(str, None, "Ultralytics data YAML"),
+        "imgsz": Arg(int, None, "image size (default: a QAT checkpoint's own run's, else 320)", _stride_multiple),
+        "batch": Arg(int, None, "batch size (default: a QAT checkpoint's own run's, else 16)", _at_least(1)),
         "fp32": Arg(str, None, "FP32 .pt to include as a baseline row"),
         "onnx": Arg(_bool, True, "also export and evaluate the QDQ ONNX model"),
         "out": Arg(str, None, "write results as JSON"), "trust": _TRUST}),

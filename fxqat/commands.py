@@ -99,11 +99,27 @@ def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
     return rows
 
 
+def _eval_sizes(model, imgsz, batch) -> tuple[int, int]:
+    """``imgsz`` / ``batch`` not given: a QAT checkpoint's own run's (so its stored mAP is reproduced exactly),
+    else 320 / 16."""
+    from .checkpoint import is_checkpoint, read_checkpoint
+
+    run = {}
+    if (imgsz is None or batch is None) and is_checkpoint(Path(str(model))):
+        run = read_checkpoint(model).get("run_args") or {}
+    taken = {k: int(run[k]) for k, v in (("imgsz", imgsz), ("batch", batch)) if v is None and k in run}
+    if taken:
+        print("eval: " + ", ".join(f"{k}={v}" for k, v in taken.items()) + " (the QAT run's own)")
+    imgsz = imgsz if imgsz is not None else taken.get("imgsz", 320)
+    return imgsz, batch if batch is not None else taken.get("batch", 16)
+
+
 def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
     from .evaluate import evaluate
     from .tasks import read_data
 
     read_data(data)  # a bad data YAML (or classify folder) is reported before any model work
+    imgsz, batch = _eval_sizes(model, imgsz, batch)
     results = []
     meta = None
     for label, m in _rows_for(model, fp32, imgsz, onnx, trust):

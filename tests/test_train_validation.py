@@ -3,13 +3,16 @@ with fxqat's own validation (every image letterboxed to the square ``imgsz``, th
 validator's model layout), not with Ultralytics' training validation (rectangular batches, twice the batch, the EMA's
 own memory layout), each of which moved a fake-quant model's mAP by up to 1e-3."""
 
+import json
+
 from PIL import Image
 
 MAP = "metrics/mAP50-95(B)"
 
 
-def test_stored_map_is_what_fxqat_eval_reports(tmp_path):
+def test_stored_map_is_what_fxqat_eval_reports(tmp_path, capsys):
     from fxqat.checkpoint import load_checkpoint
+    from fxqat.cli import main
     from fxqat.data.signs import generate
     from fxqat.evaluate import evaluate
     from fxqat.training import train_qat
@@ -28,3 +31,9 @@ def test_stored_map_is_what_fxqat_eval_reports(tmp_path):
     assert row["mAP50-95"] > 0.3
     # the same computation (imgsz and batch as the run's): tolerance 1e-12
     assert abs(row["mAP50-95"] - ck["metrics"][MAP]) <= 1e-12, (row["mAP50-95"], ck["metrics"][MAP])
+    # fxqat eval without imgsz / batch takes the run's own, so it reports the stored mAP too
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(best), f"data={data}", "onnx=false", f"out={out}"]) == 0
+    assert "eval: imgsz=192, batch=8 (the QAT run's own)" in capsys.readouterr().out
+    cli = json.loads(out.read_text())[0]
+    assert cli["model"] == "QAT fake-quant" and abs(cli["mAP50-95"] - ck["metrics"][MAP]) <= 1e-12
