@@ -3,7 +3,8 @@
 Rows: the FP32 Ultralytics ``DetectionModel``; fxqat's QAT graph as it was (torch.ao's observer calls,
 ``fake_quant.FAST_OBSERVE = False``; BN rescale on the conv output, ``ConvBnAct.RESCALE_WEIGHT = False``); with the
 fast observers; with the fast observers and the weight-side rescale; with those and the quantize/dequantize
-fake-quant kernel (``fake_quant.FAST_KERNEL``, today's default); Ultralytics' own QAT
+fake-quant kernel (``fake_quant.FAST_KERNEL``); with those and the straight-through mask reduced to the sides the
+batch clips on (``fast_fq.MASK_SHORTCUT``, today's default); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
 One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch.
 
@@ -30,6 +31,7 @@ import torch  # noqa: E402
 
 import fxqat  # noqa: E402
 import fxqat.quant.fake_quant as fqmod  # noqa: E402
+from fxqat.quant import fast_fq  # noqa: E402
 from fxqat.data.toy import toy_batch  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat.modules.conv_bn_act import ConvBnAct  # noqa: E402
@@ -40,12 +42,13 @@ FP32 = "FP32 (Ultralytics DetectionModel)"
 REF = "fxqat QAT before (torch.ao observer calls, conv output / f)"
 FAST = "fxqat QAT + fast observers"
 RESCALE = "fxqat QAT + fast observers + weight-side BN rescale"
-KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel (default)"
+KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel"
+MASK = "fxqat QAT + the above + mask only where the batch clips (default)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # row → (FakeQuant fast observers, ConvBnAct weight-side rescale): each change measured on its own
 # row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel)
-TOGGLES = {REF: (False, False, False), FAST: (True, False, False), RESCALE: (True, True, False),
-           KERNEL: (True, True, True)}
+TOGGLES = {REF: (False, False, False, False), FAST: (True, False, False, False), RESCALE: (True, True, False, False),
+           KERNEL: (True, True, True, False), MASK: (True, True, True, True)}
 
 
 def _ultralytics_qat(det, x):
@@ -86,7 +89,8 @@ def build(row: str, imgsz: int, batch: int, device: str):
 
 
 def _step(m, crit, x, tgt, opt, row):
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL = TOGGLES.get(row, (True, True, True))
+    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT = TOGGLES.get(
+        row, (True, True, True, True))
     opt.zero_grad(set_to_none=True)
     loss, _ = crit(m(x), tgt)
     loss.sum().backward()
@@ -124,7 +128,7 @@ def peak_rss_mb(row, imgsz, batch, threads) -> float:
 
 def measure(imgsz, batch, rounds, steps, device, memory, threads):
     rows, notes = {}, []
-    for row in (FP32, REF, FAST, RESCALE, KERNEL, ULTRA):
+    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, ULTRA):
         built = build(row, imgsz, batch, device)
         if built is None:
             notes.append(f"{ULTRA}: not measured, nvidia-modelopt is not installed (Ultralytics 8.4.190 has the "
@@ -155,7 +159,7 @@ def measure(imgsz, batch, rounds, steps, device, memory, threads):
             mem[k] = torch.cuda.max_memory_allocated() / 2**20
         else:
             mem[k] = peak_rss_mb(k, imgsz, batch, threads)
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL = True, True, True
+    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT = True, True, True, True
     base_t, base_m = statistics.median(times[FP32]), mem[FP32]
     out = []
     for k, ts in times.items():

@@ -90,6 +90,7 @@ class FakeQuant(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._batch_range = None  # (min, max) of x when the observer measures it: read by the fast kernel's mask
         if self.observe_enabled and (self.training or self.calibrating or self.always_observe):
             if self._fast and FAST_OBSERVE:
                 self._observe_fast(x)
@@ -97,7 +98,10 @@ class FakeQuant(nn.Module):
                 self.observe(x)
         if not self.fake_quant_enabled or not self._initialized():
             return x
-        return self.fake_quant(x)
+        try:
+            return self.fake_quant(x)
+        finally:
+            self._batch_range = None
 
     def _initialized(self) -> bool:
         if not self._ready:
@@ -115,6 +119,8 @@ class FakeQuant(nn.Module):
         y = x.detach().to(lo0.dtype)
         if self.ch_axis is None:
             lo, hi = torch.aminmax(y)
+            if x.dtype == y.dtype:  # x's own min / max (no cast): the fast kernel's mask reads them
+                self._batch_range = (lo, hi)
         else:
             lo, hi = torch.aminmax(torch.flatten(y.transpose(0, self.ch_axis) if self.ch_axis else y, 1), dim=1)
         if self.ch_axis is None or lo0.numel():
@@ -195,7 +201,8 @@ class FakeQuant(nn.Module):
             return torch.fake_quantize_per_channel_affine(x, scale, self.zero_point, self.ch_axis,
                                                           self.qmin, self.qmax)
         if FAST_KERNEL and fast_fq.eligible(x, self.qmin, self.qmax) and not torch.onnx.is_in_onnx_export():
-            return fast_fq.fake_quant_per_tensor(x, scale, self.zero_point, self.qmin, self.qmax)
+            return fast_fq.fake_quant_per_tensor(x, scale, self.zero_point, self.qmin, self.qmax,
+                                                 batch_range=getattr(self, "_batch_range", None))
         return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, self.qmin, self.qmax)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,8 @@ torch's CPU ``fake_quantize_per_tensor_affine`` kernel is scalar: on a yolov8n Q
 same ``nearbyint(x * (1 / scale)) + zero_point``, clamped, then ``(q - zero_point) * scale``; bit-identical, tested
 with ties and odd zero points). The straight-through mask — elements whose unclamped code lies in [qmin, qmax] —
 is an interval of ``x`` (the code is monotone in ``x``), so it is two comparisons with thresholds found exactly once
-per (scale, zero point) in float32 arithmetic, the kernel's own.
+per (scale, zero point) in float32 arithmetic, the kernel's own, and fewer where the batch's min / max show a side
+that clips nothing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 # the dtype whose whole range is (qmin, qmax): only those ranges take this path (others: torch's kernel)
 DTYPES = {(0, 255): torch.quint8, (-128, 127): torch.qint8}
 _THRESHOLDS: dict[tuple[float, int, int, int], tuple[float, float]] = {}
+MASK_SHORTCUT = True  # False: always both comparisons (the path before the batch-range shortcut; benchmarks A/B it)
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
 
 
@@ -55,22 +57,38 @@ def thresholds(scale: float, zp: int, qmin: int, qmax: int) -> tuple[float, floa
 
 class _FakeQuant8(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):
+    def forward(ctx, x, scale, zero_point, qmin, qmax, batch_range=None):
         s, z = float(scale.reshape(())), int(zero_point.reshape(()))
         y = torch.quantize_per_tensor(x, s, z, DTYPES[(qmin, qmax)]).dequantize()
+        ctx.pass_all = False
         if ctx.needs_input_grad[0]:
             lo, hi = thresholds(s, z, qmin, qmax)
-            ctx.save_for_backward(torch.ge(x, lo).logical_and_(torch.le(x, hi)))
+            if MASK_SHORTCUT:
+                bmin, bmax = (float(v) for v in (batch_range if batch_range is not None else torch.aminmax(x)))
+                below, above = not bmin >= lo, not bmax <= hi  # NaN: neither holds, so both sides are checked
+            else:
+                below = above = True
+            if below and above:
+                ctx.save_for_backward(torch.ge(x, lo).logical_and_(torch.le(x, hi)))
+            elif below or above:  # one side of the range clips in this batch: one comparison
+                ctx.save_for_backward(torch.ge(x, lo) if below else torch.le(x, hi))
+            else:  # nothing clips: the straight-through gradient is the identity
+                ctx.pass_all = True
         return y
 
     @staticmethod
     def backward(ctx, grad):
+        if ctx.pass_all:
+            return grad, None, None, None, None, None
         (mask,) = ctx.saved_tensors
-        return torch.where(mask, grad, 0.0), None, None, None, None  # one pass (grad * mask would cast the mask)
+        return torch.where(mask, grad, 0.0), None, None, None, None, None  # one pass (grad * mask casts the mask)
 
 
 def fake_quant_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int,
-                          qmax: int) -> torch.Tensor:
+                          qmax: int, batch_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)`` for an :func:`eligible` ``x``:
-    the same values and the same straight-through gradient."""
-    return _FakeQuant8.apply(x, scale, zero_point, qmin, qmax)
+    the same values and the same straight-through gradient. ``batch_range``: ``x``'s (min, max) when already known
+    (the observer's ``aminmax`` of this very tensor); it decides which sides of the range need the mask: on a batch
+    that clips on one side only (SiLU outputs never go below the range) the mask is one comparison, and on one that
+    clips nowhere there is none."""
+    return _FakeQuant8.apply(x, scale, zero_point, qmin, qmax, batch_range)

@@ -46,6 +46,37 @@ def test_values_and_gradient_equal_torch_kernel(scale, zp_frac, n, r, seed):
 
 
 @pytest.mark.parametrize("qmin,qmax", RANGES)
+@pytest.mark.parametrize("clips", ["none", "below", "above", "both", "nan"])
+@pytest.mark.parametrize("known_range", [False, True])
+def test_mask_shortcuts_keep_the_kernels_gradient(qmin, qmax, clips, known_range):
+    """A batch that clips on no side / one side / both (or holds a NaN) takes no / one / two comparisons for the
+    mask, with the batch range measured here or given (the observer's); the gradient equals torch's kernel's."""
+    scale, zp = 0.05, (qmin + qmax + 1) // 2
+    lo, hi = fast_fq.thresholds(scale, zp, qmin, qmax)
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(4000, generator=g) * (hi - lo) * 0.98 + lo * 0.99  # inside [lo, hi]
+    if clips in ("below", "both"):
+        x[::7] = lo - 1.0 - torch.rand(len(x[::7]), generator=g)
+    if clips in ("above", "both"):
+        x[3::11] = hi + 1.0 + torch.rand(len(x[3::11]), generator=g)
+    if clips == "nan":
+        x[5] = float("nan")
+    s, z = torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = torch.fake_quantize_per_tensor_affine(xa, s, z, qmin, qmax)
+    rng = torch.aminmax(x) if known_range else None
+    out = fast_fq.fake_quant_per_tensor(xb, s, z, qmin, qmax, batch_range=rng)
+    ok = ~x.isnan()  # a NaN's code is undefined (the two kernels differ there); every other value is compared
+    assert torch.equal(out[ok], ref[ok])
+    assert out.grad_fn.pass_all == (clips == "none")  # which shortcut ran: no mask at all ...
+    assert len(out.grad_fn.saved_tensors) == (0 if clips == "none" else 1)  # ... or one mask tensor
+    go = torch.randn(len(x), generator=g)
+    ref.backward(go)
+    out.backward(go)
+    assert torch.equal(xb.grad, xa.grad)
+
+
+@pytest.mark.parametrize("qmin,qmax", RANGES)
 def test_thresholds_bound_the_kernels_mask_exactly(qmin, qmax):
     """Every float32 just inside a threshold is in the torch kernel's mask, the next one out is not."""
     for scale, zp in [(0.05, 128 if qmin == 0 else 0), (0.0137, 3 if qmin == 0 else -7), (1.7, qmax), (3e-4, qmin)]:
@@ -74,7 +105,7 @@ def test_fake_quant_module_takes_the_fast_path(monkeypatch):
     """FakeQuant uses the fast kernel for 8-bit per-tensor activations (counted), not for 4-bit or per-channel."""
     calls = []
     real = fast_fq.fake_quant_per_tensor
-    monkeypatch.setattr(fast_fq, "fake_quant_per_tensor", lambda *a: calls.append(a[3:]) or real(*a))
+    monkeypatch.setattr(fast_fq, "fake_quant_per_tensor", lambda *a, **k: calls.append(a[3:5]) or real(*a, **k))
     x = torch.randn(2, 4, 8, 8)
     for spec, ch in [(QuantSpec(), None), (QuantSpec(symmetric=True), None), (QuantSpec(bits=4), None),
                      (QuantSpec(symmetric=True, per_channel=0), 2)]:
