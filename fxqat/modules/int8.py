@@ -167,15 +167,20 @@ class Quantize(nn.Module):
 
 
 class Dequantize(nn.Module):
-    def __init__(self, scale: float, zero_point: int):
+    """uint8 codes → float. ``keep_layout``: the float map keeps the codes' channels-last layout (its reader is a
+    channels-last float conv, :class:`fxqat.passes.float_conv_layout.FloatConvChannelsLast`); else NCHW."""
+
+    def __init__(self, scale: float, zero_point: int, keep_layout: bool = False):
         super().__init__()
         self.scale, self.zero_point = float(scale), int(zero_point)
+        self.keep_layout = bool(keep_layout)
 
     def forward(self, x):
-        return ((x.to(torch.float32) - self.zero_point) * self.scale).contiguous()
+        y = (x.to(torch.float32) - self.zero_point) * self.scale
+        return y if getattr(self, "keep_layout", False) else y.contiguous()  # absent from modules pickled before
 
     def extra_repr(self):
-        return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
+        return f"scale={self.scale:.6g}, zero_point={self.zero_point}" + (", channels-last" if self.keep_layout else "")
 
 
 class Int8ConvBnAct(nn.Module):

@@ -2,8 +2,8 @@
 
     trace    YoloTracer ─► SplitSharedModules
     prepare  LinearAsConv ─► FuseConvBnAct ─► MatchPatterns ─► AnnotateQConfig ─► InsertQuantizers = the QAT GraphModule
-    convert  LowerInt8 ─► PruneUnusedHeadBranch ─► BinsLastHead ─► CatWholeChunks ─► DenseSplitHalves
-                                                                                         = the INT8 GraphModule
+    convert  LowerInt8 ─► PruneUnusedHeadBranch ─► BinsLastHead ─► CatWholeChunks ─► DenseSplitHalves ─►
+             QuantizeIntoConv ─► FloatConvChannelsLast                                   = the INT8 GraphModule
     export   FoldConvsForExport ─► DecodeForExport ─► RequantizeSharedOps (not for OpenVINO) ─► (torch.onnx) ─►
              FoldWeightQuantizers ─► ScalarQParams (─► Uint8Weights) ─► ultralytics metadata = the QDQ ONNX file
 
@@ -41,12 +41,13 @@ def prepare_passes(qconfig) -> list[FxqatPass]:
 
 
 def convert_passes() -> list[FxqatPass]:
+    from .float_conv_layout import FloatConvChannelsLast
     from .int8_layout import BinsLastHead, CatWholeChunks, DenseSplitHalves, QuantizeIntoConv
     from .lower_int8 import LowerInt8
     from .prune_head_branch import PruneUnusedHeadBranch
 
     return [LowerInt8(), PruneUnusedHeadBranch(), BinsLastHead(), CatWholeChunks(), DenseSplitHalves(),
-            QuantizeIntoConv()]
+            QuantizeIntoConv(), FloatConvChannelsLast()]
 
 
 def export_passes(requantize_shared: bool = True) -> list[FxqatPass]:
