@@ -213,7 +213,9 @@ def main(argv=None):
 
     fp32 = load_model(a.fp32).eval()
     if a.end2end:
-        if getattr(fp32.model[-1], "one2one_cv2", None) is None:
+        from fxqat.modules.e2e import has_one2one
+
+        if not has_one2one(fp32.model[-1]):
             ap.error(f"--end2end: {a.fp32} has no end-to-end (one-to-one) head")
         fp32.end2end = True  # FP32, PTQ and QAT rows: the one-to-one path (the ORT row is skipped)
         a.skip_ort = True
