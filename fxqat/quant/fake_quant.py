@@ -90,18 +90,15 @@ class FakeQuant(nn.Module):
         return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._batch_range = None  # (min, max) of x when the observer measures it: read by the fast kernel's mask
+        batch_range = None  # (min, max) of x when the fast observer measures it: the fast kernel's mask reads it
         if self.observe_enabled and (self.training or self.calibrating or self.always_observe):
             if self._fast and FAST_OBSERVE:
-                self._observe_fast(x)
+                batch_range = self._observe_fast(x)
             else:
                 self.observe(x)
         if not self.fake_quant_enabled or not self._initialized():
             return x
-        try:
-            return self.fake_quant(x)
-        finally:
-            self._batch_range = None
+        return self.fake_quant(x, batch_range)
 
     def _initialized(self) -> bool:
         if not self._ready:
@@ -109,18 +106,20 @@ class FakeQuant(nn.Module):
         return self._ready
 
     @torch.no_grad()
-    def _observe_fast(self, x: torch.Tensor) -> None:
+    def _observe_fast(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """torch.ao's MinMax / MovingAverageMinMax (per-tensor or per-channel) observer update and its
-        ``_calculate_qparams``, op for op, then the scale / zero-point copy of :meth:`refresh_qparams`."""
+        ``_calculate_qparams``, op for op, then the scale / zero-point copy of :meth:`refresh_qparams`. Returns
+        ``x``'s own (min, max) when it measured them per tensor without a cast, else None."""
         obs = self.observer
         if x.numel() == 0:
-            return
+            return None
         lo0, hi0 = obs.min_val, obs.max_val
         y = x.detach().to(lo0.dtype)
+        batch_range = None
         if self.ch_axis is None:
             lo, hi = torch.aminmax(y)
-            if x.dtype == y.dtype:  # x's own min / max (no cast): the fast kernel's mask reads them
-                self._batch_range = (lo, hi)
+            if x.dtype == y.dtype:
+                batch_range = (lo, hi)
         else:
             lo, hi = torch.aminmax(torch.flatten(y.transpose(0, self.ch_axis) if self.ch_axis else y, 1), dim=1)
         if self.ch_axis is None or lo0.numel():
@@ -152,6 +151,7 @@ class FakeQuant(nn.Module):
         if not self._ready:
             self.initialized.fill_(True)
             self._ready = True
+        return batch_range
 
     def effective_scale(self) -> torch.Tensor:
         """The scale the forward pass uses: a learned scale is kept positive (``|s|``, at least 1e-8)."""
@@ -178,8 +178,9 @@ class FakeQuant(nn.Module):
         n = x.numel() if self.ch_axis is None else x.numel() // max(x.shape[self.ch_axis], 1)
         return 1.0 / (max(n, 1) * self.qmax) ** 0.5
 
-    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
-        """Quantize → dequantize ``x`` on the current grid, without observing.
+    def fake_quant(self, x: torch.Tensor, batch_range: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Quantize → dequantize ``x`` on the current grid, without observing. ``batch_range``: ``x``'s (min, max) if
+        already measured (see :func:`fast_fq.fake_quant_per_tensor`).
 
         A learnable scale trains through LSQ's kernels whenever autograd needs it; otherwise (eval without grad,
         ONNX export, which has no symbolic for the LSQ ops) the plain kernels run on the same (learned) scale —
@@ -202,7 +203,7 @@ class FakeQuant(nn.Module):
                                                           self.qmin, self.qmax)
         if FAST_KERNEL and fast_fq.eligible(x, self.qmin, self.qmax) and not torch.onnx.is_in_onnx_export():
             return fast_fq.fake_quant_per_tensor(x, scale, self.zero_point, self.qmin, self.qmax,
-                                                 batch_range=getattr(self, "_batch_range", None))
+                                                 batch_range=batch_range)
         return torch.fake_quantize_per_tensor_affine(x, scale, self.zero_point, self.qmin, self.qmax)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -133,3 +133,24 @@ def test_qat_model_step_equals_torch_kernel(monkeypatch):
     assert len(o0) == len(o1) > 0 and all(torch.equal(a, b) for a, b in zip(o0, o1))
     assert torch.equal(g0, g1) and len(w0) == len(w1) > 0
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+
+
+def test_fake_quant_module_hands_the_observers_range_to_the_mask(monkeypatch):
+    """In training the observer's min / max of the very tensor decide the mask: a first batch sets the range, so
+    nothing clips and no mask is kept; ``MASK_SHORTCUT = False`` keeps the two-comparison mask; the gradient is the
+    same either way."""
+    x = torch.rand(2, 4, 8, 8) * 3
+    grads = []
+    real, calls = torch.aminmax, []
+    monkeypatch.setattr(torch, "aminmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for shortcut in (True, False):
+        monkeypatch.setattr(fast_fq, "MASK_SHORTCUT", shortcut)
+        fq = FakeQuant(QuantSpec()).train()
+        xi = x.clone().requires_grad_()
+        calls.clear()
+        y = fq(xi)
+        assert len(calls) == 1  # the observer's: the fast kernel reuses it instead of measuring x again
+        assert y.grad_fn.pass_all is shortcut and len(y.grad_fn.saved_tensors) == (0 if shortcut else 1)
+        y.sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(*grads)
