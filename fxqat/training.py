@@ -212,7 +212,7 @@ def _trainer_cls(task: str = "detect"):
 
         def validate(self):
             """Each epoch is validated exactly as ``fxqat eval`` validates the checkpoint
-            (:func:`fxqat.evaluate.validation_stats` on a copy of the EMA graph: one process, every image letterboxed
+            (:func:`fxqat.evaluate.validation_stats` on the EMA graph: one process, every image letterboxed
             to the square imgsz, batches of the run's ``batch``), so the mAP best.pt stores is the mAP ``fxqat eval``
             reports for it. Under DDP rank 0 validates alone; the other ranks wait for it at the trainer's next
             collective. (Ultralytics' own training validation shards the val set over the ranks, runs the model in
@@ -229,8 +229,9 @@ def _trainer_cls(task: str = "detect"):
         def _stats(self, gm):
             from .evaluate import validation_stats
 
+            # the validator runs its own deep copy of the graph (the EMA graph is in eval mode already)
             with single_process_ultralytics():  # one rank alone: no gather from or barrier with the other ranks
-                return validation_stats(self._gm_copy(gm), self.args.data, self.args.imgsz, self.args.batch)
+                return validation_stats(gm, self.args.data, self.args.imgsz, self.args.batch)
 
         def build_optimizer(self, model, *args, **kwargs):
             """Ultralytics' optimizer, with learned quantizer scales (LSQ) moved out of the weight-decay group:
