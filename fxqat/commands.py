@@ -70,8 +70,9 @@ def cmd_qat(model, data, epochs, imgsz, batch, qconfig, project, name, freeze_bn
         print(f"QAT checkpoint: {best}")
 
 
-def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
-    """(label, model-form) pairs to evaluate side by side; every file is loaded here, safely."""
+def _rows_for(model, fp32, imgsz, batch, onnx: bool, trust=None) -> tuple[list, int, int]:
+    """(label, model-form) pairs to evaluate side by side, and the imgsz / batch to run them at; every file is loaded
+    here, safely."""
     from .checkpoint import is_checkpoint, load_checkpoint
     from .models import load_model
 
@@ -80,33 +81,27 @@ def _rows_for(model, fp32, imgsz, onnx: bool, trust=None):
         rows.append(("FP32", load_model(fp32, trust=trust)))
     p = Path(str(model))
     if p.is_dir() and p.name.endswith("_openvino_model"):
-        return rows + [("OpenVINO", str(p))]
+        return rows + [("OpenVINO", str(p))], *_sizes({}, imgsz, batch)
     if p.suffix == ".onnx":
         if not p.is_file():
             raise FxqatError(f"{p}: ONNX model not found")
-        return rows + [("QDQ ONNX (ORT)", str(p))]
-    if is_checkpoint(p):
-        import fxqat
+        return rows + [("QDQ ONNX (ORT)", str(p))], *_sizes({}, imgsz, batch)
+    if not is_checkpoint(p):
+        return rows + [("FP32", load_model(str(p), trust=trust))], *_sizes({}, imgsz, batch)
+    import fxqat
 
-        gm = load_checkpoint(p)
-        rows.append(("QAT fake-quant", gm))
-        rows.append(("INT8 torch", fxqat.convert(gm)))
-        if onnx:
-            path = fxqat.export_onnx(gm, p.with_suffix(".onnx"), imgsz=imgsz)
-            rows.append(("QDQ ONNX (ORT)", str(path)))
-    else:
-        rows.append(("FP32", load_model(str(p), trust=trust)))
-    return rows
+    gm, ckpt = load_checkpoint(p, with_extra=True)
+    imgsz, batch = _sizes(ckpt.get("run_args") or {}, imgsz, batch)
+    rows.append(("QAT fake-quant", gm))
+    rows.append(("INT8 torch", fxqat.convert(gm)))
+    if onnx:
+        rows.append(("QDQ ONNX (ORT)", str(fxqat.export_onnx(gm, p.with_suffix(".onnx"), imgsz=imgsz))))
+    return rows, imgsz, batch
 
 
-def _eval_sizes(model, imgsz, batch) -> tuple[int, int]:
-    """``imgsz`` / ``batch`` not given: a QAT checkpoint's own run's (so its stored mAP is reproduced exactly),
-    else 320 / 16."""
-    from .checkpoint import is_checkpoint, read_checkpoint
-
-    run = {}
-    if (imgsz is None or batch is None) and is_checkpoint(Path(str(model))):
-        run = read_checkpoint(model).get("run_args") or {}
+def _sizes(run: dict, imgsz, batch) -> tuple[int, int]:
+    """``imgsz`` / ``batch`` not given: a QAT checkpoint's own run's (``run``: its run arguments; so its stored mAP
+    is reproduced exactly), else 320 / 16."""
     taken = {k: int(run[k]) for k, v in (("imgsz", imgsz), ("batch", batch)) if v is None and k in run}
     if taken:
         print("eval: " + ", ".join(f"{k}={v}" for k, v in taken.items()) + " (the QAT run's own)")
@@ -119,10 +114,10 @@ def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
     from .tasks import read_data
 
     read_data(data)  # a bad data YAML (or classify folder) is reported before any model work
-    imgsz, batch = _eval_sizes(model, imgsz, batch)
     results = []
     meta = None
-    for label, m in _rows_for(model, fp32, imgsz, onnx, trust):
+    rows, imgsz, batch = _rows_for(model, fp32, imgsz, batch, onnx, trust)
+    for label, m in rows:
         names = stride = None
         if meta is not None and label == "INT8 torch":
             names, stride = meta
