@@ -147,3 +147,38 @@ def test_e2e_head_val_data_is_where_the_map_rows_are_evaluated(tiny_data, tmp_pa
                    "--images", "2"])
     assert seen and set(seen) == {str(other)}  # 2 FP32 rows + 4 PTQ rows, none on --data
     assert len(seen) == 6
+
+
+@pytest.mark.parametrize("end2end,val_data", [(True, "big_val.yaml"), (False, None)])
+def test_ultralytics_qat_row_is_its_best_pt_evaluated_like_every_row(monkeypatch, end2end, val_data):
+    """The Ultralytics QAT row is not its trainer's own validation (one-to-many + NMS for an end-to-end model): its
+    best.pt is validated with square letterboxes, on the one-to-one path under --end2end, on --val-data if given."""
+    import types
+
+    import ultralytics
+
+    from benchmarks.accuracy import ultralytics_qat
+
+    calls = []
+    stats = {"metrics/precision(B)": 0.5, "metrics/recall(B)": 0.5, "metrics/mAP50(B)": 0.8,
+             "metrics/mAP50-95(B)": 0.6}
+
+    class FakeYOLO:
+        def __init__(self, path):
+            self.path = path
+
+        def train(self, **kw):
+            calls.append(("train", self.path, kw))
+            self.trainer = types.SimpleNamespace(metrics=dict(stats, **{"metrics/mAP50-95(B)": 0.7}), best="best.pt")
+
+        def val(self, **kw):
+            calls.append(("val", self.path, kw))
+            return types.SimpleNamespace(results_dict=stats)
+
+    monkeypatch.setattr(ultralytics, "YOLO", FakeYOLO)
+    r = ultralytics_qat("fp32.pt", "d.yaml", 1, 192, 32, "proj", "detect", val_data, end2end)
+    (_, p0, train), (_, p1, val) = calls
+    assert p0 == "fp32.pt" and train["quantize"] == 8 and p1 == "best.pt"
+    assert val["rect"] is False and val["data"] == (val_data or "d.yaml") and val["imgsz"] == 192
+    assert val["nms"] is (False if end2end else None)
+    assert r["mAP50-95"] == 0.6 and r["trainer_map"] == 0.7  # the row, and the trainer's own figure beside it
