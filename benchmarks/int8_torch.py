@@ -10,7 +10,15 @@ included), for what they are worth in the same rounds. The outputs of the INT8 r
 (dense split / dense unsplit / depthwise), median over ``--profile-runs`` calls. Shares are robust under load where
 wall-clock times are not.
 
+``--overhead``: where the INT8 model's time goes around its oneDNN kernels, per call: the wall time; the time inside
+torch's convolution op (``onednn::qconv2d_pointwise``, torch.profiler self time); the time oneDNN reports executing
+those convolutions (its verbose log, ``torch.backends.mkldnn.verbose``); hence each call's fixed cost around the
+kernel, and the rest (other ops, Python). With OpenVINO and NNCF installed, NNCF's PTQ of the same network runs
+beside it: its convolution kernels' time and its other layers' time (OpenVINO ``PERF_COUNT``), and its wall time.
+``--end2end``: YOLO26 / YOLOv10 on their one-to-one (top-k) path.
+
     python -m benchmarks.int8_torch [--models yolo11n,yolov8n] [--imgsz 640] [--threads 1] [--rounds 5] [--profile]
+                                    [--overhead] [--end2end]
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import time
 from collections import defaultdict
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
@@ -56,8 +65,14 @@ def convert_as_before(qat):
     return old
 
 
-def build(spec: str, imgsz: int) -> dict:
+def build(spec: str, imgsz: int, end2end: bool = False) -> dict:
     model = load_model(f"{spec}.yaml", nc=10).eval()
+    if end2end:
+        from fxqat.modules.e2e import has_one2one
+
+        if not has_one2one(model.model[-1]):
+            raise SystemExit(f"--end2end: {spec} has no end-to-end (one-to-one) head")
+        model.end2end = True  # the one-to-one (top-k) path, as deployed
     calib = _calib_images(None, imgsz, 8)
     qat = fxqat.prepare_qat(model)
     fxqat.calibrate(qat, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
@@ -115,6 +130,86 @@ def profile(model, x, runs: int) -> tuple[list[dict], float]:
     return sorted(rows, key=lambda r: -r["share"]), total / 1e3 / runs
 
 
+def _onednn_log(fn) -> list[str]:
+    """oneDNN's verbose lines (``exec`` records) printed while ``fn()`` runs, read back from file descriptor 1."""
+    import sys
+    import tempfile
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    with tempfile.TemporaryFile(mode="w+") as f:
+        os.dup2(f.fileno(), 1)
+        try:
+            with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+                fn()
+        finally:
+            sys.stdout.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        f.seek(0)
+        return [line for line in f.read().splitlines() if ",exec,cpu,convolution," in line]
+
+
+def overhead(model, x, runs: int) -> dict:
+    """ms per call: wall, inside torch's conv op, oneDNN's convolution kernels; µs of fixed cost per conv call."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+        walls = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            model(x)
+            walls.append(time.perf_counter() - t)
+        with prof(activities=[ProfilerActivity.CPU]) as p:
+            for _ in range(runs):
+                model(x)
+        log = _onednn_log(lambda: [model(x) for _ in range(runs)])
+    ops = [e for e in p.key_averages() if e.key == "onednn::qconv2d_pointwise"]
+    calls = ops[0].count // runs if ops else 0
+    op_ms = ops[0].self_cpu_time_total / 1e3 / runs if ops else 0.0
+    kernel_ms = sum(float(line.rsplit(",", 1)[1]) for line in log) / runs
+    wall = statistics.median(walls) * 1e3
+    return {"wall_ms": wall, "conv_calls": calls, "conv_op_ms": op_ms, "conv_kernel_ms": kernel_ms,
+            "fixed_us_per_conv": (op_ms - kernel_ms) * 1e3 / max(calls, 1), "rest_ms": wall - op_ms}
+
+
+def nncf_overhead(model, x, runs: int, threads: int) -> dict | None:
+    """NNCF's PTQ of the same network on OpenVINO, ms per call: wall, its convolution kernels and all its other
+    layers (PERF_COUNT); None when OpenVINO / NNCF are not installed."""
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    if importlib.util.find_spec("openvino") is None or importlib.util.find_spec("nncf") is None:
+        return None
+    import openvino as ov
+
+    from .peers import export_fp32_onnx, nncf_ptq
+
+    imgsz = x.shape[-1]
+    with tempfile.TemporaryDirectory() as d:
+        xml = nncf_ptq(export_fp32_onnx(model, Path(d) / "fp32.onnx", imgsz), Path(d) / "nncf.xml",
+                       _calib_images(None, imgsz, 8))
+        compiled = ov.Core().compile_model(str(xml), "CPU", {"INFERENCE_NUM_THREADS": threads,
+                                                             "PERFORMANCE_HINT": "LATENCY", "PERF_COUNT": True})
+    req, xn = compiled.create_infer_request(), x.numpy()
+    for _ in range(3):
+        req.infer({0: xn})
+    walls, convs, others = [], [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        req.infer({0: xn})
+        walls.append(time.perf_counter() - t)
+        layers = [c for c in req.get_profiling_info() if c.status.name == "EXECUTED"]
+        conv = [c.real_time.total_seconds() for c in layers if c.node_type in ("Convolution", "GroupConvolution")]
+        convs.append(sum(conv))
+        others.append(sum(c.real_time.total_seconds() for c in layers) - sum(conv))
+    return {"wall_ms": statistics.median(walls) * 1e3, "conv_kernel_ms": statistics.median(convs) * 1e3,
+            "other_layers_ms": statistics.median(others) * 1e3}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="yolo11n,yolov8n")
@@ -123,14 +218,18 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--profile", action="store_true", help="per-op and per-conv-kind shares (torch.profiler)")
     ap.add_argument("--profile-runs", type=int, default=3)
+    ap.add_argument("--overhead", action="store_true",
+                    help="wall vs conv op vs oneDNN kernel time per call, and NNCF's convolution kernels beside it")
+    ap.add_argument("--overhead-runs", type=int, default=10)
+    ap.add_argument("--end2end", action="store_true", help="YOLO26 / YOLOv10 on the one-to-one (top-k) path")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     x = torch.rand(1, 3, a.imgsz, a.imgsz)
     print(f"CPU: {machine()['cpu']}; VNNI: {cpu_has_vnni()}; u8×s8 pair sums saturate (dense 3×3 / 1×1): "
           f"{u8s8_conv_saturates()}; load average at start: {os.getloadavg()[0]:.1f}")
-    out, profiles = [], {}
+    out, profiles, overheads = [], {}, {}
     for spec in a.models.split(","):
-        rows = build(spec, a.imgsz)
+        rows = build(spec, a.imgsz, a.end2end)
         with torch.no_grad():
             if OLD in rows:
                 same = _same(rows[NOW](x), rows[OLD](x))
@@ -149,8 +248,20 @@ def main(argv=None):
                 profiles[f"{spec}: {label}"] = prof_rows
                 print(f"\n{spec} {label}: self CPU {total:.1f} ms per call (profiled), top ops")
                 print(table(prof_rows[:14], ["op", "share", "ms", "count"]))
+        if a.overhead:
+            ov = overhead(rows[NOW], x, a.overhead_runs)
+            peer = nncf_overhead(rows[FP32], x, a.overhead_runs, a.threads)
+            overheads[spec] = {"fxqat INT8 torch": ov, "NNCF PTQ on OpenVINO": peer}
+            print(f"\n{spec} fxqat INT8 torch, ms per call (median of {a.overhead_runs}): wall {ov['wall_ms']:.2f}; "
+                  f"{ov['conv_calls']} convs: inside torch's op {ov['conv_op_ms']:.2f}, oneDNN kernels "
+                  f"{ov['conv_kernel_ms']:.2f} (fixed cost {ov['fixed_us_per_conv']:.1f} µs per call); other ops and "
+                  f"Python {ov['rest_ms']:.2f}")
+            if peer:
+                print(f"{spec} NNCF PTQ on OpenVINO: wall {peer['wall_ms']:.2f} ms; convolution kernels "
+                      f"{peer['conv_kernel_ms']:.2f} (without SiLU, which OpenVINO runs in separate fused layers), "
+                      f"all other layers {peer['other_layers_ms']:.2f}")
     print("saved", save("int8_torch", out, {"imgsz": a.imgsz, "threads": a.threads, "rounds": a.rounds,
-                                              "profiles": profiles}))
+                                              "profiles": profiles, "overheads": overheads}))
 
 
 if __name__ == "__main__":

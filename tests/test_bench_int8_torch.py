@@ -1,0 +1,31 @@
+"""``benchmarks.int8_torch --overhead``: the split of an INT8 model's time into oneDNN's convolution kernels, the fixed
+cost of torch's convolution op around them, and the rest. No timing is asserted; what is checked is that every
+convolution call is counted once, from oneDNN's own log, and that the kernel time lies inside the op's time."""
+
+import pytest
+import torch
+
+from benchmarks.int8_torch import NOW, _onednn_log, build, overhead
+from fxqat.modules.int8 import Int8ConvBnAct
+
+IMGSZ = 64
+
+
+def test_overhead_counts_every_convolution_from_onednns_log():
+    model = build("yolov8n-cls", IMGSZ)[NOW]
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    convs = sum(isinstance(m, Int8ConvBnAct) for m in model.modules())
+    with torch.no_grad():
+        model(x)
+        log = _onednn_log(lambda: [model(x) for _ in range(2)])
+    assert convs > 20 and len(log) == 2 * convs  # one exec record per convolution call, nothing else
+    o = overhead(model, x, runs=2)
+    assert o["conv_calls"] == convs
+    # 64 px convolutions execute in microseconds; the op around each one costs more than that
+    assert 0 < o["conv_kernel_ms"] < o["conv_op_ms"]
+    assert o["fixed_us_per_conv"] > 0
+
+
+def test_end2end_refuses_a_model_without_a_one_to_one_head():
+    with pytest.raises(SystemExit, match="no end-to-end"):
+        build("yolov8n-cls", IMGSZ, end2end=True)
