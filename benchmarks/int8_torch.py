@@ -177,7 +177,8 @@ def overhead(model, x, runs: int) -> dict:
 
 def nncf_overhead(model, x, runs: int, threads: int) -> dict | None:
     """NNCF's PTQ of the same network on OpenVINO, ms per call: wall, its convolution kernels and all its other
-    layers (PERF_COUNT); None when OpenVINO / NNCF are not installed."""
+    layers (PERF_COUNT); None when OpenVINO / NNCF are not installed. Compiled as the deploy suite's NNCF row is
+    (the runtime's default float precision), not as :func:`fxqat.diagnose.diagnose` pins it (f32)."""
     import importlib.util
     import tempfile
     from pathlib import Path

@@ -5,7 +5,7 @@ convolution call is counted once, from oneDNN's own log, and that the kernel tim
 import pytest
 import torch
 
-from benchmarks.int8_torch import NOW, _onednn_log, build, overhead
+from benchmarks.int8_torch import FP32, NOW, _onednn_log, build, nncf_overhead, overhead
 from fxqat.modules.int8 import Int8ConvBnAct
 
 IMGSZ = 64
@@ -29,3 +29,14 @@ def test_overhead_counts_every_convolution_from_onednns_log():
 def test_end2end_refuses_a_model_without_a_one_to_one_head():
     with pytest.raises(SystemExit, match="no end-to-end"):
         build("yolov8n-cls", IMGSZ, end2end=True)
+
+
+def test_nncf_beside_it_or_none_without_nncf():
+    import importlib.util
+
+    model = build("yolov8n-cls", IMGSZ)[FP32]
+    peer = nncf_overhead(model, torch.rand(1, 3, IMGSZ, IMGSZ), runs=2, threads=1)
+    if importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None:
+        assert peer is None
+        return
+    assert 0 < peer["conv_kernel_ms"] < peer["wall_ms"] and peer["other_layers_ms"] > 0
