@@ -14,7 +14,9 @@ Peak memory: on CPU the peak RSS (VmHWM) of a child process that builds the row 
 ``torch.cuda.max_memory_allocated`` in this process, reset before each row.
 
     python -m benchmarks.qat_step [--sizes 320,640] [--batches 8,16] [--rounds 3] [--steps 2] [--threads 2]
-                                  [--device cpu|cuda] [--no-memory]
+                                  [--device cpu|cuda] [--no-memory] [--rows WORDS]
+
+``--rows``: only the rows whose name contains one of the comma-separated words (the FP32 row always runs).
 """
 
 from __future__ import annotations
@@ -126,9 +128,11 @@ def peak_rss_mb(row, imgsz, batch, threads) -> float:
     return q.get() if not q.empty() else float("nan")
 
 
-def measure(imgsz, batch, rounds, steps, device, memory, threads):
+def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None):
     rows, notes = {}, []
     for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, ULTRA):
+        if words and row != FP32 and not any(w in row for w in words):
+            continue
         built = build(row, imgsz, batch, device)
         if built is None:
             notes.append(f"{ULTRA}: not measured, nvidia-modelopt is not installed (Ultralytics 8.4.190 has the "
@@ -179,12 +183,14 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--rows", default="", help="only rows whose name contains one of these comma-separated words")
     a = ap.parse_args(argv)
+    words = [w for w in a.rows.split(",") if w]
     torch.set_num_threads(a.threads)
     allrows, notes = [], []
     for imgsz in (int(s) for s in a.sizes.split(",")):
         for batch in (int(b) for b in a.batches.split(",")):
-            rows, n = measure(imgsz, batch, a.rounds, a.steps, a.device, not a.no_memory, a.threads)
+            rows, n = measure(imgsz, batch, a.rounds, a.steps, a.device, not a.no_memory, a.threads, words)
             allrows += rows
             notes += [x for x in n if x not in notes]
             print(table(rows, ["imgsz", "batch", "row", "step_s", "spread_s", "vs_fp32_time", "peak_mb",
