@@ -1,10 +1,13 @@
 """fxqat INT8 torch against FP32 eager, per model, in interleaved rounds; optionally where the time goes (issue 18).
 
-Rows per model (random init, calibrated on generated sign images, 640, batch 1): torch FP32 eager; fxqat INT8
-torch as it runs now (weights split per layer geometry, ``fxqat.modules.int8``; the image quantized inside the first
-conv, ``QuantizeIntoConv``); and, where this CPU's u8×s8 kernels saturate, the same INT8 model as converted and run
-before those two changes (a separate image Quantize; every layer whose weights exceed ±64 split, depthwise convs
-included), for what they are worth in the same rounds. The outputs of the INT8 rows are compared bit for bit.
+Rows per model (random init, calibrated on generated sign images, 640, batch 1): torch FP32 eager; fxqat INT8 torch
+as it runs now (weights split per layer geometry, ``fxqat.modules.int8``; the image quantized inside the first conv,
+``QuantizeIntoConv``; its convolutions through :mod:`fxqat.native`'s direct oneDNN primitives where that path is
+available); the same model with every convolution through torch's ``onednn::qconv2d_pointwise`` (when the direct
+path is available, so that the two can be compared); and, where this CPU's u8×s8 kernels saturate, the same INT8
+model as converted and run before those two changes (a separate image Quantize; every layer whose weights exceed ±64
+split, depthwise convs included), for what they are worth in the same rounds. The outputs of the INT8 rows are
+compared bit for bit.
 
 ``--profile``: torch.profiler per-op shares (self CPU time) of FP32 and INT8, and the INT8 convs' share per kind
 (dense split / dense unsplit / depthwise), median over ``--profile-runs`` calls. Shares are robust under load where
@@ -13,9 +16,10 @@ wall-clock times are not.
 ``--overhead``: where the INT8 model's time goes around its oneDNN kernels, per call: the wall time; the time inside
 torch's convolution op (``onednn::qconv2d_pointwise``, torch.profiler self time); the time oneDNN reports executing
 those convolutions (its verbose log, ``torch.backends.mkldnn.verbose``); hence each call's fixed cost around the
-kernel, and the rest (other ops, Python). With OpenVINO and NNCF installed, NNCF's PTQ of the same network runs
-beside it: its convolution kernels' time and its other layers' time (OpenVINO ``PERF_COUNT``), and its wall time.
-``--end2end``: YOLO26 / YOLOv10 on their one-to-one (top-k) path.
+kernel, and the rest (other ops, Python); measured on the torch-op row, then the direct row's wall. With OpenVINO
+and NNCF installed, NNCF's PTQ of the same network runs beside it: its convolution kernels' time and its other
+layers' time (OpenVINO ``PERF_COUNT``), and its wall time. ``--end2end``: YOLO26 / YOLOv10 on their one-to-one
+(top-k) path.
 
     python -m benchmarks.int8_torch [--models yolo11n,yolov8n] [--imgsz 640] [--threads 1] [--rounds 5] [--profile]
                                     [--overhead] [--end2end]
@@ -36,12 +40,14 @@ import torch  # noqa: E402
 import fxqat  # noqa: E402
 from fxqat.bench import interleaved_times, spread  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
+from fxqat import native  # noqa: E402
 from fxqat.modules.int8 import Int8ConvBnAct, cpu_has_vnni, u8s8_conv_saturates  # noqa: E402
 
 from .common import machine, save, table  # noqa: E402
 from .deploy import _calib_images  # noqa: E402
 
 NOW, OLD, FP32 = "fxqat INT8 torch", "fxqat INT8 torch as before (issue 18)", "torch FP32 eager"
+TORCH_OP = "fxqat INT8 torch, torch's qconv op (fxqat.native off)"
 
 
 def convert_as_before(qat):
@@ -77,9 +83,28 @@ def build(spec: str, imgsz: int, end2end: bool = False) -> dict:
     qat = fxqat.prepare_qat(model)
     fxqat.calibrate(qat, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
     rows = {FP32: model, NOW: fxqat.convert(qat.eval())}
+    if native.library() is not None:  # the same INT8 model with every conv through torch's op, for comparison
+        rows[TORCH_OP] = torch_op_copy(rows[NOW], imgsz)
     if u8s8_conv_saturates():
         rows[OLD] = convert_as_before(qat.eval())
     return rows
+
+
+def torch_op_copy(int8_model, imgsz: int):
+    """A copy of an INT8 model whose convolutions run torch's ``onednn::qconv2d_pointwise`` (not
+    :mod:`fxqat.native`'s direct primitives): each layer picks its path at its first call, made here with the
+    direct path off."""
+    import copy
+
+    m = copy.deepcopy(int8_model)  # deepcopy drops each layer's packed state
+    native.ENABLED = False
+    try:
+        with torch.no_grad():
+            m(torch.rand(1, 3, imgsz, imgsz))
+    finally:
+        native.ENABLED = True
+    assert not any(getattr(c, "runs_direct", False) for c in m.modules())
+    return m
 
 
 def _same(a, b) -> bool:
@@ -150,10 +175,8 @@ def _onednn_log(fn) -> list[str]:
         return [line for line in f.read().splitlines() if ",exec,cpu,convolution," in line]
 
 
-def overhead(model, x, runs: int) -> dict:
-    """ms per call: wall, inside torch's conv op, oneDNN's convolution kernels; µs of fixed cost per conv call."""
-    from torch.profiler import ProfilerActivity, profile as prof
-
+def wall_ms(model, x, runs: int) -> float:
+    """Median ms per call after 3 warm-up calls."""
     with torch.no_grad():
         for _ in range(3):
             model(x)
@@ -162,6 +185,16 @@ def overhead(model, x, runs: int) -> dict:
             t = time.perf_counter()
             model(x)
             walls.append(time.perf_counter() - t)
+    return statistics.median(walls) * 1e3
+
+
+def overhead(model, x, runs: int) -> dict:
+    """ms per call: wall, inside torch's conv op, oneDNN's convolution kernels; µs of fixed cost per conv call. For a
+    model whose convolutions run torch's op (:func:`torch_op_copy`): oneDNN's log here is torch's."""
+    from torch.profiler import ProfilerActivity, profile as prof
+
+    wall = wall_ms(model, x, runs)
+    with torch.no_grad():
         with prof(activities=[ProfilerActivity.CPU]) as p:
             for _ in range(runs):
                 model(x)
@@ -170,7 +203,6 @@ def overhead(model, x, runs: int) -> dict:
     calls = ops[0].count // runs if ops else 0
     op_ms = ops[0].self_cpu_time_total / 1e3 / runs if ops else 0.0
     kernel_ms = sum(float(line.rsplit(",", 1)[1]) for line in log) / runs
-    wall = statistics.median(walls) * 1e3
     return {"wall_ms": wall, "conv_calls": calls, "conv_op_ms": op_ms, "conv_kernel_ms": kernel_ms,
             "fixed_us_per_conv": (op_ms - kernel_ms) * 1e3 / max(calls, 1), "rest_ms": wall - op_ms}
 
@@ -250,13 +282,16 @@ def main(argv=None):
                 print(f"\n{spec} {label}: self CPU {total:.1f} ms per call (profiled), top ops")
                 print(table(prof_rows[:14], ["op", "share", "ms", "count"]))
         if a.overhead:
-            ov = overhead(rows[NOW], x, a.overhead_runs)
+            ov = overhead(rows.get(TORCH_OP, rows[NOW]), x, a.overhead_runs)
             peer = nncf_overhead(rows[FP32], x, a.overhead_runs, a.threads)
             overheads[spec] = {"fxqat INT8 torch": ov, "NNCF PTQ on OpenVINO": peer}
             print(f"\n{spec} fxqat INT8 torch, ms per call (median of {a.overhead_runs}): wall {ov['wall_ms']:.2f}; "
                   f"{ov['conv_calls']} convs: inside torch's op {ov['conv_op_ms']:.2f}, oneDNN kernels "
                   f"{ov['conv_kernel_ms']:.2f} (fixed cost {ov['fixed_us_per_conv']:.1f} µs per call); other ops and "
                   f"Python {ov['rest_ms']:.2f}")
+            if TORCH_OP in rows:
+                print(f"{spec} fxqat INT8 torch with fxqat.native's direct convolutions: wall "
+                      f"{wall_ms(rows[NOW], x, a.overhead_runs):.2f} ms")
             if peer:
                 print(f"{spec} NNCF PTQ on OpenVINO: wall {peer['wall_ms']:.2f} ms; convolution kernels "
                       f"{peer['conv_kernel_ms']:.2f} (without SiLU, which OpenVINO runs in separate fused layers), "

@@ -1,7 +1,9 @@
 """INT8 modules the converted model runs: uint8 tensors in channels-last layout, qparams fixed at convert time.
 
-* :class:`Int8ConvBnAct` — one oneDNN kernel per fused Conv+BN+SiLU (``onednn::qconv2d_pointwise`` with the
-  ``swish`` post-op: uint8 in, uint8 out; or float out for Detect's last 1×1 convs). No float SiLU island.
+* :class:`Int8ConvBnAct` — one oneDNN kernel per fused Conv+BN+SiLU (the ``swish`` post-op: uint8 in, uint8 out;
+  or float out for Detect's last 1×1 convs). No float SiLU island. The kernel runs through :mod:`fxqat.native`'s
+  direct oneDNN primitive, created once per layer and input shape, where that path is available (a few µs per call
+  around the kernel); otherwise through torch's ``onednn::qconv2d_pointwise`` (26–54 µs per call around it).
 * :class:`Quantize` / :class:`Dequantize` — the float boundary (float values entering a grid; DFL/decode inputs;
   graph outputs). The image is quantized inside the first conv (``quantize_input``, set by ``QuantizeIntoConv``).
 * :class:`Int8Add` — residual add requantized to the output grid.
@@ -37,7 +39,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.modules import module as _nn_module
 
+from .. import native
+
 CL = torch.channels_last
+DIRECT_MIN_CHANNELS = 8  # fewer input channels: torch's op (see Int8ConvBnAct._direct)
 try:
     _QCONV = torch.ops.onednn.qconv2d_pointwise
 except (AttributeError, RuntimeError):  # no oneDNN quantized conv in this build: Int8ConvBnAct says so when built
@@ -60,19 +65,25 @@ def _check_onednn():
                            " install torch 2.14.1 for x86-64: pip install torch==2.14.1 torchvision==0.29.1")
 
 
-def _probe(x_shape: tuple, w_shape: tuple, stride, padding, dilation, groups: int, x_zp: int) -> bool:
+def _probe(x_shape: tuple, w_shape: tuple, stride, padding, dilation, groups: int, x_zp: int,
+           direct: bool = False) -> bool:
     """Whether oneDNN's u8×s8 convolution of this geometry is wrong on all-255 codes against all-127 weights: every
     int16 pair sum (255·127·2 = 64 770) saturates there, so a kernel that adds pairs in int16 anywhere cannot pass.
     The reference: (255 - zero point)·127 times each output's number of unpadded taps and input channels, in
     float64; oneDNN's float32 output rounds sums above 2²⁴ by at most 2⁻²⁴ of the sum, far below one saturated
-    pair's error (≥ 32 003). It runs at the layer's own input shape: oneDNN may pick kernels by size."""
+    pair's error (≥ 32 003). It runs at the layer's own input shape: oneDNN may pick kernels by size. ``direct``:
+    the kernel :mod:`fxqat.native` runs (its own oneDNN build) instead of torch's op."""
     x = torch.full(x_shape, 255, dtype=torch.uint8).contiguous(memory_format=CL)
     cout = w_shape[0]
     w, one = torch.full(w_shape, 127, dtype=torch.int8), torch.ones(cout)
-    packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, x_zp, list(stride), list(padding), list(dilation), groups,
-                                            list(x_shape))
-    y = _QCONV(x, 1.0, x_zp, packed, one, torch.zeros(cout, dtype=torch.int64), None, list(stride), list(padding),
-               list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
+    if direct:
+        y = native.Conv(native.library(), x_shape, w, one, torch.zeros(cout), stride, padding, dilation, groups,
+                        (1.0, x_zp), None, "none")(x)
+    else:
+        packed = torch.ops.onednn.qconv_prepack(w, one, 1.0, x_zp, list(stride), list(padding), list(dilation),
+                                                groups, list(x_shape))
+        y = _QCONV(x, 1.0, x_zp, packed, one, torch.zeros(cout, dtype=torch.int64), None, list(stride),
+                   list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "")
     taps = F.conv2d(torch.ones(1, 1, *x_shape[2:], dtype=torch.float64), torch.ones(1, 1, *w_shape[2:],
                     dtype=torch.float64), None, tuple(stride), tuple(padding), tuple(dilation))  # unpadded taps
     ref = taps * (255 - x_zp) * 127 * w_shape[1]
@@ -81,7 +92,7 @@ def _probe(x_shape: tuple, w_shape: tuple, stride, padding, dilation, groups: in
 
 @functools.lru_cache(maxsize=None)
 def u8s8_conv_saturates(x_shape: tuple | None = None, w_shape: tuple | None = None, stride=(1, 1), padding=(0, 0),
-                        dilation=(1, 1), groups: int = 1, zero_point: bool = False) -> bool:
+                        dilation=(1, 1), groups: int = 1, zero_point: bool = False, direct: bool = False) -> bool:
     """Whether oneDNN's u8×s8 convolution on this CPU adds product pairs in saturating int16 (``vpmaddubsw``: no
     VNNI), measured once per process and geometry (:func:`_probe`).
 
@@ -89,12 +100,14 @@ def u8s8_conv_saturates(x_shape: tuple | None = None, w_shape: tuple | None = No
     layers. With a layer's input shape, weight shape, stride, padding, dilation, groups and whether its input zero
     point is nonzero: that layer's own kernel, which oneDNN picks by geometry. On an AVX2-only EPYC its depthwise
     kernel (one input channel per group) adds in int32 and is exact, where the split weights (two channels per
-    group) fell to a kernel 40-250x slower (yolo11n 640: 69 % of the INT8 model's conv time)."""
+    group) fell to a kernel 40-250x slower (yolo11n 640: 69 % of the INT8 model's conv time). ``direct``: the
+    kernel :mod:`fxqat.native` would run for that layer."""
     _check_onednn()
     if x_shape is None:
         return any(_probe((1, cin, k + 2, k + 2), (8, cin, k, k), (1, 1), (0, 0), (1, 1), 1, 0)
                    for cin, k in ((16, 1), (3, 3), (16, 3)))
-    return _probe(tuple(x_shape), tuple(w_shape), stride, padding, dilation, groups, 128 if zero_point else 0)
+    return _probe(tuple(x_shape), tuple(w_shape), stride, padding, dilation, groups, 128 if zero_point else 0,
+                  direct)
 
 
 def cpu_has_vnni() -> bool:
@@ -224,14 +237,36 @@ class Int8ConvBnAct(nn.Module):
                 tuple(self.dilation), self.groups, self.x_zp != 0)
         return bool(split)
 
-    def _call_args(self, x_shape) -> tuple:
+    def _direct(self, key: tuple, split: bool) -> native.Conv | None:
+        """This layer's :mod:`fxqat.native` convolution at input shape ``key``, or None where torch's op runs: the
+        direct path is off or unavailable, the weights are split, the input is float (``quantize_input``), fewer
+        than 8 input channels (oneDNN 3.2's kernel for the 3-channel image was slower than torch's: 1.4 vs 0.9 ms),
+        or its kernel for this geometry would saturate (:func:`u8s8_conv_saturates` with ``direct``)."""
+        lib = native.library()
+        if lib is None or split or getattr(self, "quantize_input", False) or self.w_int8.device.type != "cpu" or \
+                self.w_int8.shape[1] * self.groups < DIRECT_MIN_CHANNELS:
+            return None
+        if bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(
+                key, tuple(self.w_int8.shape), tuple(self.stride), tuple(self.padding), tuple(self.dilation),
+                self.groups, self.x_zp != 0, direct=True):
+            return None
+        return native.Conv(lib, key, self.w_int8, self.w_scale, self.bias, self.stride, self.padding, self.dilation,
+                           self.groups, (self.x_scale, self.x_zp), None if self.float_out else (self.o_scale,
+                                                                                                 self.o_zp), self.attr)
+
+    def _call_args(self, x_shape) -> tuple | None:
         """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape (nn.Module attribute
-        lookups were ~10 µs of a ~30 µs call). The weight pack is blocked for that shape: packed without it, oneDNN
-        picks a layout its convolution then re-orders on every call (19 convs of yolov8n at 640). ``_packed[2]``:
-        whether the input is to be doubled for split weights."""
+        lookups were ~10 µs of a ~30 µs call); None where the direct convolution (``_packed[3]``) runs instead. The
+        weight pack is blocked for that shape: packed without it, oneDNN picks a layout its convolution then
+        re-orders on every call (19 convs of yolov8n at 640). ``_packed[2]``: whether the input is to be doubled for
+        split weights."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key:
             split = self._splits(key)
+            direct = self._direct(key, split)
+            if direct is not None:
+                self._packed = (key, None, False, direct)
+                return None
             w, shape = self.w_int8, list(key)
             if split:
                 w, shape = _split_weight(w, self.groups), [shape[0], 2 * shape[1], *shape[2:]]
@@ -239,7 +274,7 @@ class Int8ConvBnAct(nn.Module):
                                                self.padding, self.dilation, self.groups, shape)
             self._packed = (key, (self.x_scale, self.x_zp, w, self.w_scale, self.w_zp, self.bias, self.stride,
                                   self.padding, self.dilation, self.groups, self.o_scale, self.o_zp,
-                                  torch.float32 if self.float_out else None, self.attr, [], ""), split)
+                                  torch.float32 if self.float_out else None, self.attr, [], ""), split, None)
         return self._packed[1]
 
     def with_options(self, *, keep_layout: bool | None = None, quantize_input: bool | None = None) -> Int8ConvBnAct:
@@ -281,6 +316,9 @@ class Int8ConvBnAct(nn.Module):
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)  # e.g. a C2f split half (a strided channel slice)
         args = self._call_args(x.shape)
+        if args is None:  # the direct oneDNN primitive
+            y = self._packed[3](x)
+            return y.contiguous() if self.float_out and not self.keep_layout else y
         if self._packed[2]:
             x = _dup(x, self.groups)
         return self._run(x, args)
@@ -288,6 +326,11 @@ class Int8ConvBnAct(nn.Module):
     def _run(self, x, args):
         y = _QCONV(x, *args)
         return y.contiguous() if self.float_out and not self.keep_layout else y
+
+    @property
+    def runs_direct(self) -> bool:
+        """Whether the last call ran :mod:`fxqat.native`'s primitive (False before the first call)."""
+        return self._packed is not None and self._packed[3] is not None
 
     def extra_repr(self):
         out = "float" if self.float_out else f"u8 s={self.o_scale:.4g} zp={self.o_zp}"

@@ -1,0 +1,170 @@
+"""Direct oneDNN convolutions for the INT8 torch model (``qconv.cpp``, built on first use).
+
+torch 2.14.1's ``onednn::qconv2d_pointwise`` builds its oneDNN descriptors on every call: 26–54 µs per convolution
+beyond the kernel on a 2-core EPYC, 5.5 ms of a 24 ms yolo26n image (``python -m benchmarks.int8_torch
+--overhead``). ``qconv.cpp`` creates each layer's oneDNN primitive once per input shape and then only executes it.
+It is compiled on the first call into ``~/.cache/fxqat/native`` (``$XDG_CACHE_HOME``) with the C++ compiler (``$CXX``,
+else ``g++`` / ``c++``) against oneDNN from PyPI (``onednn-devel-cpu-gomp``, a dependency on Linux x86-64), in about
+2 s. Where anything is missing (no compiler, no oneDNN, another OS, a failed build) :func:`library` returns None,
+:func:`status` says why, and :class:`fxqat.modules.int8.Int8ConvBnAct` keeps torch's op: the model still runs, on
+the slower path. ``FXQAT_NATIVE=0`` turns the direct path off.
+
+The library is loaded with :class:`ctypes.PyDLL`: every call holds the GIL, so no two calls in a process run at
+once and a primitive's scratchpad is never shared by concurrent calls (threads that run one model take turns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("qconv.cpp")
+ABI = 1
+DIST = "onednn-devel-cpu-gomp"
+_reason = "not loaded yet"
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "fxqat" / "native"
+
+
+def _onednn() -> tuple[Path, Path, str]:
+    """(include dir, directory of libdnnl.so.3, version) of the installed oneDNN wheel."""
+    import importlib.metadata as md
+
+    try:
+        devel = md.distribution(DIST)
+        runtime = md.distribution(DIST.replace("-devel", ""))
+    except md.PackageNotFoundError as e:
+        raise RuntimeError(f"oneDNN is not installed (pip install {DIST}==2023.2.0)") from e
+    header = next((f for f in devel.files or [] if str(f).endswith("oneapi/dnnl/dnnl.hpp")), None)
+    lib = next((f for f in runtime.files or [] if str(f).endswith("libdnnl.so.3")), None)
+    if header is None or lib is None:
+        raise RuntimeError(f"{DIST} is installed without its header or library")
+    inc, libdir = Path(header.locate()).resolve().parents[2], Path(lib.locate()).resolve().parent
+    return inc, libdir, runtime.version
+
+
+def _compiler() -> str:
+    for cxx in (os.environ.get("CXX"), "g++", "c++"):
+        if cxx and shutil.which(cxx):
+            return shutil.which(cxx)
+    raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+
+
+def build() -> Path:
+    """Compile ``qconv.cpp`` (once per source, oneDNN and compiler) and return the shared library's path."""
+    if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
+        raise RuntimeError(f"direct oneDNN convolutions are built on Linux x86-64 only, not {sys.platform}")
+    inc, libdir, version = _onednn()
+    cxx = _compiler()
+    src = SOURCE.read_bytes()
+    key = hashlib.sha256(src + f"{inc}|{libdir}|{version}|{cxx}|{ABI}".encode()).hexdigest()[:16]
+    out = _cache_dir() / f"libfxqat_qconv-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        part = Path(tmp) / out.name
+        cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", str(SOURCE), f"-I{inc}", f"-L{libdir}",
+               "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}", "-o", str(part)]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
+        os.replace(part, out)  # atomic: a concurrent build leaves one complete file
+    return out
+
+
+def _bind(path: Path) -> ctypes.PyDLL:
+    lib = ctypes.PyDLL(str(path))
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.fxqat_qconv_abi.restype = i
+    lib.fxqat_qconv_error.restype = ctypes.c_char_p
+    lib.fxqat_qconv_create.restype = p
+    lib.fxqat_qconv_create.argtypes = [i] * 14 + [p, p, p, f, i, f, i, i, i]
+    lib.fxqat_qconv_impl.restype = ctypes.c_char_p
+    lib.fxqat_qconv_impl.argtypes = [p]
+    lib.fxqat_qconv_run.restype = i
+    lib.fxqat_qconv_run.argtypes = [p, p, p]
+    lib.fxqat_qconv_destroy.restype = None
+    lib.fxqat_qconv_destroy.argtypes = [p]
+    if lib.fxqat_qconv_abi() != ABI:
+        raise RuntimeError(f"{path} has another ABI than this fxqat")
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> ctypes.PyDLL | None:
+    global _reason
+    if os.environ.get("FXQAT_NATIVE", "1") == "0":
+        _reason = "turned off (FXQAT_NATIVE=0)"
+        return None
+    try:
+        lib = _bind(build())
+    except (RuntimeError, OSError) as e:
+        _reason = str(e)
+        return None
+    _reason = "ok"
+    return lib
+
+
+ENABLED = True  # False: every INT8 conv runs torch's op (the reference the tests and benchmarks compare against)
+
+
+def library() -> ctypes.PyDLL | None:
+    """The bound library, or None (direct path off or unavailable: :func:`status` says why)."""
+    return _load() if ENABLED else None
+
+
+def status() -> str:
+    """'ok', or why the direct path is not used."""
+    if not ENABLED:
+        return "turned off (fxqat.native.ENABLED = False)"
+    _load()
+    return _reason
+
+
+class Conv:
+    """One oneDNN convolution primitive (a layer at one input shape); freed with this object."""
+
+    def __init__(self, lib: ctypes.PyDLL, x_shape, w_int8, w_scale, bias, stride, padding, dilation, groups: int,
+                 x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str):
+        import torch
+
+        n, c, h, w = (int(v) for v in x_shape)
+        o, _, kh, kw = w_int8.shape
+        wt, ws, b = (t.detach().contiguous() for t in (w_int8, w_scale.float(), bias.float()))  # copied by oneDNN
+        self._lib = lib
+        o_scale, o_zp = out_qparams if out_qparams is not None else (1.0, 0)
+        self.handle = lib.fxqat_qconv_create(
+            n, c, h, w, o, kh, kw, *stride, *padding, *dilation, groups, wt.data_ptr(), ws.data_ptr(), b.data_ptr(),
+            float(x_qparams[0]), int(x_qparams[1]), float(o_scale), int(o_zp), {"swish": 1, "relu": 2}.get(act, 0),
+            int(out_qparams is None))
+        if not self.handle:
+            raise RuntimeError(f"oneDNN refused the convolution: {lib.fxqat_qconv_error().decode()}")
+        oh = (h + 2 * padding[0] - (kh - 1) * dilation[0] - 1) // stride[0] + 1
+        ow = (w + 2 * padding[1] - (kw - 1) * dilation[1] - 1) // stride[1] + 1
+        self.out_shape = (n, o, oh, ow)
+        self.out_dtype = torch.uint8 if out_qparams is not None else torch.float32
+        self.impl = lib.fxqat_qconv_impl(self.handle).decode()
+
+    def __call__(self, x):
+        import torch
+
+        y = torch.empty(self.out_shape, dtype=self.out_dtype, memory_format=torch.channels_last)
+        if self._lib.fxqat_qconv_run(self.handle, x.data_ptr(), y.data_ptr()):
+            raise RuntimeError(f"oneDNN convolution failed: {self._lib.fxqat_qconv_error().decode()}")
+        return y
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self._lib.fxqat_qconv_destroy(self.handle)
+            self.handle = None

@@ -1,0 +1,172 @@
+"""fxqat.native: direct oneDNN convolutions for the INT8 torch model, against torch's ``onednn::qconv2d_pointwise``.
+
+Tolerances: uint8 outputs equal torch's op's on at least 99.99 % of the elements and differ by at most one code
+(oneDNN 3.2's kernels may round a requantization tie the other way); float32 outputs within 1e-5 relative."""
+
+import copy
+import io
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+import fxqat
+from fxqat import native
+from fxqat.models import load_model
+from fxqat.modules.int8 import Int8ConvBnAct
+
+CL = torch.channels_last
+needs_native = pytest.mark.skipif(native.library() is None, reason=f"fxqat.native unavailable: {native.status()}")
+
+
+def _layer(cin, cout, k, s, groups=1, dilation=1, act="swish", float_out=False, x_zp=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    conv = torch.nn.Conv2d(cin, cout, k, s, padding=dilation * (k // 2), dilation=dilation, groups=groups)
+    w = torch.randint(-127, 128, (cout, cin // groups, k, k), dtype=torch.int8, generator=g)
+    w_scale = torch.rand(cout, generator=g) * 0.004 + 5e-4
+    bias = torch.randn(cout, generator=g)
+    return Int8ConvBnAct(w, w_scale, bias, conv, (0.02, x_zp), None if float_out else (0.05, 7), act)
+
+
+def _pair(layer, x):
+    """(torch's op output, direct output, the module that ran direct)."""
+    ref, direct = copy.deepcopy(layer), copy.deepcopy(layer)
+    native.ENABLED = False
+    try:
+        a = ref(x)
+    finally:
+        native.ENABLED = True
+    b = direct(x)
+    return a, b, direct
+
+
+def _close(a, b):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    if a.dtype == torch.uint8:
+        d = (a.int() - b.int()).abs()
+        assert d.max() <= 1 and (d > 0).float().mean() <= 1e-4
+    else:
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("cin,cout,k,s,groups,dilation,act,float_out,x_zp", [
+    (16, 32, 3, 1, 1, 1, "swish", False, 3),
+    (32, 64, 3, 2, 1, 1, "swish", False, 0),
+    (64, 64, 1, 1, 1, 1, "swish", False, 3),
+    (64, 64, 3, 1, 64, 1, "swish", False, 3),  # depthwise
+    (32, 32, 3, 1, 1, 2, "swish", False, 3),  # dilated
+    (32, 16, 3, 1, 1, 1, "relu", False, 3),
+    (32, 16, 1, 1, 1, 1, "none", True, 3),  # a head's last 1x1 conv: float out
+    (64, 10, 1, 1, 1, 1, "none", True, 0),
+])
+def test_direct_conv_equals_torchs_op(cin, cout, k, s, groups, dilation, act, float_out, x_zp):
+    layer = _layer(cin, cout, k, s, groups, dilation, act, float_out, x_zp)
+    x = torch.randint(0, 256, (2, cin, 20, 20), dtype=torch.uint8).contiguous(memory_format=CL)
+    a, b, direct = _pair(layer, x)
+    assert direct.runs_direct
+    _close(a, b)
+
+
+@needs_native
+def test_few_input_channels_keep_torchs_op():
+    """A 3-channel input runs torch's op (oneDNN 3.2's kernel for it was slower)."""
+    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).contiguous(memory_format=CL)
+    a, b, direct = _pair(_layer(3, 16, 3, 2), x)
+    assert not direct.runs_direct and torch.equal(a, b)
+
+
+def _int8_model(spec="yolov8n", imgsz=96):
+    torch.manual_seed(0)
+    qat = fxqat.prepare_qat(load_model(f"{spec}.yaml", nc=4).eval())
+    fxqat.calibrate(qat, [torch.rand(2, 3, imgsz, imgsz)], progress=False)
+    return fxqat.convert(qat.eval())
+
+
+def _leaves(t):
+    return [t] if torch.is_tensor(t) else [z for u in t for z in _leaves(u)]
+
+
+@needs_native
+@pytest.mark.parametrize("spec", ["yolov8n", "yolov8n-cls"])
+def test_whole_model_direct_equals_torchs_op(spec):
+    """Every conv with a uint8 input runs direct; the outputs match torch's op (float decode outputs within 1e-4 of
+    their scale: a requantization tie rounded the other way moves one code)."""
+    model = _int8_model(spec)
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        a, b, direct = _pair(model, x)
+    convs = [m for m in model.modules() if isinstance(m, Int8ConvBnAct)]
+    ran = [m.runs_direct for m in direct.modules() if isinstance(m, Int8ConvBnAct)]
+    # convs that quantize a float input themselves (the image; the classifier's Linear after pooling) keep torch's op
+    assert ran == [not m.quantize_input for m in convs] and sum(ran) >= len(convs) - 2
+    for p, q in zip(_leaves(a), _leaves(b)):
+        assert torch.allclose(p, q, rtol=1e-4, atol=1e-4 * float(p.abs().max()))
+
+
+@needs_native
+def test_saved_model_rebuilds_its_primitives_and_threads_take_turns():
+    """A model that ran direct pickles without its primitives (they are process-local) and builds them again on
+    load; four threads running one model at once all get the single-thread result."""
+    model = _int8_model("yolov8n-cls")
+    x = torch.rand(1, 3, 96, 96)
+    with torch.no_grad():
+        ref = model(x)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), ref)
+    assert any(getattr(m, "runs_direct", False) for m in loaded.modules())
+    outs = []
+
+    def work():
+        with torch.no_grad():
+            outs.extend(model(x) for _ in range(10))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(outs) == 40 and all(torch.equal(o, ref) for o in outs)
+
+
+def test_unavailable_path_falls_back_to_torchs_op_and_says_why(monkeypatch):
+    """Without a compiler the library is None, status() names the cause, and an INT8 layer runs torch's op."""
+    def no_compiler():
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+
+    monkeypatch.setattr(native, "_compiler", no_compiler)
+    monkeypatch.setattr(native, "_cache_dir", lambda: native.Path(os.devnull).parent / "fxqat-test-no-cache")
+    native._load.cache_clear()
+    try:
+        assert native.library() is None and "no C++ compiler" in native.status()
+        layer = _layer(16, 16, 3, 1)
+        x = torch.randint(0, 256, (1, 16, 8, 8), dtype=torch.uint8).contiguous(memory_format=CL)
+        layer(x)
+        assert not layer.runs_direct
+    finally:
+        native._load.cache_clear()
+
+
+def test_env_switch_turns_the_direct_path_off():
+    code = ("import torch; from fxqat import native; from fxqat.modules.int8 import Int8ConvBnAct as C; "
+            "conv = torch.nn.Conv2d(16, 16, 3, 1, 1); w = torch.randint(-100, 100, (16, 16, 3, 3), dtype=torch.int8); "
+            "m = C(w, torch.full((16,), 0.01), torch.zeros(16), conv, (0.02, 0), (0.05, 0), 'swish'); "
+            "m(torch.randint(0, 255, (1, 16, 8, 8), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)); "
+            "print(native.status(), m.runs_direct)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ,
+                         "FXQAT_NATIVE": "0"}, check=True).stdout
+    assert "turned off (FXQAT_NATIVE=0) False" in out
+
+
+@needs_native
+def test_build_is_cached():
+    path = native.build()
+    mtime = path.stat().st_mtime_ns
+    assert native.build() == path and path.stat().st_mtime_ns == mtime
