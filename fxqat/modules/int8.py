@@ -239,11 +239,12 @@ class Int8ConvBnAct(nn.Module):
 
     def _direct(self, key: tuple, split: bool) -> native.Conv | None:
         """This layer's :mod:`fxqat.native` convolution at input shape ``key``, or None where torch's op runs: the
-        direct path is off or unavailable, the weights are split, the input is float (``quantize_input``), fewer
-        than 8 input channels (oneDNN 3.2's kernel for the 3-channel image was slower than torch's: 1.4 vs 0.9 ms),
-        or its kernel for this geometry would saturate (:func:`u8s8_conv_saturates` with ``direct``)."""
+        direct path is off or unavailable, the weights are split, fewer than 8 input channels (oneDNN 3.2's kernel
+        for the 3-channel image was slower than torch's: 1.4 vs 0.9 ms), or its kernel for this geometry would
+        saturate (:func:`u8s8_conv_saturates` with ``direct``). A float input (``quantize_input``) is quantized
+        first, as for torch's op."""
         lib = native.library()
-        if lib is None or split or getattr(self, "quantize_input", False) or self.w_int8.device.type != "cpu" or \
+        if lib is None or split or self.w_int8.device.type != "cpu" or \
                 self.w_int8.shape[1] * self.groups < DIRECT_MIN_CHANNELS:
             return None
         if bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(
@@ -316,15 +317,12 @@ class Int8ConvBnAct(nn.Module):
         if not x.is_contiguous(memory_format=CL):
             x = x.contiguous(memory_format=CL)  # e.g. a C2f split half (a strided channel slice)
         args = self._call_args(x.shape)
-        if args is None:  # the direct oneDNN primitive
-            y = self._packed[3](x)
-            return y.contiguous() if self.float_out and not self.keep_layout else y
         if self._packed[2]:
             x = _dup(x, self.groups)
         return self._run(x, args)
 
     def _run(self, x, args):
-        y = _QCONV(x, *args)
+        y = self._packed[3](x) if args is None else _QCONV(x, *args)  # None: the direct oneDNN primitive
         return y.contiguous() if self.float_out and not self.keep_layout else y
 
     @property
