@@ -171,3 +171,15 @@ def test_build_is_cached():
     path = native.build()
     mtime = path.stat().st_mtime_ns
     assert native.build() == path and path.stat().st_mtime_ns == mtime
+
+
+@needs_native
+def test_one_openmp_runtime_in_the_process():
+    """oneDNN from PyPI binds to the libgomp torch already loaded: one OpenMP runtime, so torch.set_num_threads
+    governs the direct convolutions too."""
+    layer = _layer(16, 16, 3, 1)
+    layer(torch.randint(0, 256, (1, 16, 8, 8), dtype=torch.uint8).contiguous(memory_format=CL))
+    assert layer.runs_direct
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp
