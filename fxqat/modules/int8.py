@@ -247,13 +247,17 @@ class Int8ConvBnAct(nn.Module):
         if lib is None or split or self.w_int8.device.type != "cpu" or \
                 self.w_int8.shape[1] * self.groups < DIRECT_MIN_CHANNELS:
             return None
-        if bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(
-                key, tuple(self.w_int8.shape), tuple(self.stride), tuple(self.padding), tuple(self.dilation),
-                self.groups, self.x_zp != 0, direct=True):
+        try:
+            if bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(
+                    key, tuple(self.w_int8.shape), tuple(self.stride), tuple(self.padding), tuple(self.dilation),
+                    self.groups, self.x_zp != 0, direct=True):
+                return None
+            return native.Conv(lib, key, self.w_int8, self.w_scale, self.bias, self.stride, self.padding,
+                               self.dilation, self.groups, (self.x_scale, self.x_zp),
+                               None if self.float_out else (self.o_scale, self.o_zp), self.attr)
+        except RuntimeError as e:  # oneDNN refused this geometry: the layer keeps torch's op, the model runs
+            warnings.warn(f"fxqat.native: {e}; {self.extra_repr()} runs torch's op", stacklevel=2)
             return None
-        return native.Conv(lib, key, self.w_int8, self.w_scale, self.bias, self.stride, self.padding, self.dilation,
-                           self.groups, (self.x_scale, self.x_zp), None if self.float_out else (self.o_scale,
-                                                                                                 self.o_zp), self.attr)
 
     def _call_args(self, x_shape) -> tuple | None:
         """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape (nn.Module attribute

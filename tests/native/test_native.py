@@ -183,3 +183,18 @@ def test_one_openmp_runtime_in_the_process():
     with open("/proc/self/maps") as f:
         gomp = {line.split()[-1] for line in f if "libgomp" in line}
     assert len(gomp) == 1, gomp
+
+
+@needs_native
+def test_a_refused_geometry_falls_back_with_a_warning(monkeypatch):
+    """If oneDNN refuses a layer's primitive, that layer warns once and runs torch's op; the output is torch's."""
+    def refuse(*a, **k):
+        raise RuntimeError("oneDNN refused the convolution: could not create a primitive descriptor")
+
+    layer = _layer(16, 16, 3, 1)
+    x = torch.randint(0, 256, (1, 16, 8, 8), dtype=torch.uint8).contiguous(memory_format=CL)
+    ref, _, _ = _pair(layer, x)
+    monkeypatch.setattr(native, "Conv", refuse)
+    with pytest.warns(UserWarning, match="could not create a primitive descriptor.*runs torch's op"):
+        out = layer(x)
+    assert not layer.runs_direct and torch.equal(out, ref)
