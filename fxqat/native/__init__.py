@@ -71,7 +71,15 @@ def build() -> Path:
     out = _cache_dir() / f"libfxqat_qconv-{key}.so"
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(out.parent, os.W_OK):
+            raise PermissionError(out.parent)
+    except OSError:  # a read-only home (containers): build into the temp dir instead
+        out = Path(tempfile.gettempdir()) / f"fxqat-native-{os.getuid()}" / out.name
+        if out.exists():
+            return out
+        out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
         cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", str(SOURCE), f"-I{inc}", f"-L{libdir}",

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -198,3 +199,15 @@ def test_a_refused_geometry_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="could not create a primitive descriptor.*runs torch's op"):
         out = layer(x)
     assert not layer.runs_direct and torch.equal(out, ref)
+
+
+@needs_native
+def test_read_only_cache_builds_into_the_temp_dir(monkeypatch, tmp_path):
+    """A cache directory the process cannot write (a read-only home) sends the build to the temp dir."""
+    cache = tmp_path / "home" / ".cache" / "fxqat" / "native"
+    monkeypatch.setattr(native, "_cache_dir", lambda: cache)
+    monkeypatch.setattr(native.os, "access", lambda path, mode: Path(path) != cache)  # as if read-only
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = native.build()
+    assert path.parent == tmp_path / "tmp" / f"fxqat-native-{os.getuid()}" and path.exists()
+    assert not any(cache.iterdir())
