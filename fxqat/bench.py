@@ -97,7 +97,5 @@ def bench_model(model, imgsz: int = 640, threads: int = 2, rounds: int = 3, trus
         print(f"  {r['form']:<32} {r['ms']:8.1f} ms  ±{100 * r['spread']:4.1f}%   x{r['speedup']:.2f} vs first row")
     from . import native
 
-    st = native.status()
-    print("  INT8 torch convolutions: " + ("direct oneDNN primitives (fxqat.native)" if st == "ok" else
-                                          f"torch's op; fxqat.native: {st}"))
+    print(f"  INT8 torch convolutions: {native.summary()}")
     return rows

@@ -309,8 +309,7 @@ class Int8ConvBnAct(nn.Module):
         p = self._packed
         if p is not None and p[3] is not None and p[0] == x.shape and x.dtype == torch.uint8 and \
                 x.is_contiguous(memory_format=CL):  # the direct primitive for this shape: forward's steps, fewer checks
-            y = p[3](x)
-            return y.contiguous() if self.float_out and not self.keep_layout else y
+            return self._run(x, None)
         return self.forward(x)
 
     def forward(self, x):

@@ -25,6 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 SOURCE = Path(__file__).with_name("qconv.cpp")
 ABI = 1
 DIST = "onednn-devel-cpu-gomp"
@@ -140,13 +142,17 @@ def status() -> str:
     return _reason
 
 
+def summary() -> str:
+    """One line for reports: which path the INT8 torch model's convolutions take, and why."""
+    st = status()
+    return "direct oneDNN primitives (fxqat.native)" if st == "ok" else f"torch's op; fxqat.native: {st}"
+
+
 class Conv:
     """One oneDNN convolution primitive (a layer at one input shape); freed with this object."""
 
     def __init__(self, lib: ctypes.PyDLL, x_shape, w_int8, w_scale, bias, stride, padding, dilation, groups: int,
                  x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str):
-        import torch
-
         n, c, h, w = (int(v) for v in x_shape)
         o, _, kh, kw = w_int8.shape
         wt, ws, b = (t.detach().contiguous() for t in (w_int8, w_scale.float(), bias.float()))  # copied by oneDNN
@@ -165,8 +171,6 @@ class Conv:
         self.impl = lib.fxqat_qconv_impl(self.handle).decode()
 
     def __call__(self, x):
-        import torch
-
         y = torch.empty(self.out_shape, dtype=self.out_dtype, memory_format=torch.channels_last)
         if self._lib.fxqat_qconv_run(self.handle, x.data_ptr(), y.data_ptr()):
             raise RuntimeError(f"oneDNN convolution failed: {self._lib.fxqat_qconv_error().decode()}")

@@ -211,3 +211,28 @@ def test_read_only_cache_builds_into_the_temp_dir(monkeypatch, tmp_path):
     path = native.build()
     assert path.parent == tmp_path / "tmp" / f"fxqat-native-{os.getuid()}" and path.exists()
     assert not any(cache.iterdir())
+
+
+def test_summary_names_the_path_and_the_reason(monkeypatch):
+    """What ``fxqat bench`` prints: the direct path when the library loads, else torch's op with the reason."""
+    monkeypatch.setattr(native, "ENABLED", False)
+    assert native.summary() == "torch's op; fxqat.native: turned off (fxqat.native.ENABLED = False)"
+    monkeypatch.setattr(native, "ENABLED", True)
+    expected = "direct oneDNN primitives (fxqat.native)" if native.library() is not None else "torch's op"
+    assert native.summary().startswith(expected)
+
+
+@needs_native
+@pytest.mark.parametrize("geometry", [((1, 16, 10, 10), (8, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1),
+                                      ((1, 32, 12, 12), (32, 1, 3, 3), (2, 2), (1, 1), (1, 1), 32),
+                                      ((1, 16, 9, 9), (8, 16, 1, 1), (1, 1), (0, 0), (1, 1), 1)])
+def test_direct_saturation_probe_runs_the_direct_kernel_and_agrees_with_torchs(geometry, monkeypatch):
+    """The per-geometry saturation self-test of the direct kernel runs a native primitive (counted) and gives this
+    CPU's answer for torch's kernel too (same oneDNN kernel family: VNNI or not)."""
+    from fxqat.modules import int8
+
+    made = []
+    real = native.Conv
+    monkeypatch.setattr(native, "Conv", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    assert int8._probe(*geometry, 0, direct=True) == int8._probe(*geometry, 0)
+    assert made == [geometry[0]]
