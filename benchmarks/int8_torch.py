@@ -6,8 +6,8 @@ as it runs now (weights split per layer geometry, ``fxqat.modules.int8``; the im
 available); the same model with every convolution through torch's ``onednn::qconv2d_pointwise`` (when the direct
 path is available, so that the two can be compared); and, where this CPU's u8×s8 kernels saturate, the same INT8
 model as converted and run before those two changes (a separate image Quantize; every layer whose weights exceed ±64
-split, depthwise convs included), for what they are worth in the same rounds. The outputs of the INT8 rows are
-compared bit for bit.
+split, depthwise convs included), for what they are worth in the same rounds. The outputs of the current and as-before
+rows are compared bit for bit (the torch-op row may differ from the direct one by rare one-code roundings).
 
 ``--profile``: torch.profiler per-op shares (self CPU time) of FP32 and INT8, and the INT8 convs' share per kind
 (dense split / dense unsplit / depthwise), median over ``--profile-runs`` calls. Shares are robust under load where
@@ -38,7 +38,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 import torch  # noqa: E402
 
 import fxqat  # noqa: E402
-from fxqat.bench import interleaved_times, spread  # noqa: E402
+from fxqat.bench import _time, interleaved_times, spread  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat import native  # noqa: E402
 from fxqat.modules.int8 import Int8ConvBnAct, cpu_has_vnni, u8s8_conv_saturates  # noqa: E402
@@ -178,14 +178,7 @@ def _onednn_log(fn) -> list[str]:
 def wall_ms(model, x, runs: int) -> float:
     """Median ms per call after 3 warm-up calls."""
     with torch.no_grad():
-        for _ in range(3):
-            model(x)
-        walls = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            model(x)
-            walls.append(time.perf_counter() - t)
-    return statistics.median(walls) * 1e3
+        return _time(lambda: model(x), warmup=3, reps=runs)
 
 
 def overhead(model, x, runs: int) -> dict:
