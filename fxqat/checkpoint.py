@@ -314,6 +314,26 @@ def save_checkpoint(path, gm: fx.GraphModule, **extra) -> Path:
     return path
 
 
+def _without_identity_act_quantizers(gm: fx.GraphModule, state: dict, source: str) -> dict:
+    """``state`` less the output quantizers that checkpoints written before fxqat fused ``nn.Identity`` activations
+    into their convs hold after each such activation (``quant.<conv>_act.*``: yolo11's, YOLO26's and YOLOv10's
+    ``Conv(act=False)``). The conv's own output quantizer is kept; the model loses that second rounding, and the
+    user is told."""
+    names = {n.target.replace(".", "_") for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(getattr(gm.get_submodule(n.target), "act", None), nn.Identity)}
+    prefixes = {f"quant.{name}_act." for name in names} - {k.rsplit(".", 1)[0] + "." for k in gm.state_dict()}
+    dropped = sorted({k.split(".")[1] for k in state if any(k.startswith(p) for p in prefixes)})
+    if not dropped:
+        return state
+    import warnings
+
+    warnings.warn(f"{source}: written by an earlier fxqat, with a second output quantizer after {len(dropped)} "
+                  f"identity activations ({', '.join(dropped[:3])}{', ...' if len(dropped) > 3 else ''}); fxqat now "
+                  "fuses those activations into their convs, so each conv's output is rounded once: outputs may "
+                  "differ by a quantization step there. Save it again to silence this.", stacklevel=3)
+    return {k: v for k, v in state.items() if not any(k.startswith(p) for p in prefixes)}
+
+
 def rebuild(ckpt: dict, source: str = "checkpoint") -> fx.GraphModule:
     from ultralytics.nn.tasks import guess_model_task
 
@@ -331,7 +351,8 @@ def rebuild(ckpt: dict, source: str = "checkpoint") -> fx.GraphModule:
     if "end2end" in ckpt:
         det.end2end = bool(ckpt["end2end"])  # one-to-one (top-k) or one-to-many eval output, as saved
     gm = prepare_qat(det, load_qconfig(ckpt["qconfig"]), leaf_modules=leaves)
-    missing, unexpected = gm.load_state_dict(ckpt["state_dict"], strict=False)
+    missing, unexpected = gm.load_state_dict(_without_identity_act_quantizers(gm, ckpt["state_dict"], source),
+                                             strict=False)
     if missing or unexpected:
         raise ModelLoadError(f"{source}: does not fit the rebuilt QAT graph: missing {missing[:3]}, "
                              f"unexpected {unexpected[:3]}")

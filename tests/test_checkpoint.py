@@ -76,3 +76,22 @@ def test_leaf_modules_are_recorded_as_strings_and_reused(tmp_path):
     assert {"model.2", "model.9"} <= called  # rebuilt with both leaves as single opaque nodes
     gm.eval(), gm2.eval()
     assert torch.equal(gm(x)[0], gm2(x)[0])  # tolerance: exact (same graph, same state)
+
+
+def test_a_checkpoint_with_quantizers_after_identity_activations_loads_with_a_warning(tmp_path, monkeypatch):
+    """Checkpoints written before FuseConvBnAct fused ``nn.Identity`` activations (yolo11's C2PSA convs) hold a second
+    output quantizer after each; they load, without those, and say so."""
+    import fxqat.passes.fuse_conv_bn_act as fuse
+
+    x = torch.rand(2, 3, 64, 64)
+    with monkeypatch.context() as m:
+        m.setattr(fuse, "ACTIVATIONS", tuple(a for a in fuse.ACTIVATIONS if a is not torch.nn.Identity))
+        old = fxqat.prepare_qat("yolo11n.yaml", nc=3, example_inputs=(x,))
+    path = save_checkpoint(tmp_path / "old.pt", old)
+    with pytest.warns(UserWarning, match=r"second output quantizer after 3 identity activations") as w:
+        gm = load_checkpoint(path)
+    assert str(path) in str(w[0].message)
+    new, before = gm.state_dict(), old.state_dict()
+    dropped = set(before) - set(new)
+    assert dropped and all(k.startswith("quant.") and "_act." in k for k in dropped)
+    assert set(new) <= set(before) and all(torch.equal(new[k], before[k]) for k in new)

@@ -2,6 +2,11 @@
 
     x ─► conv ─► bn ─► act ─►        ==>        x ─► ConvBnAct(conv, bn, act) ─►
 
+An ``nn.Identity`` activation (Ultralytics' ``Conv(..., act=False)``: SPPF's and SCDown's first convs, the
+attention's qkv / pe / proj, the FFN's last conv) is fused too: left as a node of its own it got an output quantizer
+of its own, a second rounding of the conv's output onto a grid a hair from the conv's, and in the INT8 model a
+dequantize → quantize pair around nothing.
+
 Matched on graph structure (each step the single user of the previous one); the fused module takes the path of the
 Ultralytics ``Conv`` block (``model.1``, ``model.2.cv1``) so module paths stay readable. Weight specs are set later
 by the insertion pass.
@@ -16,7 +21,7 @@ from ..graph.meta import info
 from ..modules.conv_bn_act import ConvBnAct
 from .base import FxqatPass
 
-ACTIVATIONS = (nn.SiLU, nn.ReLU, nn.Hardswish, nn.LeakyReLU)
+ACTIVATIONS = (nn.SiLU, nn.ReLU, nn.Hardswish, nn.LeakyReLU, nn.Identity)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node, types) -> nn.Module | None:

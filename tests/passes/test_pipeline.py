@@ -156,3 +156,22 @@ def test_qat_trains_loss_decreases_and_gradients_reach_every_conv():
 def test_prepared_graph_golden(golden):
     gm = fxqat.prepare_qat("yolov8n.yaml", nc=10)
     golden("yolov8n_prepared_summary.txt", fxqat.summary(gm, imgsz=320).to_text())
+
+
+def test_identity_activations_fuse_into_their_convs():
+    """``Conv(act=False)`` (yolo11's C2PSA: qkv, pe, proj, ffn.1) is one ConvBnAct whose output is rounded
+    once: no Identity node with a quantizer of its own, and no dequantize → quantize pair in the INT8 model."""
+    from fxqat.modules.conv_bn_act import ConvBnAct
+    from fxqat.modules.int8 import Quantize
+
+    gm = fxqat.prepare_qat("yolo11n.yaml", nc=3, example_inputs=(torch.rand(1, 3, 64, 64),))
+    assert not [n.name for n in gm.graph.nodes if n.op == "call_module"
+                and isinstance(gm.get_submodule(n.target), nn.Identity)]
+    pe = gm.get_submodule("model.10.m.0.attn.pe")
+    assert isinstance(pe, ConvBnAct) and isinstance(pe.act, nn.Identity)
+    (fq,) = next(n for n in gm.graph.nodes if n.target == "model.10.m.0.attn.pe").users
+    assert _fq(gm, fq) is not None and not any(_fq(gm, u) for u in fq.users)
+    q = fxqat.convert(gm.eval())
+    pairs = [n.name for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), Quantize)
+             and n.args[0].op == "call_module" and isinstance(q.get_submodule(n.args[0].target), Dequantize)]
+    assert not pairs
