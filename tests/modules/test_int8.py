@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxqat.modules.int8 import (Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes, _dup, _quantize,
-                                _quantize_dup, cpu_has_vnni, u8s8_conv_saturates)
+from fxqat.modules.int8 import (Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes,
+                                _dup, _quantize, _quantize_dup, cpu_has_vnni, u8s8_conv_saturates)
 
 CL = torch.channels_last
 
@@ -47,6 +47,27 @@ def test_int8_add_differs_from_the_exact_sum_only_on_rounding_ties():
         tie = (ref - ref.floor() - 0.5).abs() < 1e-6
         d = (out - ref.round().clamp(0, 255)).abs()
         assert d.max() <= 1 and not bool(((d > 0) & ~tie).any())
+
+
+@pytest.mark.parametrize("keep_layout", [False, True])
+@pytest.mark.parametrize("strided", [False, True])
+def test_dequantize_is_the_float_arithmetic_bit_for_bit(keep_layout, strided):
+    """torch's quint8 dequantize on the codes, in one pass, against ``(x - zp) * scale`` in float32 (what the
+    fake-quant model computes), for many scales: equal bit for bit; NCHW unless the layout is kept."""
+    x = _u8(2, 64, 9, 7, seed=5)
+    x = x.chunk(2, 1)[1] if strided else x
+    g = torch.Generator().manual_seed(0)
+    for scale, zp in [(0.1, 120), (1 / 255, 0), (0.0173, 255)] + [
+            (float(torch.rand(1, generator=g)) * 0.3 + 1e-4, int(torch.randint(0, 256, (1,), generator=g)))
+            for _ in range(20)]:
+        y = Dequantize(scale, zp, keep_layout=keep_layout)(x)
+        ref = (x.to(torch.float32) - zp) * scale
+        assert y.dtype == torch.float32 and torch.equal(y, ref), (scale, zp)
+        assert y.is_contiguous(memory_format=CL) if keep_layout else y.is_contiguous()
+    a, b = _u8(1, 8, 5, 5, seed=6), _u8(1, 8, 5, 5, seed=7)
+    assert torch.equal(Int8Add((0.05, 5), (0.04, 7), None)(a, b),
+                       ((a.float() - 5) * 0.05 + (b.float() - 7) * 0.04).contiguous())
+    assert torch.equal(Int8Act((0.05, 5), None, nn.SiLU())(a), nn.functional.silu((a.float() - 5) * 0.05).contiguous())
 
 
 def test_int8_maxpool_is_exact_on_codes():
