@@ -270,12 +270,14 @@ class Int8ConvBnAct(nn.Module):
 
     def _call_args(self, x_shape) -> tuple | None:
         """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape (nn.Module attribute
-        lookups were ~10 µs of a ~30 µs call); None where the direct convolution (``_packed[3]``) runs instead. The
+        lookups were ~10 µs of a ~30 µs call); None where the direct convolution (``_packed[3]``, made per input shape
+        and torch thread count) runs instead. The
         weight pack is blocked for that shape: packed without it, oneDNN picks a layout its convolution then
         re-orders on every call (19 convs of yolov8n at 640). ``_packed[2]``: whether the input is to be doubled for
         split weights."""
         key = tuple(x_shape)
-        if self._packed is None or self._packed[0] != key:
+        if self._packed is None or self._packed[0] != key or (
+                self._packed[3] is not None and self._packed[3].threads != torch.get_num_threads()):
             split = self._splits(key)
             direct = self._direct(key, split)
             if direct is not None:
@@ -317,7 +319,8 @@ class Int8ConvBnAct(nn.Module):
             return super().__call__(x)
         p = self._packed
         if p is not None and p[3] is not None and p[0] == x.shape and x.dtype == torch.uint8 and \
-                x.is_contiguous(memory_format=CL):  # the direct primitive for this shape: forward's steps, fewer checks
+                p[3].threads == torch.get_num_threads() and x.is_contiguous(memory_format=CL):
+            # the direct primitive for this shape and thread count: forward's steps, fewer checks
             return self._run(x, None)
         return self.forward(x)
 

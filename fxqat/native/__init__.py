@@ -153,6 +153,9 @@ class Conv:
 
     def __init__(self, lib: ctypes.PyDLL, x_shape, w_int8, w_scale, bias, stride, padding, dilation, groups: int,
                  x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str):
+        # oneDNN fixes a primitive's thread count when it creates it (``torch.get_num_threads()`` now): a caller
+        # that changes torch's count makes a new one (``Int8ConvBnAct`` compares ``threads``)
+        self.threads = torch.get_num_threads()
         n, c, h, w = (int(v) for v in x_shape)
         o, _, kh, kw = w_int8.shape
         wt, ws, b = (t.detach().contiguous() for t in (w_int8, w_scale.float(), bias.float()))  # copied by oneDNN

@@ -236,3 +236,24 @@ def test_direct_saturation_probe_runs_the_direct_kernel_and_agrees_with_torchs(g
     monkeypatch.setattr(native, "Conv", lambda *a, **k: made.append(a[1]) or real(*a, **k))
     assert int8._probe(*geometry, 0, direct=True) == int8._probe(*geometry, 0)
     assert made == [geometry[0]]
+
+
+@needs_native
+def test_a_changed_thread_count_makes_a_new_primitive():
+    """oneDNN fixes a primitive's thread count when it creates it: after ``torch.set_num_threads`` the layer makes a
+    new primitive for the new count (same output), instead of running on with the old count."""
+    layer = _layer(16, 32, 3, 1)
+    x = torch.randint(0, 256, (1, 16, 12, 12), dtype=torch.uint8).contiguous(memory_format=CL)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = layer(x)
+        first = layer._packed[3]
+        assert layer.runs_direct and first.threads == 2
+        assert layer(x) is not None and layer._packed[3] is first  # same count: kept
+        torch.set_num_threads(1)
+        b = layer(x)
+        assert layer.runs_direct and layer._packed[3] is not first and layer._packed[3].threads == 1
+        assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(before)
