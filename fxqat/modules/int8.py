@@ -42,7 +42,6 @@ from torch.nn.modules import module as _nn_module
 from .. import native
 
 CL = torch.channels_last
-DIRECT_MIN_CHANNELS = 8  # fewer input channels: torch's op (see Int8ConvBnAct._direct)
 try:
     _QCONV = torch.ops.onednn.qconv2d_pointwise
 except (AttributeError, RuntimeError):  # no oneDNN quantized conv in this build: Int8ConvBnAct says so when built
@@ -248,13 +247,11 @@ class Int8ConvBnAct(nn.Module):
 
     def _direct(self, key: tuple, split: bool) -> native.Conv | None:
         """This layer's :mod:`fxqat.native` convolution at input shape ``key``, or None where torch's op runs: the
-        direct path is off or unavailable, the weights are split, fewer than 8 input channels (oneDNN 3.2's kernel
-        for the 3-channel image was slower than torch's: 1.4 vs 0.9 ms), or its kernel for this geometry would
-        saturate (:func:`u8s8_conv_saturates` with ``direct``). A float input (``quantize_input``) is quantized
-        first, as for torch's op."""
+        direct path is off or unavailable, the weights are split, or its kernel for this geometry would saturate
+        (:func:`u8s8_conv_saturates` with ``direct``). A float input (``quantize_input``: the image, the classifier's
+        pooled features) is quantized first, as for torch's op."""
         lib = native.library()
-        if lib is None or split or self.w_int8.device.type != "cpu" or \
-                self.w_int8.shape[1] * self.groups < DIRECT_MIN_CHANNELS:
+        if lib is None or split or self.w_int8.device.type != "cpu":
             return None
         try:
             if bool(self.w_int8.to(torch.int16).abs().max() > 64) and u8s8_conv_saturates(

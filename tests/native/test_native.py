@@ -73,11 +73,19 @@ def test_direct_conv_equals_torchs_op(cin, cout, k, s, groups, dilation, act, fl
 
 
 @needs_native
-def test_few_input_channels_keep_torchs_op():
-    """A 3-channel input runs torch's op (oneDNN 3.2's kernel for it was slower)."""
-    x = torch.randint(0, 256, (1, 3, 16, 16), dtype=torch.uint8).contiguous(memory_format=CL)
-    a, b, direct = _pair(_layer(3, 16, 3, 2), x)
-    assert not direct.runs_direct and torch.equal(a, b)
+@pytest.mark.parametrize("size", [16, 64])
+def test_the_3_channel_image_conv_runs_direct(size):
+    """The first conv (3 input channels, stride 2: oneDNN's jit_int8 kernel) runs direct, and on the float image
+    (``quantize_input``) as on its codes."""
+    x = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8).contiguous(memory_format=CL)
+    a, b, direct = _pair(_layer(3, 16, 3, 2, x_zp=0), x)
+    assert direct.runs_direct
+    _close(a, b)
+    layer = _layer(3, 16, 3, 2, x_zp=0).with_options(quantize_input=True)
+    image = torch.rand(1, 3, size, size)
+    a, b, direct = _pair(layer, image)
+    assert direct.runs_direct
+    _close(a, b)
 
 
 def _int8_model(spec="yolov8n", imgsz=96):
@@ -94,17 +102,15 @@ def _leaves(t):
 @needs_native
 @pytest.mark.parametrize("spec", ["yolov8n", "yolov8n-cls"])
 def test_whole_model_direct_equals_torchs_op(spec):
-    """Every conv but the image's runs direct; the outputs match torch's op (float decode outputs within 1e-4 of
-    their scale: a requantization tie rounded the other way moves one code)."""
+    """Every conv runs direct; the outputs match torch's op (float decode outputs within 1e-4 of their scale: a
+    requantization tie rounded the other way moves one code)."""
     model = _int8_model(spec)
     x = torch.rand(1, 3, 96, 96)
     with torch.no_grad():
         a, b, direct = _pair(model, x)
-    convs = [m for m in model.modules() if isinstance(m, Int8ConvBnAct)]
     ran = [m.runs_direct for m in direct.modules() if isinstance(m, Int8ConvBnAct)]
-    # the 3-channel image keeps torch's op; convs that quantize a float input (the classifier's Linear after
-    # pooling) quantize it and then run direct
-    assert ran == [m.w_int8.shape[1] * m.groups >= 8 for m in convs] and sum(ran) == len(convs) - 1 and not ran[0]
+    # convs that quantize a float input (the image; the classifier's Linear after pooling) quantize it, then run direct
+    assert ran and all(ran)
     for p, q in zip(_leaves(a), _leaves(b)):
         assert torch.allclose(p, q, rtol=1e-4, atol=1e-4 * float(p.abs().max()))
 
