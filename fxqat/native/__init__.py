@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 1
+ABI = 2
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -106,6 +106,14 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_qconv_run.argtypes = [p, p, p]
     lib.fxqat_qconv_destroy.restype = None
     lib.fxqat_qconv_destroy.argtypes = [p]
+    lib.fxqat_qadd_create.restype = p
+    lib.fxqat_qadd_create.argtypes = [i] * 4 + [f] * 3
+    lib.fxqat_qadd_impl.restype = ctypes.c_char_p
+    lib.fxqat_qadd_impl.argtypes = [p]
+    lib.fxqat_qadd_run.restype = i
+    lib.fxqat_qadd_run.argtypes = [p, p, p, p]
+    lib.fxqat_qadd_destroy.restype = None
+    lib.fxqat_qadd_destroy.argtypes = [p]
     if lib.fxqat_qconv_abi() != ABI:
         raise RuntimeError(f"{path} has another ABI than this fxqat")
     return lib
@@ -183,3 +191,30 @@ class Conv:
         if getattr(self, "handle", None):
             self._lib.fxqat_qconv_destroy(self.handle)
             self.handle = None
+
+
+class Add:
+    """The residual add on codes for one shape: ``a`` on grid ``qa`` plus ``b`` on ``qb``, requantized to ``qo``
+    (dense channels-last uint8 maps in and out); freed with this object."""
+
+    def __init__(self, lib: ctypes.PyDLL, shape, qa: tuple[float, int], qb: tuple[float, int], qo: tuple[float, int]):
+        self.threads = torch.get_num_threads()  # fixed by oneDNN at creation, as for Conv
+        ka, kb = qa[0] / qo[0], qb[0] / qo[0]
+        self._lib = lib
+        self.shape = tuple(int(v) for v in shape)
+        self.handle = lib.fxqat_qadd_create(*self.shape, ka, kb, qo[1] - qa[1] * ka - qb[1] * kb)
+        if not self.handle:
+            raise RuntimeError(f"oneDNN refused the add: {lib.fxqat_qconv_error().decode()}")
+        self.impl = lib.fxqat_qadd_impl(self.handle).decode()
+
+    def __call__(self, a, b):
+        y = torch.empty(self.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+        if self._lib.fxqat_qadd_run(self.handle, a.data_ptr(), b.data_ptr(), y.data_ptr()):
+            raise RuntimeError(f"oneDNN add failed: {self._lib.fxqat_qconv_error().decode()}")
+        return y
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            self._lib.fxqat_qadd_destroy(self.handle)
+            self.handle = None
+

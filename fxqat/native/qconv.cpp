@@ -42,7 +42,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 1; }
+int fxqat_qconv_abi() { return 2; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -116,4 +116,61 @@ int fxqat_qconv_run(void* handle, void* x, void* y) {
 }
 
 void fxqat_qconv_destroy(void* handle) { delete static_cast<Conv*>(handle); }
+
+// The residual add on codes: out = sat_u8(round_half_even(ka * a + kb * b + c0)), with ka = sa / so, kb = sb / so
+// and c0 = zo - za * ka - zb * kb (a oneDNN binary add with per-tensor source scales and a linear post-op), for
+// dense channels-last uint8 maps of one shape. Created once per layer and shape, like the convolutions.
+struct Add {
+  engine eng{engine::kind::cpu, 0};
+  stream strm{eng};
+  binary prim;
+  std::unordered_map<int, memory> args;
+  memory a, b, dst;
+  std::string impl;
+};
+
+void* fxqat_qadd_create(int n, int c, int h, int w, float ka, float kb, float c0) {
+  try {
+    auto* ad = new Add();
+    auto md = memory::desc({n, c, h, w}, dt::u8, tag::nhwc);
+    primitive_attr attr;
+    attr.set_scales_mask(DNNL_ARG_SRC_0, 0);
+    attr.set_scales_mask(DNNL_ARG_SRC_1, 0);
+    post_ops po;
+    po.append_eltwise(algorithm::eltwise_linear, 1.f, c0);
+    attr.set_post_ops(po);
+    auto pd = binary::primitive_desc(ad->eng, algorithm::binary_add, md, md, md, attr);
+    ad->prim = binary(pd);
+    ad->impl = pd.impl_info_str();
+    ad->a = memory(md, ad->eng, nullptr);
+    ad->b = memory(md, ad->eng, nullptr);
+    ad->dst = memory(md, ad->eng, nullptr);
+    ad->args = {{DNNL_ARG_SRC_0, ad->a}, {DNNL_ARG_SRC_1, ad->b}, {DNNL_ARG_DST, ad->dst},
+                {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC_0, vec_f32(ad->eng, &ka, 1)},
+                {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC_1, vec_f32(ad->eng, &kb, 1)}};
+    return ad;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return nullptr;
+  }
+}
+
+const char* fxqat_qadd_impl(void* handle) { return static_cast<Add*>(handle)->impl.c_str(); }
+
+int fxqat_qadd_run(void* handle, void* a, void* b, void* y) {
+  try {
+    auto* ad = static_cast<Add*>(handle);
+    ad->a.set_data_handle(a);
+    ad->b.set_data_handle(b);
+    ad->dst.set_data_handle(y);
+    ad->prim.execute(ad->strm, ad->args);
+    ad->strm.wait();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
+void fxqat_qadd_destroy(void* handle) { delete static_cast<Add*>(handle); }
 }

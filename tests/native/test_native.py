@@ -261,5 +261,73 @@ def test_a_changed_thread_count_makes_a_new_primitive():
         b = layer(x)
         assert layer.runs_direct and layer._packed[3] is not first and layer._packed[3].threads == 1
         assert torch.equal(a, b)
+        from fxqat.modules.int8 import Int8Add
+
+        add = Int8Add((0.05, 3), (0.04, 9), (0.07, 5))
+        add(x, x)
+        one = add._prim[2]
+        torch.set_num_threads(2)
+        assert torch.equal(add(x, x), one(x, x)) and add._prim[2] is not one and add._prim[2].threads == 2
     finally:
         torch.set_num_threads(before)
+
+
+def _torch_add(m, x, y):
+    native.ENABLED = False
+    try:
+        return copy.deepcopy(m)(x, y)
+    finally:
+        native.ENABLED = True
+
+
+def _near_ties_only(out, ref):
+    """``out`` is ``ref`` (the exact sum, float64) rounded, except by one code where ``ref`` lies within 1e-4 of a
+    tie (float32 arithmetic, as torch's ``quantized::add`` uses too, may round those either way)."""
+    d = (out.double() - ref.round().clamp(0, 255)).abs()
+    tie = (ref - ref.floor() - 0.5).abs() < 1e-4
+    assert d.max() <= 1 and not bool(((d > 0) & ~tie).any())
+
+
+@needs_native
+@pytest.mark.parametrize("shape,strided", [((1, 16, 20, 20), False), ((2, 64, 7, 9), False), ((1, 32, 10, 10), True)])
+def test_direct_add_rounds_the_exact_sum(shape, strided):
+    """The residual add on codes (oneDNN binary add, scales and a linear post-op) against the exact sum, as torch's
+    ``quantized::add`` is, over many grids; a C2f split half (a channel slice) is made dense first; the primitive is
+    kept per shape."""
+    from fxqat.modules.int8 import Int8Add
+
+    g = torch.Generator().manual_seed(1)
+    n, c, h, w = shape
+    wide = torch.randint(0, 256, (n, 2 * c, h, w), dtype=torch.uint8, generator=g).contiguous(memory_format=CL)
+    x = wide[:, c:] if strided else wide[:, :c].contiguous(memory_format=CL)
+    y = torch.randint(0, 256, shape, dtype=torch.uint8, generator=g).contiguous(memory_format=CL)
+    for _ in range(10):
+        s = torch.rand(3, generator=g) * 0.2 + 1e-3
+        z = torch.randint(0, 256, (3,), generator=g)
+        qa, qb, qo = (float(s[0]), int(z[0])), (float(s[1]), int(z[1])), (float(s[2]), int(z[2]))
+        m = Int8Add(qa, qb, qo)
+        out = m(x, y)
+        prim = m._prim[2]
+        assert prim is not None and out.is_contiguous(memory_format=CL)
+        ref = ((x.double() - qa[1]) * qa[0] + (y.double() - qb[1]) * qb[0]) / qo[0] + qo[1]
+        _near_ties_only(out, ref)
+        _near_ties_only(_torch_add(m, x, y), ref)  # the reference path meets the same bar
+        m(x, y)
+        assert m._prim[2] is prim
+
+
+@needs_native
+def test_add_of_broadcast_shapes_keeps_torchs_op_and_a_saved_add_rebuilds():
+    from fxqat.modules.int8 import Int8Add
+
+    m = Int8Add((0.05, 3), (0.04, 9), (0.07, 5))
+    x = torch.randint(0, 256, (1, 8, 6, 6), dtype=torch.uint8).contiguous(memory_format=CL)
+    y = torch.randint(0, 256, (1, 8, 1, 1), dtype=torch.uint8).contiguous(memory_format=CL)
+    assert torch.equal(m(x, y), _torch_add(m, x, y)) and m._prim is None  # broadcast: torch's op
+    m(x, x)
+    assert m._prim[2] is not None
+    buf = io.BytesIO()
+    torch.save(m, buf)  # the native add is not pickled; the loaded module makes its own
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert loaded._prim is None and torch.equal(loaded(x, x), m(x, x)) and loaded._prim[2] is not None
