@@ -204,7 +204,23 @@ class Dequantize(nn.Module):
         return f"scale={self.scale:.6g}, zero_point={self.zero_point}" + (", channels-last" if self.keep_layout else "")
 
 
-class Int8ConvBnAct(nn.Module):
+class _ProcessLocal(nn.Module):
+    """A module holding process-local native state in ``self.<_LOCAL>`` (packed oneDNN weights, :mod:`fxqat.native`
+    primitives): never pickled, dropped when the module moves, made again on first use."""
+
+    _LOCAL = ""
+
+    def __getstate__(self):
+        state = super().__getstate__().copy()
+        state[self._LOCAL] = None
+        return state
+
+    def _apply(self, fn, *args, **kwargs):
+        setattr(self, self._LOCAL, None)
+        return super()._apply(fn, *args, **kwargs)
+
+
+class Int8ConvBnAct(_ProcessLocal):
     """conv(q(x), q(w_fold)) + b_fold → act → requantize, in one oneDNN call.
 
     ``split_weights``: None (default) splits the weights where oneDNN's u8×s8 kernel for this layer's geometry
@@ -214,6 +230,8 @@ class Int8ConvBnAct(nn.Module):
     stays channels-last (set by ``BinsLastHead`` where the consumer reads that layout); otherwise it is made
     NCHW-contiguous. ``quantize_input``: the input is float and quantized here to the input grid (set by
     ``QuantizeIntoConv``), so that split weights double it where that is cheap (:func:`_quantize_dup`)."""
+
+    _LOCAL = "_packed"  # (input shape, torch op arguments | None, split, native.Conv | None)
 
     def __init__(self, w_int8: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor, conv: nn.Conv2d,
                  x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str,
@@ -300,15 +318,6 @@ class Int8ConvBnAct(nn.Module):
             new.quantize_input = bool(quantize_input)
         return new
 
-    def __getstate__(self):  # the packed weight is an opaque oneDNN tensor: rebuilt on first use, never pickled
-        state = super().__getstate__().copy()
-        state["_packed"] = None
-        return state
-
-    def _apply(self, fn, *args, **kwargs):
-        self._packed = None
-        return super()._apply(fn, *args, **kwargs)
-
     def __call__(self, x):
         # nn.Module.__call__ costs ~6 µs a call (63 calls per yolov8n image) even without hooks; it still runs
         # whenever a hook is registered, for tracing (torch.fx proxies, jit), and for tensor subclasses
@@ -354,24 +363,17 @@ class Int8ConvBnAct(nn.Module):
                 f"s={self.stride}, act={self.attr}, out={out}")
 
 
-class Int8Add(nn.Module):
+class Int8Add(_ProcessLocal):
     """``x`` on grid ``a`` plus ``y`` on grid ``b``: requantized to ``out`` (uint8 codes), or float (``out`` None).
     On codes it runs :mod:`fxqat.native`'s oneDNN add, made once per shape (a 16×56² add: 24 → 10 µs), else
     torch's ``quantized::add`` (broadcast shapes, the direct path off or unavailable)."""
+
+    _LOCAL = "_prim"  # (input shape, thread count, native.Add | None)
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int] | None):
         super().__init__()
         self.a, self.b, self.out = a, b, out
         self._prim = None
-
-    def __getstate__(self):  # the native add is process-local: made again on first use
-        state = super().__getstate__().copy()
-        state["_prim"] = None
-        return state
-
-    def _apply(self, fn, *args, **kwargs):
-        self._prim = None
-        return super()._apply(fn, *args, **kwargs)
 
     def _direct(self, x, y) -> native.Add | None:
         """The native add for this shape and thread count (None: torch's op), made on the first call with them."""

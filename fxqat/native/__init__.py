@@ -156,65 +156,67 @@ def summary() -> str:
     return "direct oneDNN primitives (fxqat.native)" if st == "ok" else f"torch's op; fxqat.native: {st}"
 
 
-class Conv:
-    """One oneDNN convolution primitive (a layer at one input shape); freed with this object."""
+class _Primitive:
+    """A oneDNN primitive made by the library (``fxqat_<kind>_create``); run with the caller's buffers, freed with this
+    object. oneDNN fixes a primitive's thread count when it creates it (``torch.get_num_threads()`` then): a caller
+    that changes torch's count makes a new one (the modules compare ``threads``)."""
+
+    kind, what = "", ""
+
+    def _made(self, lib: ctypes.PyDLL, handle) -> None:
+        self.threads = torch.get_num_threads()
+        self._lib, self.handle = lib, handle
+        self._exec = getattr(lib, f"fxqat_{self.kind}_run")
+        if not handle:
+            raise RuntimeError(f"oneDNN refused the {self.what}: {lib.fxqat_qconv_error().decode()}")
+        self.impl = getattr(lib, f"fxqat_{self.kind}_impl")(handle).decode()
+
+    def _run(self, *tensors):
+        y = torch.empty(self.out_shape, dtype=self.out_dtype, memory_format=torch.channels_last)
+        if self._exec(self.handle, *[t.data_ptr() for t in tensors], y.data_ptr()):
+            raise RuntimeError(f"oneDNN {self.what} failed: {self._lib.fxqat_qconv_error().decode()}")
+        return y
+
+    def __del__(self):
+        if getattr(self, "handle", None):
+            getattr(self._lib, f"fxqat_{self.kind}_destroy")(self.handle)
+            self.handle = None
+
+
+class Conv(_Primitive):
+    """One oneDNN convolution primitive (a layer at one input shape)."""
+
+    kind, what = "qconv", "convolution"
 
     def __init__(self, lib: ctypes.PyDLL, x_shape, w_int8, w_scale, bias, stride, padding, dilation, groups: int,
                  x_qparams: tuple[float, int], out_qparams: tuple[float, int] | None, act: str):
-        # oneDNN fixes a primitive's thread count when it creates it (``torch.get_num_threads()`` now): a caller
-        # that changes torch's count makes a new one (``Int8ConvBnAct`` compares ``threads``)
-        self.threads = torch.get_num_threads()
         n, c, h, w = (int(v) for v in x_shape)
         o, _, kh, kw = w_int8.shape
         wt, ws, b = (t.detach().contiguous() for t in (w_int8, w_scale.float(), bias.float()))  # copied by oneDNN
-        self._lib = lib
         o_scale, o_zp = out_qparams if out_qparams is not None else (1.0, 0)
-        self.handle = lib.fxqat_qconv_create(
-            n, c, h, w, o, kh, kw, *stride, *padding, *dilation, groups, wt.data_ptr(), ws.data_ptr(), b.data_ptr(),
-            float(x_qparams[0]), int(x_qparams[1]), float(o_scale), int(o_zp), {"swish": 1, "relu": 2}.get(act, 0),
-            int(out_qparams is None))
-        if not self.handle:
-            raise RuntimeError(f"oneDNN refused the convolution: {lib.fxqat_qconv_error().decode()}")
         oh = (h + 2 * padding[0] - (kh - 1) * dilation[0] - 1) // stride[0] + 1
         ow = (w + 2 * padding[1] - (kw - 1) * dilation[1] - 1) // stride[1] + 1
         self.out_shape = (n, o, oh, ow)
         self.out_dtype = torch.uint8 if out_qparams is not None else torch.float32
-        self.impl = lib.fxqat_qconv_impl(self.handle).decode()
+        self._made(lib, lib.fxqat_qconv_create(
+            n, c, h, w, o, kh, kw, *stride, *padding, *dilation, groups, wt.data_ptr(), ws.data_ptr(), b.data_ptr(),
+            float(x_qparams[0]), int(x_qparams[1]), float(o_scale), int(o_zp), {"swish": 1, "relu": 2}.get(act, 0),
+            int(out_qparams is None)))
 
     def __call__(self, x):
-        y = torch.empty(self.out_shape, dtype=self.out_dtype, memory_format=torch.channels_last)
-        if self._lib.fxqat_qconv_run(self.handle, x.data_ptr(), y.data_ptr()):
-            raise RuntimeError(f"oneDNN convolution failed: {self._lib.fxqat_qconv_error().decode()}")
-        return y
-
-    def __del__(self):
-        if getattr(self, "handle", None):
-            self._lib.fxqat_qconv_destroy(self.handle)
-            self.handle = None
+        return self._run(x)
 
 
-class Add:
+class Add(_Primitive):
     """The residual add on codes for one shape: ``a`` on grid ``qa`` plus ``b`` on ``qb``, requantized to ``qo``
-    (dense channels-last uint8 maps in and out); freed with this object."""
+    (dense channels-last uint8 maps in and out)."""
+
+    kind, what = "qadd", "add"
 
     def __init__(self, lib: ctypes.PyDLL, shape, qa: tuple[float, int], qb: tuple[float, int], qo: tuple[float, int]):
-        self.threads = torch.get_num_threads()  # fixed by oneDNN at creation, as for Conv
         ka, kb = qa[0] / qo[0], qb[0] / qo[0]
-        self._lib = lib
-        self.shape = tuple(int(v) for v in shape)
-        self.handle = lib.fxqat_qadd_create(*self.shape, ka, kb, qo[1] - qa[1] * ka - qb[1] * kb)
-        if not self.handle:
-            raise RuntimeError(f"oneDNN refused the add: {lib.fxqat_qconv_error().decode()}")
-        self.impl = lib.fxqat_qadd_impl(self.handle).decode()
+        self.out_shape, self.out_dtype = tuple(int(v) for v in shape), torch.uint8
+        self._made(lib, lib.fxqat_qadd_create(*self.out_shape, ka, kb, qo[1] - qa[1] * ka - qb[1] * kb))
 
     def __call__(self, a, b):
-        y = torch.empty(self.shape, dtype=torch.uint8, memory_format=torch.channels_last)
-        if self._lib.fxqat_qadd_run(self.handle, a.data_ptr(), b.data_ptr(), y.data_ptr()):
-            raise RuntimeError(f"oneDNN add failed: {self._lib.fxqat_qconv_error().decode()}")
-        return y
-
-    def __del__(self):
-        if getattr(self, "handle", None):
-            self._lib.fxqat_qadd_destroy(self.handle)
-            self.handle = None
-
+        return self._run(a, b)

@@ -33,6 +33,18 @@ memory vec_f32(const engine& eng, const float* v, int n) {
   return m;
 }
 
+// Run f; 0, or 1 with the exception's message kept for fxqat_qconv_error.
+template <class F>
+int guarded(F f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return 1;
+  }
+}
+
 memory scalar_s32(const engine& eng, int v) {
   memory m(memory::desc({1}, dt::s32, tag::a), eng);
   *static_cast<int*>(m.get_data_handle()) = v;
@@ -102,17 +114,13 @@ void* fxqat_qconv_create(int n, int c, int h, int w, int o, int kh, int kw, int 
 const char* fxqat_qconv_impl(void* handle) { return static_cast<Conv*>(handle)->impl.c_str(); }
 
 int fxqat_qconv_run(void* handle, void* x, void* y) {
-  try {
-    auto* cv = static_cast<Conv*>(handle);
+  auto* cv = static_cast<Conv*>(handle);
+  return guarded([&] {
     cv->src.set_data_handle(x);
     cv->dst.set_data_handle(y);
     cv->prim.execute(cv->strm, cv->args);
     cv->strm.wait();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return 1;
-  }
+  });
 }
 
 void fxqat_qconv_destroy(void* handle) { delete static_cast<Conv*>(handle); }
@@ -158,18 +166,14 @@ void* fxqat_qadd_create(int n, int c, int h, int w, float ka, float kb, float c0
 const char* fxqat_qadd_impl(void* handle) { return static_cast<Add*>(handle)->impl.c_str(); }
 
 int fxqat_qadd_run(void* handle, void* a, void* b, void* y) {
-  try {
-    auto* ad = static_cast<Add*>(handle);
+  auto* ad = static_cast<Add*>(handle);
+  return guarded([&] {
     ad->a.set_data_handle(a);
     ad->b.set_data_handle(b);
     ad->dst.set_data_handle(y);
     ad->prim.execute(ad->strm, ad->args);
     ad->strm.wait();
-    return 0;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return 1;
-  }
+  });
 }
 
 void fxqat_qadd_destroy(void* handle) { delete static_cast<Add*>(handle); }
