@@ -10,11 +10,13 @@ model's top-2 margin exceeds that bound.
 
 import pytest
 import torch
+import torch.nn as nn
 
 import fxqat
 from fxqat.graph.meta import info
 from fxqat.models import load_model
 from fxqat.modules.heads import ClassifyDecode
+from fxqat.modules.int8 import Int8ConvBnAct, Int8GlobalAvgPool
 from fxqat.quant.fake_quant import FakeQuant
 
 from .conftest_helpers import assert_traced_matches_in_both_modes, liven, signs_like_images
@@ -81,6 +83,10 @@ def test_classify_int8_and_onnx_match_fake_quant(name, imgsz, tmp_path):
     fq_in = gm.get_submodule(lin.args[0].target)
     step, zp = float(fq_in.scale), int(fq_in.zero_point)
     q = fxqat.convert(gm)
+    # the head's tail on codes: the global pool sums them (no dequantize before it), the Dropout is gone
+    mods = {n: q.get_submodule(n.target) for n in q.graph.nodes if n.op == "call_module"}
+    (pool,) = [n for n, m in mods.items() if isinstance(m, Int8GlobalAvgPool)]
+    assert isinstance(mods[pool.args[0]], Int8ConvBnAct) and not any(isinstance(m, nn.Dropout) for m in mods.values())
     ort = OnnxRunner(fxqat.export_onnx(gm, tmp_path / "cls.onnx", imgsz=imgsz))
     x = torch.cat([signs_like_images(4, imgsz, seed=11), torch.rand(4, 3, imgsz, imgsz)])
 

@@ -20,7 +20,7 @@ from .summary import _fmt_shape, _target_name, example_input, precision_label, p
 OP_COLORS = {  # op kind → fill color
     "conv": "#8fb8de", "bn": "#c6dbef", "act": "#b5e3b5", "concat": "#f6c28b", "add": "#f4a3a3",
     "pool": "#d4b9e8", "resize": "#e8d98f", "split": "#f2e6c9", "decode": "#d9d9d9", "quant": "#ffe066",
-    "io": "#ffffff", "other": "#eeeeee", "layer": "#dde7f3",
+    "mean": "#c7e9c0", "identity": "#f7f7f7", "io": "#ffffff", "other": "#eeeeee", "layer": "#dde7f3",
 }
 PRECISION_COLORS = {"float": "#d9d9d9", "int8": "#6baed6", "int4": "#fd8d3c", "int16": "#74c476",
                     "other bits": "#9e9ac8", "mixed": "#c994c7"}

@@ -12,6 +12,8 @@ kind) and the ONNX export.
     resize     yes                                    nearest Upsample (copies values)
     split      yes                                    chunk / split and their getitems
     detach     yes                                    Tensor.detach (the one-to-one head's inputs in training)
+    mean                                              global average pool (AdaptiveAvgPool2d to 1×1): float
+    identity                                          Dropout (an identity in eval)
     matmul                                            ``@`` / torch.matmul (attention: float unless a rule says)
     softmax                                           softmax (attention weights): float
     decode                                            a head's float tail (DFL, anchors, box decode, sigmoid)
@@ -44,7 +46,8 @@ class OpKind:
 KINDS: dict[str, OpKind] = {k.name: k for k in (
     OpKind("conv", quantizable=True), OpKind("add", quantizable=True),
     OpKind("cat", shares_grid=True), OpKind("pool", shares_grid=True), OpKind("resize", shares_grid=True),
-    OpKind("split", shares_grid=True), OpKind("detach", shares_grid=True), OpKind("matmul"), OpKind("softmax"),
+    OpKind("split", shares_grid=True), OpKind("detach", shares_grid=True), OpKind("mean"), OpKind("identity"),
+    OpKind("matmul"), OpKind("softmax"),
     OpKind("decode"), OpKind("quant"), OpKind("io"), OpKind("other"),
 )}
 
@@ -87,6 +90,8 @@ def _getitem_kind(node: fx.Node) -> str:
 register_module(nn.Conv2d, "conv")
 register_module(nn.MaxPool2d, "pool")
 register_module(nn.Upsample, lambda m: "resize" if m.mode == "nearest" else "other")
+register_module(nn.AdaptiveAvgPool2d, lambda m: "mean" if m.output_size in (1, (1, 1)) else "other")
+register_module(nn.Dropout, "identity")
 for _f in (torch.cat, torch.concat):
     register_function(_f, "cat")
 for _f in (operator.add, torch.add):
@@ -147,8 +152,8 @@ def _node_kind(gm: fx.GraphModule | None, node: fx.Node) -> str:
 
 
 def op_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    """The registered kind of ``node``: conv | add | cat | pool | resize | split | detach | matmul | softmax |
-    decode | quant | io | other."""
+    """The registered kind of ``node``: conv | add | cat | pool | resize | split | detach | mean | identity |
+    matmul | softmax | decode | quant | io | other."""
     return _node_kind(gm, node)
 
 

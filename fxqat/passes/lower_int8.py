@@ -9,6 +9,8 @@ it shares its input's grid):
     quant  FakeQuant after a float op   ==> Quantize (8-bit grids; other widths keep simulating in float)
     add    on a grid                    ==> Int8Add (requantized)
     cat / split / resize / detach (shared grid) ==> the same op on uint8;  pool ==> Int8MaxPool
+    mean   on a grid                    ==> Int8GlobalAvgPool (exact integer sums, float out)
+    identity                            ==> nothing: its input, on its grid (Dropout in eval)
     matmul / softmax                    ==> float (attention math; its inputs dequantized once)
     decode                              ==> the head's float tail, configured for deployment (fast DFL, export)
     other / io                          ==> float op; a uint8 value it reads is dequantized once
@@ -29,7 +31,7 @@ from ..errors import ConvertError
 from ..graph.meta import info
 from ..graph.registry import op_kind
 from ..modules.conv_bn_act import ConvBnAct, FrozenConvBnAct
-from ..modules.int8 import Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize
+from ..modules.int8 import Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8GlobalAvgPool, Int8MaxPool, Quantize
 from ..quant.fake_quant import FakeQuant
 from ..quant.spec import NodeQSpec
 from .base import FxqatPass
@@ -173,6 +175,17 @@ def lower_shared(c: Lowering, n: fx.Node) -> None:
         c.set(n, c.same_op(n, args, kwargs), grids.pop())
 
 
+def lower_mean(c: Lowering, n: fx.Node) -> None:
+    x = n.args[0]
+    if not c.on_grid(x):
+        return lower_float(c, n)
+    c.set(n, c.call(n.target, Int8GlobalAvgPool(c.dom[x]), (c.env[x],)), None)
+
+
+def lower_identity(c: Lowering, n: fx.Node) -> None:
+    c.set(n, c.env[n.args[0]], c.dom.get(n.args[0]))
+
+
 def lower_decode(c: Lowering, n: fx.Node) -> None:
     """The deployed model returns decoded predictions only; ``feats`` are read for their shapes. A task head's extra
     inputs (mask coefficients and prototypes, keypoints, angle logits) follow ``feats`` and are read as float."""
@@ -199,7 +212,7 @@ def lower_float(c: Lowering, n: fx.Node) -> None:
 LOWERINGS: dict[str, Callable[[Lowering, fx.Node], None]] = {
     "io": lower_io, "quant": lower_quant, "conv": lower_conv, "add": lower_add,
     "cat": lower_shared, "split": lower_shared, "resize": lower_shared, "pool": lower_shared, "detach": lower_shared,
-    "matmul": lower_float, "softmax": lower_float,
+    "mean": lower_mean, "identity": lower_identity, "matmul": lower_float, "softmax": lower_float,
     "decode": lower_decode, "other": lower_float,
 }
 

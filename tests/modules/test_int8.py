@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxqat.modules.int8 import (Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8MaxPool, Quantize, _as_q, _codes,
-                                _dup, _quantize, _quantize_dup, cpu_has_vnni, u8s8_conv_saturates)
+from fxqat.modules.int8 import (Dequantize, Int8Act, Int8Add, Int8ConvBnAct, Int8GlobalAvgPool, Int8MaxPool,
+                                Quantize, _as_q, _codes, _dup, _quantize, _quantize_dup, cpu_has_vnni,
+                                u8s8_conv_saturates)
 
 CL = torch.channels_last
 
@@ -68,6 +69,20 @@ def test_dequantize_is_the_float_arithmetic_bit_for_bit(keep_layout, strided):
     assert torch.equal(Int8Add((0.05, 5), (0.04, 7), None)(a, b),
                        ((a.float() - 5) * 0.05 + (b.float() - 7) * 0.04).contiguous())
     assert torch.equal(Int8Act((0.05, 5), None, nn.SiLU())(a), nn.functional.silu((a.float() - 5) * 0.05).contiguous())
+
+
+@pytest.mark.parametrize("shape", [(1, 1280, 7, 7), (2, 64, 5, 9)])
+def test_global_avg_pool_on_codes(shape):
+    """Exact integer sums, one float scaling: the exact mean (float64) rounded once, within 1 float32 ulp; and within
+    2e-7 relative of the float reference (dequantize, then average); float NCHW (N, C, 1, 1) out."""
+    x = _u8(*shape, seed=8)
+    for scale, zp in [(0.0173, 17), (1 / 255, 0), (0.3, 250)]:
+        y = Int8GlobalAvgPool((scale, zp))(x)
+        exact = (x.double().mean((2, 3), keepdim=True) - zp) * scale
+        assert y.dtype == torch.float32 and y.shape == (shape[0], shape[1], 1, 1) and y.is_contiguous()
+        assert torch.allclose(y.double(), exact, rtol=1.2e-7, atol=1e-12)
+        ref = nn.functional.adaptive_avg_pool2d((x.float() - zp) * scale, 1)
+        assert ((y - ref).abs() / ref.abs().clamp_min(1e-6)).max() <= 2e-7 * 2
 
 
 def test_int8_maxpool_is_exact_on_codes():
