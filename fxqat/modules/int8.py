@@ -285,11 +285,10 @@ class Int8ConvBnAct(_ProcessLocal):
 
     def _call_args(self, x_shape) -> tuple | None:
         """Everything ``qconv2d_pointwise`` takes after the input, built once per input shape (nn.Module attribute
-        lookups were ~10 µs of a ~30 µs call); None where the direct convolution (``_packed[3]``, made per input shape
-        and torch thread count) runs instead. The
-        weight pack is blocked for that shape: packed without it, oneDNN picks a layout its convolution then
-        re-orders on every call (19 convs of yolov8n at 640). ``_packed[2]``: whether the input is to be doubled for
-        split weights."""
+        lookups were ~10 µs of a ~30 µs call); None where the direct convolution (``_packed[3]``, made per input
+        shape and torch thread count) runs instead. The weight pack is blocked for that shape: packed without it,
+        oneDNN picks a layout its convolution then re-orders on every call (19 convs of yolov8n at 640).
+        ``_packed[2]``: whether the input is to be doubled for split weights."""
         key = tuple(x_shape)
         if self._packed is None or self._packed[0] != key or (
                 self._packed[3] is not None and self._packed[3].threads != torch.get_num_threads()):

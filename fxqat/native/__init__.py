@@ -1,13 +1,14 @@
-"""Direct oneDNN convolutions for the INT8 torch model (``qconv.cpp``, built on first use).
+"""Direct oneDNN convolutions and residual adds for the INT8 torch model (``qconv.cpp``, built on first use).
 
 torch 2.14.1's ``onednn::qconv2d_pointwise`` builds its oneDNN descriptors on every call: 26–54 µs per convolution
 beyond the kernel on a 2-core EPYC, 5.5 ms of a 24 ms yolo26n image (``python -m benchmarks.int8_torch
---overhead``). ``qconv.cpp`` creates each layer's oneDNN primitive once per input shape and then only executes it.
+--overhead``). ``qconv.cpp`` creates each layer's oneDNN primitive once per input shape (and thread count) and then
+only executes it; residual adds on codes likewise (a binary add: 2–2.5× torch's ``quantized::add`` per call).
 It is compiled on the first call into ``~/.cache/fxqat/native`` (``$XDG_CACHE_HOME``) with the C++ compiler (``$CXX``,
 else ``g++`` / ``c++``) against oneDNN from PyPI (``onednn-devel-cpu-gomp``, a dependency on Linux x86-64), in about
 2 s. Where anything is missing (no compiler, no oneDNN, another OS, a failed build) :func:`library` returns None,
-:func:`status` says why, and :class:`fxqat.modules.int8.Int8ConvBnAct` keeps torch's op: the model still runs, on
-the slower path. ``FXQAT_NATIVE=0`` turns the direct path off.
+:func:`status` says why, and :class:`fxqat.modules.int8.Int8ConvBnAct` and ``Int8Add`` keep torch's ops: the
+model still runs, on the slower path. ``FXQAT_NATIVE=0`` turns the direct path off.
 
 The library is loaded with :class:`ctypes.PyDLL`: every call holds the GIL, so no two calls in a process run at
 once and a primitive's scratchpad is never shared by concurrent calls (threads that run one model take turns).
