@@ -123,10 +123,10 @@ def lower_io(c: Lowering, n: fx.Node) -> None:
 def lower_quant(c: Lowering, n: fx.Node) -> None:
     fq, p = c.module(n), n.args[0]
     grid = uint8_grid(fq)
-    if c.dom.get(p) is not None:  # the producer already emits this grid
+    if c.dom.get(p) is not None and (grid is None or grid == c.dom[p]):  # the producer already emits this grid
         c.set(n, c.env[p], c.dom[p])
-    elif grid is not None:
-        c.set(n, c.call(f"quant_{p.name}", Quantize(*grid), (c.env[p],)), grid)
+    elif grid is not None:  # a float value, or codes on another grid (after an identity op): (re)quantize
+        c.set(n, c.call(f"quant_{p.name}", Quantize(*grid), (c.as_float(p),)), grid)
     else:  # not an 8-bit grid: keep simulating in float
         c.set(n, c.call(f"fq_{p.name}", copy.deepcopy(fq), (c.as_float(p),)), None)
 

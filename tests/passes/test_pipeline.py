@@ -175,3 +175,31 @@ def test_identity_activations_fuse_into_their_convs():
     pairs = [n.name for n in q.graph.nodes if n.op == "call_module" and isinstance(q.get_submodule(n.target), Quantize)
              and n.args[0].op == "call_module" and isinstance(q.get_submodule(n.args[0].target), Dequantize)]
     assert not pairs
+
+
+def test_a_quantizer_after_an_identity_op_on_another_grid_requantizes(calibrated):
+    """conv → FQ1 → Dropout → FQ2 (another grid) → ...: Dropout lowers to nothing, so the INT8 model must
+    requantize FQ1's codes onto FQ2's grid; keeping FQ1's codes (the producer's grid) would be silently wrong."""
+    import copy
+
+    gm = copy.deepcopy(calibrated).eval()
+    fq1 = next(n for n in gm.graph.nodes if n.name == "quant_model_0")
+    fq2_mod = copy.deepcopy(gm.get_submodule(fq1.target))
+    fq2_mod.scale.mul_(8.0)  # a coarser grid: 8 codes of FQ1 per code of FQ2
+    gm.add_submodule("drop_test", nn.Dropout(0.0))
+    gm.add_submodule("quant_drop_test", fq2_mod)
+    with gm.graph.inserting_after(fq1):
+        drop = gm.graph.call_module("drop_test", (fq1,))
+    with gm.graph.inserting_after(drop):
+        fq2 = gm.graph.call_module("quant_drop_test", (drop,))
+    fq1.replace_all_uses_with(fq2, delete_user_cb=lambda u: u is not drop)
+    drop.meta["fxqat"], fq2.meta["fxqat"] = copy.copy(info(fq1)), copy.copy(info(fq1))
+    gm.recompile()
+    q = fxqat.convert(gm)
+    assert not any(isinstance(m, nn.Dropout) for m in q.modules())
+    from fxqat.modules.int8 import Int8ConvBnAct, Quantize
+
+    grid2 = (float(fq2_mod.scale), int(fq2_mod.zero_point))  # requantized (QuantizeIntoConv may move it into the conv)
+    assert any(isinstance(m, Quantize) and (m.scale, m.zero_point) == grid2 or isinstance(m, Int8ConvBnAct) and
+               m.quantize_input and (m.x_scale, m.x_zp) == grid2 for m in q.modules())
+    assert_int8_matches_fake_quant(gm, q, signs_like_images(2, 320, seed=7))
