@@ -210,6 +210,11 @@ class _ProcessLocal(nn.Module):
 
     _LOCAL = ""
 
+    def _plain_call(self, *xs) -> bool:
+        """Whether a call may skip ``nn.Module.__call__`` (~6 µs a call, 63 calls per yolov8n image, even without
+        hooks): not when a hook is registered, under tracing (torch.fx proxies, jit), nor for tensor subclasses."""
+        return all(type(x) is torch.Tensor for x in xs) and not _hooked(self)
+
     def __getstate__(self):
         state = super().__getstate__().copy()
         state[self._LOCAL] = None
@@ -290,8 +295,7 @@ class Int8ConvBnAct(_ProcessLocal):
         oneDNN picks a layout its convolution then re-orders on every call (19 convs of yolov8n at 640).
         ``_packed[2]``: whether the input is to be doubled for split weights."""
         key = tuple(x_shape)
-        if self._packed is None or self._packed[0] != key or (
-                self._packed[3] is not None and self._packed[3].threads != torch.get_num_threads()):
+        if self._packed is None or self._packed[0] != key or (self._packed[3] is not None and self._packed[3].stale()):
             split = self._splits(key)
             direct = self._direct(key, split)
             if direct is not None:
@@ -318,13 +322,11 @@ class Int8ConvBnAct(_ProcessLocal):
         return new
 
     def __call__(self, x):
-        # nn.Module.__call__ costs ~6 µs a call (63 calls per yolov8n image) even without hooks; it still runs
-        # whenever a hook is registered, for tracing (torch.fx proxies, jit), and for tensor subclasses
-        if type(x) is not torch.Tensor or _hooked(self):
+        if not self._plain_call(x):
             return super().__call__(x)
         p = self._packed
         if p is not None and p[3] is not None and p[0] == x.shape and x.dtype == torch.uint8 and \
-                p[3].threads == torch.get_num_threads() and x.is_contiguous(memory_format=CL):
+                not p[3].stale() and x.is_contiguous(memory_format=CL):
             # the direct primitive for this shape and thread count: forward's steps, fewer checks
             return self._run(x, None)
         return self.forward(x)
@@ -367,7 +369,7 @@ class Int8Add(_ProcessLocal):
     On codes it runs :mod:`fxqat.native`'s oneDNN add, made once per shape (a 16×56² add: 24 → 10 µs), else
     torch's ``quantized::add`` (broadcast shapes, the direct path off or unavailable)."""
 
-    _LOCAL = "_prim"  # (input shape, thread count, native.Add | None)
+    _LOCAL = "_prim"  # (input shape, native.Add | None)
 
     def __init__(self, a: tuple[float, int], b: tuple[float, int], out: tuple[float, int] | None):
         super().__init__()
@@ -375,23 +377,24 @@ class Int8Add(_ProcessLocal):
         self._prim = None
 
     def _direct(self, x, y) -> native.Add | None:
-        """The native add for this shape and thread count (None: torch's op), made on the first call with them."""
+        """The native add for this shape (None: torch's op), made on its first call, and again after torch's thread
+        count changed."""
         if x.shape != y.shape:  # broadcast
             return None
-        p, threads = getattr(self, "_prim", None), torch.get_num_threads()  # absent from modules pickled before
-        if p is not None and p[0] == x.shape and p[1] == threads:
-            return p[2]
+        p = getattr(self, "_prim", None)  # absent from modules pickled before it existed
+        if p is not None and p[0] == x.shape and (p[1] is None or not p[1].stale()):
+            return p[1]
         lib, add = native.library(), None
         if lib is not None and x.device.type == "cpu" and x.dim() == 4:
             try:
                 add = native.Add(lib, x.shape, self.a, self.b, self.out)
             except RuntimeError as e:  # oneDNN refused: torch's op adds, the model runs
                 warnings.warn(f"fxqat.native: {e}; this add runs torch's op", stacklevel=3)
-        self._prim = (x.shape, threads, add)
+        self._prim = (x.shape, add)
         return add
 
-    def __call__(self, x, y):  # nn.Module.__call__ costs ~6 µs; it still runs for hooks, tracing and subclasses
-        if type(x) is not torch.Tensor or type(y) is not torch.Tensor or _hooked(self):
+    def __call__(self, x, y):
+        if not self._plain_call(x, y):
             return super().__call__(x, y)
         return self.forward(x, y)
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 2
+ABI = 3
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -101,20 +101,16 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_qconv_error.restype = ctypes.c_char_p
     lib.fxqat_qconv_create.restype = p
     lib.fxqat_qconv_create.argtypes = [i] * 14 + [p, p, p, f, i, f, i, i, i]
-    lib.fxqat_qconv_impl.restype = ctypes.c_char_p
-    lib.fxqat_qconv_impl.argtypes = [p]
     lib.fxqat_qconv_run.restype = i
     lib.fxqat_qconv_run.argtypes = [p, p, p]
-    lib.fxqat_qconv_destroy.restype = None
-    lib.fxqat_qconv_destroy.argtypes = [p]
     lib.fxqat_qadd_create.restype = p
     lib.fxqat_qadd_create.argtypes = [i] * 4 + [f] * 3
-    lib.fxqat_qadd_impl.restype = ctypes.c_char_p
-    lib.fxqat_qadd_impl.argtypes = [p]
     lib.fxqat_qadd_run.restype = i
     lib.fxqat_qadd_run.argtypes = [p, p, p, p]
-    lib.fxqat_qadd_destroy.restype = None
-    lib.fxqat_qadd_destroy.argtypes = [p]
+    lib.fxqat_prim_impl.restype = ctypes.c_char_p
+    lib.fxqat_prim_impl.argtypes = [p]
+    lib.fxqat_prim_destroy.restype = None
+    lib.fxqat_prim_destroy.argtypes = [p]
     if lib.fxqat_qconv_abi() != ABI:
         raise RuntimeError(f"{path} has another ABI than this fxqat")
     return lib
@@ -159,8 +155,8 @@ def summary() -> str:
 
 class _Primitive:
     """A oneDNN primitive made by the library (``fxqat_<kind>_create``); run with the caller's buffers, freed with this
-    object. oneDNN fixes a primitive's thread count when it creates it (``torch.get_num_threads()`` then): a caller
-    that changes torch's count makes a new one (the modules compare ``threads``)."""
+    object. oneDNN fixes a primitive's thread count when it creates it (``torch.get_num_threads()`` then): once torch's
+    count changes the primitive is :meth:`stale` and its module makes a new one."""
 
     kind, what = "", ""
 
@@ -172,7 +168,11 @@ class _Primitive:
         self._exec = getattr(lib, f"fxqat_{self.kind}_run")
         if not handle:
             raise RuntimeError(f"oneDNN refused the {self.what}: {lib.fxqat_qconv_error().decode()}")
-        self.impl = getattr(lib, f"fxqat_{self.kind}_impl")(handle).decode()
+        self.impl = lib.fxqat_prim_impl(handle).decode()
+
+    def stale(self) -> bool:
+        """Whether torch's thread count changed since this primitive was made."""
+        return self.threads != torch.get_num_threads()
 
     def _run(self, *tensors):
         y = torch.empty_strided(self.out_shape, self._strides, dtype=self.out_dtype)
@@ -182,7 +182,7 @@ class _Primitive:
 
     def __del__(self):
         if getattr(self, "handle", None):
-            getattr(self._lib, f"fxqat_{self.kind}_destroy")(self.handle)
+            self._lib.fxqat_prim_destroy(self.handle)
             self.handle = None
 
 

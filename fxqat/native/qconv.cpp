@@ -1,5 +1,5 @@
-// fxqat's direct oneDNN convolution: one primitive per layer and input shape, created once and executed with the
-// caller's buffers. torch's onednn::qconv2d_pointwise rebuilds its descriptors on every call (26-54 us a call on a
+// fxqat's direct oneDNN convolution (and residual add, below): one primitive per layer and input shape, created once
+// and executed with the caller's buffers. torch's onednn::qconv2d_pointwise rebuilds its descriptors on every call (26-54 us a call on a
 // 2-core EPYC); executing a kept primitive costs a few microseconds. uint8 NHWC in, uint8 (requantized) or float32
 // NHWC out; per-channel int8 weights; SiLU (swish) or ReLU fused; input and output zero points; float32 bias.
 // Called from Python through ctypes with the GIL held: one call at a time per process, so a primitive's scratchpad
@@ -10,6 +10,7 @@
 #include <exception>
 #include <string>
 #include <unordered_map>
+#include <vector>
 
 using namespace dnnl;
 using tag = memory::format_tag;
@@ -18,12 +19,14 @@ using dt = memory::data_type;
 namespace {
 thread_local std::string last_error;
 
-struct Conv {
+// A kept primitive: its engine, stream and argument memories. io holds the memories whose data handles each run
+// points at the caller's buffers, in call order (the inputs, then the output).
+struct Prim {
   engine eng{engine::kind::cpu, 0};
   stream strm{eng};
-  convolution_forward prim;
+  primitive prim;
   std::unordered_map<int, memory> args;
-  memory src, dst;
+  std::vector<memory> io;
   std::string impl;
 };
 
@@ -45,6 +48,28 @@ int guarded(F f) {
   }
 }
 
+// make(p) fills a new Prim; the Prim, or nullptr with the exception's message kept for fxqat_qconv_error.
+template <class F>
+void* made(F make) {
+  auto* p = new Prim();
+  if (guarded([&] { make(*p); })) {
+    delete p;
+    return nullptr;
+  }
+  return p;
+}
+
+// Point io at the caller's buffers and execute; 0, or 1 with the message kept.
+int run(void* handle, std::initializer_list<void*> buffers) {
+  auto* p = static_cast<Prim*>(handle);
+  return guarded([&] {
+    size_t k = 0;
+    for (void* b : buffers) p->io[k++].set_data_handle(b);
+    p->prim.execute(p->strm, p->args);
+    p->strm.wait();
+  });
+}
+
 memory scalar_s32(const engine& eng, int v) {
   memory m(memory::desc({1}, dt::s32, tag::a), eng);
   *static_cast<int*>(m.get_data_handle()) = v;
@@ -54,7 +79,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 2; }
+int fxqat_qconv_abi() { return 3; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -62,8 +87,7 @@ const char* fxqat_qconv_error() { return last_error.c_str(); }
 void* fxqat_qconv_create(int n, int c, int h, int w, int o, int kh, int kw, int sh, int sw, int ph, int pw, int dh,
                          int dw, int groups, const int8_t* weight, const float* w_scale, const float* bias,
                          float x_scale, int x_zp, float o_scale, int o_zp, int act, int float_out) {
-  try {
-    auto* cv = new Conv();
+  return made([&](Prim& cv) {
     memory::dims src_d{n, c, h, w};
     int eh = (kh - 1) * dh + 1, ew = (kw - 1) * dw + 1;
     memory::dims dst_d{n, o, (h + 2 * ph - eh) / sh + 1, (w + 2 * pw - ew) / sw + 1};
@@ -83,63 +107,40 @@ void* fxqat_qconv_create(int n, int c, int h, int w, int o, int kh, int kw, int 
     attr.set_post_ops(po);
     attr.set_scratchpad_mode(scratchpad_mode::user);
     auto pd = convolution_forward::primitive_desc(
-        cv->eng, prop_kind::forward_inference, algorithm::convolution_direct, src_md,
+        cv.eng, prop_kind::forward_inference, algorithm::convolution_direct, src_md,
         memory::desc(w_d, dt::s8, tag::any), b_md, dst_md, {sh, sw}, {dh - 1, dw - 1}, {ph, pw}, {ph, pw}, attr);
-    cv->prim = convolution_forward(pd);
-    cv->impl = pd.impl_info_str();
-    memory w_user(memory::desc(w_d, dt::s8, groups > 1 ? tag::goihw : tag::oihw), cv->eng,
+    cv.prim = convolution_forward(pd);
+    cv.impl = pd.impl_info_str();
+    memory w_user(memory::desc(w_d, dt::s8, groups > 1 ? tag::goihw : tag::oihw), cv.eng,
                   const_cast<int8_t*>(weight));
-    memory w_mem(pd.weights_desc(), cv->eng);
-    reorder(w_user, w_mem).execute(cv->strm, w_user, w_mem);
-    cv->strm.wait();
-    cv->src = memory(src_md, cv->eng, nullptr);
-    cv->dst = memory(pd.dst_desc(), cv->eng, nullptr);
-    cv->args = {{DNNL_ARG_SRC, cv->src},
-                {DNNL_ARG_WEIGHTS, w_mem},
-                {DNNL_ARG_BIAS, vec_f32(cv->eng, bias, o)},
-                {DNNL_ARG_DST, cv->dst},
-                {DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), cv->eng)},
-                {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, vec_f32(cv->eng, &x_scale, 1)},
-                {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, vec_f32(cv->eng, w_scale, o)}};
-    if (!float_out) cv->args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = vec_f32(cv->eng, &o_scale, 1);
-    if (x_zp) cv->args[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC] = scalar_s32(cv->eng, x_zp);
-    if (o_zp && !float_out) cv->args[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST] = scalar_s32(cv->eng, o_zp);
-    return cv;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return nullptr;
-  }
-}
-
-const char* fxqat_qconv_impl(void* handle) { return static_cast<Conv*>(handle)->impl.c_str(); }
-
-int fxqat_qconv_run(void* handle, void* x, void* y) {
-  auto* cv = static_cast<Conv*>(handle);
-  return guarded([&] {
-    cv->src.set_data_handle(x);
-    cv->dst.set_data_handle(y);
-    cv->prim.execute(cv->strm, cv->args);
-    cv->strm.wait();
+    memory w_mem(pd.weights_desc(), cv.eng);
+    reorder(w_user, w_mem).execute(cv.strm, w_user, w_mem);
+    cv.strm.wait();
+    cv.io = {memory(src_md, cv.eng, nullptr), memory(pd.dst_desc(), cv.eng, nullptr)};
+    cv.args = {{DNNL_ARG_SRC, cv.io[0]},
+               {DNNL_ARG_WEIGHTS, w_mem},
+               {DNNL_ARG_BIAS, vec_f32(cv.eng, bias, o)},
+               {DNNL_ARG_DST, cv.io[1]},
+               {DNNL_ARG_SCRATCHPAD, memory(pd.scratchpad_desc(), cv.eng)},
+               {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC, vec_f32(cv.eng, &x_scale, 1)},
+               {DNNL_ARG_ATTR_SCALES | DNNL_ARG_WEIGHTS, vec_f32(cv.eng, w_scale, o)}};
+    if (!float_out) cv.args[DNNL_ARG_ATTR_SCALES | DNNL_ARG_DST] = vec_f32(cv.eng, &o_scale, 1);
+    if (x_zp) cv.args[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_SRC] = scalar_s32(cv.eng, x_zp);
+    if (o_zp && !float_out) cv.args[DNNL_ARG_ATTR_ZERO_POINTS | DNNL_ARG_DST] = scalar_s32(cv.eng, o_zp);
   });
 }
 
-void fxqat_qconv_destroy(void* handle) { delete static_cast<Conv*>(handle); }
+int fxqat_qconv_run(void* handle, void* x, void* y) { return run(handle, {x, y}); }
+
+const char* fxqat_prim_impl(void* handle) { return static_cast<Prim*>(handle)->impl.c_str(); }
+
+void fxqat_prim_destroy(void* handle) { delete static_cast<Prim*>(handle); }
 
 // The residual add on codes: out = sat_u8(round_half_even(ka * a + kb * b + c0)), with ka = sa / so, kb = sb / so
 // and c0 = zo - za * ka - zb * kb (a oneDNN binary add with per-tensor source scales and a linear post-op), for
 // dense channels-last uint8 maps of one shape. Created once per layer and shape, like the convolutions.
-struct Add {
-  engine eng{engine::kind::cpu, 0};
-  stream strm{eng};
-  binary prim;
-  std::unordered_map<int, memory> args;
-  memory a, b, dst;
-  std::string impl;
-};
-
 void* fxqat_qadd_create(int n, int c, int h, int w, float ka, float kb, float c0) {
-  try {
-    auto* ad = new Add();
+  return made([&](Prim& ad) {
     auto md = memory::desc({n, c, h, w}, dt::u8, tag::nhwc);
     primitive_attr attr;
     attr.set_scales_mask(DNNL_ARG_SRC_0, 0);
@@ -147,34 +148,15 @@ void* fxqat_qadd_create(int n, int c, int h, int w, float ka, float kb, float c0
     post_ops po;
     po.append_eltwise(algorithm::eltwise_linear, 1.f, c0);
     attr.set_post_ops(po);
-    auto pd = binary::primitive_desc(ad->eng, algorithm::binary_add, md, md, md, attr);
-    ad->prim = binary(pd);
-    ad->impl = pd.impl_info_str();
-    ad->a = memory(md, ad->eng, nullptr);
-    ad->b = memory(md, ad->eng, nullptr);
-    ad->dst = memory(md, ad->eng, nullptr);
-    ad->args = {{DNNL_ARG_SRC_0, ad->a}, {DNNL_ARG_SRC_1, ad->b}, {DNNL_ARG_DST, ad->dst},
-                {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC_0, vec_f32(ad->eng, &ka, 1)},
-                {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC_1, vec_f32(ad->eng, &kb, 1)}};
-    return ad;
-  } catch (const std::exception& e) {
-    last_error = e.what();
-    return nullptr;
-  }
-}
-
-const char* fxqat_qadd_impl(void* handle) { return static_cast<Add*>(handle)->impl.c_str(); }
-
-int fxqat_qadd_run(void* handle, void* a, void* b, void* y) {
-  auto* ad = static_cast<Add*>(handle);
-  return guarded([&] {
-    ad->a.set_data_handle(a);
-    ad->b.set_data_handle(b);
-    ad->dst.set_data_handle(y);
-    ad->prim.execute(ad->strm, ad->args);
-    ad->strm.wait();
+    auto pd = binary::primitive_desc(ad.eng, algorithm::binary_add, md, md, md, attr);
+    ad.prim = binary(pd);
+    ad.impl = pd.impl_info_str();
+    ad.io = {memory(md, ad.eng, nullptr), memory(md, ad.eng, nullptr), memory(md, ad.eng, nullptr)};
+    ad.args = {{DNNL_ARG_SRC_0, ad.io[0]}, {DNNL_ARG_SRC_1, ad.io[1]}, {DNNL_ARG_DST, ad.io[2]},
+               {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC_0, vec_f32(ad.eng, &ka, 1)},
+               {DNNL_ARG_ATTR_SCALES | DNNL_ARG_SRC_1, vec_f32(ad.eng, &kb, 1)}};
   });
 }
 
-void fxqat_qadd_destroy(void* handle) { delete static_cast<Add*>(handle); }
+int fxqat_qadd_run(void* handle, void* a, void* b, void* y) { return run(handle, {a, b, y}); }
 }
