@@ -3,11 +3,12 @@
 Rows per model (random init, calibrated on generated sign images, 640, batch 1): torch FP32 eager; fxqat INT8 torch
 as it runs now (weights split per layer geometry, ``fxqat.modules.int8``; the image quantized inside the first conv,
 ``QuantizeIntoConv``; its convolutions through :mod:`fxqat.native`'s direct oneDNN primitives where that path is
-available); the same model with every convolution through torch's ``onednn::qconv2d_pointwise`` (when the direct
-path is available, so that the two can be compared); and, where this CPU's u8×s8 kernels saturate, the same INT8
-model as converted and run before those two changes (a separate image Quantize; every layer whose weights exceed ±64
-split, depthwise convs included), for what they are worth in the same rounds. The outputs of the current and as-before
-rows are compared bit for bit (the torch-op row may differ from the direct one by rare one-code roundings).
+available); the same model with fxqat.native off, every convolution through torch's ``onednn::qconv2d_pointwise``
+and every residual add through ``quantized::add`` (when the direct path is available, so that the two can be
+compared); and, where this CPU's u8×s8 kernels saturate, the same INT8 model as converted and run before those two
+changes (a separate image Quantize; every layer whose weights exceed ±64 split, depthwise convs included), for what
+they are worth in the same rounds. The outputs of the current and as-before rows are compared bit for bit (the
+torch-op row may differ from the direct one by rare one-code roundings).
 
 ``--profile``: torch.profiler per-op shares (self CPU time) of FP32 and INT8, and the INT8 convs' share per kind
 (dense split / dense unsplit / depthwise), median over ``--profile-runs`` calls. Shares are robust under load where
@@ -41,7 +42,7 @@ import fxqat  # noqa: E402
 from fxqat.bench import _time, interleaved_times, spread  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat import native  # noqa: E402
-from fxqat.modules.int8 import Int8ConvBnAct, cpu_has_vnni, u8s8_conv_saturates  # noqa: E402
+from fxqat.modules.int8 import Int8Add, Int8ConvBnAct, cpu_has_vnni, u8s8_conv_saturates  # noqa: E402
 
 from .common import machine, save, table  # noqa: E402
 from .deploy import _calib_images  # noqa: E402
@@ -91,9 +92,8 @@ def build(spec: str, imgsz: int, end2end: bool = False) -> dict:
 
 
 def torch_op_copy(int8_model, imgsz: int):
-    """A copy of an INT8 model whose convolutions run torch's ``onednn::qconv2d_pointwise`` (not
-    :mod:`fxqat.native`'s direct primitives): each layer picks its path at its first call, made here with the
-    direct path off."""
+    """A copy of an INT8 model whose convolutions and adds run torch's ops (not :mod:`fxqat.native`'s direct
+    primitives): each layer picks its path at its first call, made here with the direct path off."""
     import copy
 
     m = copy.deepcopy(int8_model)  # deepcopy drops each layer's packed state
@@ -104,6 +104,7 @@ def torch_op_copy(int8_model, imgsz: int):
     finally:
         native.ENABLED = True
     assert not any(getattr(c, "runs_direct", False) for c in m.modules())
+    assert not any(isinstance(c, Int8Add) and c._prim is not None and c._prim[1] is not None for c in m.modules())
     return m
 
 
