@@ -58,6 +58,7 @@ from fxqat.tasks import TASKS, calibration_source, metrics_of, read_data, task_m
 from fxqat.tracing import task_of  # noqa: E402
 from fxqat.training import train_qat  # noqa: E402
 
+from .bootstrap import TP_KEY, paired_deltas  # noqa: E402
 from .common import markdown, save  # noqa: E402
 from .peers import export_fp32_onnx, ort_quantize_static  # noqa: E402
 
@@ -176,6 +177,10 @@ def main(argv=None):
     ap.add_argument("--end2end", action="store_true", help="an end-to-end model (YOLO26, YOLOv10): every fxqat row "
                     "on its one-to-one (top-k, no NMS) path, as Ultralytics' validator runs it (nms=False)")
     ap.add_argument("--project", default=None)
+    ap.add_argument("--bootstrap", type=int, default=0, help="resamples of a paired bootstrap over the validation "
+                    "images: each row's difference to FP32 with its 95%% interval (0: off; e.g. 1000)")
+    ap.add_argument("--seed", type=int, default=0, help="the seed of every fxqat QAT run (Ultralytics' trainer: data "
+                    "order and augmentation; its default is 0)")
     a = ap.parse_args(argv)
     lrs = [float(v) for v in a.lr0.split(",")]
     budgets = []
@@ -200,15 +205,21 @@ def main(argv=None):
     project = a.project or tempfile.mkdtemp(prefix="fxqat_acc_")
     val = a.val_data or a.data
     rows, notes = [], []
+    images_of: dict[str, list] = {}  # row → per-image statistics (--bootstrap)
 
     def add(name, r, eval_s=None, tag=("FP32", None), seconds=None, **kw):
+        if "_images" in r:
+            images_of[name] = r.pop("_images")
         rows.append({"method": name, "bits": tag[0], "learnable": tag[1], second: r[second],
                      main_metric: r[main_metric], "seconds": seconds, "eval_s": eval_s, **kw})
         print(f"{name}: {main_metric} {r[main_metric]:.4f}" + (f" ({seconds:.0f} s)" if seconds else ""), flush=True)
 
     def timed_eval(model, **kw):
         t = time.perf_counter()
-        r = evaluate(model, val, imgsz=a.imgsz, batch=a.batch, **kw)
+        imgs = [] if a.bootstrap else None
+        r = evaluate(model, val, imgsz=a.imgsz, batch=a.batch, images=imgs, **kw)
+        if imgs is not None:
+            r["_images"] = imgs
         return r, time.perf_counter() - t
 
     fp32 = load_model(a.fp32).eval()
@@ -224,6 +235,8 @@ def main(argv=None):
     if a.task is not None and a.task != task:
         ap.error(f"--task {a.task}: {a.fp32} is a {task} model")
     second, main_metric = task_metrics(task)
+    if a.bootstrap and task not in TP_KEY:
+        ap.error(f"--bootstrap: per-image statistics exist for {', '.join(TP_KEY)} models, not {task}")
     columns, head, formats = table_layout(task)
     calib_source = calibration_source(read_data(a.data), a.data)
     r, es = timed_eval(fp32 if a.end2end else a.fp32)
@@ -250,7 +263,7 @@ def main(argv=None):
                             project=project, name=run_name, workers=2, calib_batches=a.calib, verbose=False, lr0=lr,
                             freeze_bn_epoch=recipe.get("freeze_bn"),
                             freeze_observer_epoch=recipe.get("freeze_observers"), dampen=recipe.get("dampen"),
-                            freeze_osc=recipe.get("freeze_osc"))
+                            freeze_osc=recipe.get("freeze_osc"), seed=a.seed)
         s = time.perf_counter() - t
         model, ckpt = load_checkpoint(best, with_extra=True)
         epoch = int(ckpt.get("epoch", -1)) + 1
@@ -334,6 +347,18 @@ def main(argv=None):
     for r in rows:
         r["delta_pt"] = (r[main_metric] - base) * 100
     print(markdown(rows, columns, head, formats))
+    if a.bootstrap:
+        print(f"\npaired bootstrap over the {len(images_of['FP32'])} validation images ({a.bootstrap} resamples), "
+              f"{main_metric} difference to FP32 in points:")
+        others = {r["method"]: images_of[r["method"]] for r in rows[1:] if r["method"] in images_of}
+        cis = paired_deltas(images_of["FP32"], others, TP_KEY[task], a.bootstrap)
+        for r in rows[1:]:
+            if r["method"] not in cis:  # Ultralytics' row: evaluated by its own validator
+                continue
+            ci = cis[r["method"]]
+            r.update(delta_se_pt=ci["se_pt"], delta_ci_pt=[ci["lo_pt"], ci["hi_pt"]])
+            print(f"  {r['method']}: {ci['delta_pt']:+.2f} (95 % interval {ci['lo_pt']:+.2f} to {ci['hi_pt']:+.2f}, "
+                  f"standard error {ci['se_pt']:.2f})")
     print(f"\nevaluated on {val} (val split), imgsz {a.imgsz}; seconds: building the row's model (not evaluating)")
     for n in notes:
         print("note:", n)

@@ -140,22 +140,26 @@ def _as_predictor(model, names=None, stride=None, trust: bool | None = None) -> 
 
 
 def evaluate(model, data, imgsz: int = 320, batch: int = 16, names=None, stride=None, verbose: bool = False,
-             trust: bool | None = None) -> dict:
+             trust: bool | None = None, images: list | None = None) -> dict:
     """The task's validator metrics of ``model`` on ``data``'s val split (Ultralytics metrics): ``mAP50``,
     ``mAP50-95``, ``precision``, ``recall`` of the boxes, plus ``mask_*`` (segment) or ``pose_*`` (pose); see
-    :data:`fxqat.tasks.TASKS`. ``trust``: see :func:`fxqat.models.load_model`."""
+    :data:`fxqat.tasks.TASKS`. ``trust``: see :func:`fxqat.models.load_model`. ``images``: see
+    :func:`validation_stats`."""
     from .tasks import metrics_of
 
     pred = as_predictor(model, names, stride, trust)
-    return metrics_of(pred.task, validation_stats(pred, data, imgsz, batch, verbose))
+    return metrics_of(pred.task, validation_stats(pred, data, imgsz, batch, verbose, images))
 
 
-def validation_stats(model, data, imgsz: int, batch: int, verbose: bool = False) -> dict:
+def validation_stats(model, data, imgsz: int, batch: int, verbose: bool = False, images: list | None = None) -> dict:
     """The task validator's own statistics (Ultralytics' keys and ``fitness``) of any model form on ``data``'s val
     split: every image letterboxed to the square ``imgsz``, in batches of ``batch``. :func:`evaluate` and the QAT
     trainer's validation (:mod:`fxqat.training`) both run this, so a checkpoint's stored mAP is what ``fxqat eval``
     reports for it at the run's ``imgsz`` and ``batch`` (a fake-quant model can move by a few 1e-4 mAP with the batch
-    size: the float sums' rounding flips some values across a quantization step)."""
+    size: the float sums' rounding flips some values across a quantization step). ``images``: a list that gets one
+    dict per validation image, in the validator's order, of its matching statistics (Ultralytics' ``tp``, ``conf``,
+    ``pred_cls``, ``target_cls``, and ``tp_m`` / ``tp_p`` for masks / keypoints): what a per-image resampling of the
+    mAP needs (``benchmarks/bootstrap.py``); detect, segment, pose and OBB validators only."""
     from .tasks import check_data, read_data, spec
 
     pred = as_predictor(model)
@@ -167,5 +171,14 @@ def validation_stats(model, data, imgsz: int, batch: int, verbose: bool = False)
     if getattr(pred, "end2end", False):  # one-to-one top-k predictions: validated without NMS (Ultralytics' nms=False)
         args["nms"] = False
     v = spec(pred.task).cls("validator")(args=args)
+    seen: dict = {}
+    if images is not None:
+        if pred.task == "classify":
+            raise FxqatError("per-image statistics: detect, segment, pose and OBB validators only, not classify")
+        # the validator empties its statistics' lists when it computes the metrics: copy them after each batch
+        v.add_callback("on_val_batch_end", lambda val: seen.update({k: list(x) for k, x in val.metrics.stats.items()}))
     with torch.no_grad():
-        return dict(v(model=pred))
+        stats = dict(v(model=pred))
+    if images is not None:
+        images.extend({k: seen[k][i] for k in seen} for i in range(len(seen.get("tp", []))))
+    return stats

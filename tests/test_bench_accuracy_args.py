@@ -182,3 +182,22 @@ def test_ultralytics_qat_row_is_its_best_pt_evaluated_like_every_row(monkeypatch
     assert val["rect"] is False and val["data"] == (val_data or "d.yaml") and val["imgsz"] == 192
     assert val["nms"] is (False if end2end else None)
     assert r["mAP50-95"] == 0.6 and r["trainer_map"] == 0.7  # the row, and the trainer's own figure beside it
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+def test_seed_reaches_every_fxqat_qat_run(tiny_data, monkeypatch, seed):
+    """``--seed`` is the trainer's seed of the fxqat QAT rows (default 0, Ultralytics' own default)."""
+    import benchmarks.accuracy as acc
+
+    class Stop(Exception):
+        pass
+
+    def fake_train_qat(model, data, **kw):
+        raise Stop(kw)
+
+    monkeypatch.setattr(acc, "train_qat", fake_train_qat)
+    monkeypatch.setattr(acc, "evaluate", lambda *a, **k: {"mAP50": 0.0, "mAP50-95": 0.0})
+    with pytest.raises(Stop) as e:
+        main(["--fp32", "yolov8n.yaml", "--data", str(tiny_data), "--imgsz", "64", "--calib", "1", "--batch", "2",
+              "--skip-ort", "--skip-ultralytics", *([] if seed is None else ["--seed", str(seed)])])
+    assert e.value.args[0]["seed"] == (0 if seed is None else seed)
