@@ -8,6 +8,9 @@ e2e.cls_last) given
     int16   INT8 weights, 16-bit output grid
     int8    INT8 weights, uint8 output grid
     branch16  the whole one-to-one branch on 16-bit output grids (what Hailo does), last convs float
+    attn8   fxqat's defaults plus an 8-bit grid on the attention's softmax output where ``attn @ v`` reads it: what an
+            INT8 ``attn @ v`` needs (q, k and v already lie on the qkv conv's 8-bit grid, so an INT8 ``q @ k``
+            changes no value; the softmax output is the one operand an INT8 attention would add a rounding to)
 
 Each row: mAP50 / mAP50-95 (Ultralytics' validator, nms=False) and the SQNR (dB) vs the same graph with every
 quantizer off of the one-to-one predictions before top-k (what the decode reads, after any output quantizer of the
@@ -41,7 +44,34 @@ VARIANTS = {
     "int16": [{"match": {"role": r}, "activation": {"bits": 16}} for r in LAST],
     "int8": [{"match": {"role": r}, "activation": {"bits": 8}} for r in LAST],
     "branch16": [{"match": {"role": r}, "activation": {"bits": 16}} for r in ("e2e.box", "e2e.cls")],
+    "attn8": [],  # + quantize_softmax_outputs
 }
+
+
+def _from_softmax(gm, n, depth: int = 3) -> bool:
+    """Whether ``n`` is a softmax's output, through at most ``depth`` view / transpose / scale nodes."""
+    if op_kind(gm, n) == "softmax":
+        return True
+    return depth > 0 and any(_from_softmax(gm, i, depth - 1) for i in n.all_input_nodes)
+
+
+def quantize_softmax_outputs(gm) -> int:
+    """Insert an 8-bit activation fake-quantizer (fxqat's default activation spec) on every matmul operand that is a
+    softmax output; returns how many were inserted (0: the model has no attention)."""
+    spec = fxqat.qconfig.as_qconfig(None).activation
+    added = 0
+    for n in list(gm.graph.nodes):
+        if op_kind(gm, n) != "matmul":
+            continue
+        for a in [a for a in n.all_input_nodes if _from_softmax(gm, a)]:
+            name = f"attn_fq_{n.name}_{added}"
+            gm.add_submodule(name, FakeQuant(spec))
+            with gm.graph.inserting_before(n):
+                q = gm.graph.call_module(name, (a,))
+            n.replace_input_with(a, q)
+            added += 1
+    gm.recompile()
+    return added
 
 
 @torch.no_grad()
@@ -89,6 +119,8 @@ def main(argv=None):
     for name, rules in VARIANTS.items():
         qc = {"version": 1, "default_rules": True, "rules": rules}
         gm = fxqat.prepare_qat(model, qc)
+        if name == "attn8" and not quantize_softmax_outputs(gm):
+            continue  # no attention in this model
         fxqat.calibrate(gm, [x[i:i + 8] for i in range(0, len(x), 8)], progress=False)
         box_db, cls_db = o2o_sqnr(gm, x)
         r = {} if a.no_map else evaluate(gm, val, imgsz=a.imgsz)

@@ -145,8 +145,39 @@ def test_e2e_head_val_data_is_where_the_map_rows_are_evaluated(tiny_data, tmp_pa
     other = tmp_path / "other.yaml"
     e2e_head.main(["--fp32", "yolo26n.yaml", "--data", str(tiny_data), "--val-data", str(other), "--imgsz", "64",
                    "--images", "2"])
-    assert seen and set(seen) == {str(other)}  # 2 FP32 rows + 4 PTQ rows, none on --data
-    assert len(seen) == 6
+    assert seen and set(seen) == {str(other)}  # 2 FP32 rows + 5 PTQ rows, none on --data
+    assert len(seen) == 7
+
+
+def test_e2e_head_attn8_rounds_each_softmax_output_an_attention_matmul_reads():
+    import torch
+
+    import fxqat
+    from benchmarks.e2e_head import quantize_softmax_outputs
+    from fxqat.graph.registry import op_kind
+    from fxqat.models import load_model
+
+    torch.manual_seed(0)
+    model = load_model("fxqat-signs-yolo26n")  # trained: its attention is not uniform
+    model.end2end = True
+    x = torch.rand(2, 3, 128, 128)
+    attn8 = fxqat.prepare_qat(model)
+    assert quantize_softmax_outputs(attn8) == 2  # yolo26n: two attention blocks (layers 10 and 22's PSA)
+    for n in attn8.graph.nodes:
+        if str(n.target).startswith("attn_fq_"):
+            (user,) = n.users
+            assert op_kind(attn8, user) == "matmul"
+    fxqat.calibrate(attn8, [x], progress=False)
+    seen = []
+    for name, m in attn8.named_modules():
+        if name.startswith("attn_fq_"):
+            m.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
+    with torch.no_grad():
+        attn8.eval()(x)
+    assert len(seen) == 2
+    for a, q in seen:  # softmax rows in [0, 1], rounded onto 256 levels: a real rounding
+        assert 0 <= float(a.min()) and float(a.max()) <= 1 and not torch.equal(a, q)
+        assert (a - q).abs().max() <= 0.5 / 255 + 1e-6
 
 
 @pytest.mark.parametrize("end2end,val_data", [(True, "big_val.yaml"), (False, None)])
