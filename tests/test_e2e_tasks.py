@@ -34,7 +34,7 @@ def _decode_node(gm):
 
 
 @pytest.mark.parametrize("name", ["yolo26n-pose.yaml", *(pytest.param(f"yolo26{s}-{t}.yaml", marks=pytest.mark.slow)
-                                                          for s in "nsm" for t in ("seg", "pose", "obb")
+                                                          for s in "nsmlx" for t in ("seg", "pose", "obb")
                                                           if f"{s}-{t}" != "n-pose")])
 def test_yolo26_task_heads_bit_identical_both_paths(name):
     torch.manual_seed(0)

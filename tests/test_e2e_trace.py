@@ -23,7 +23,7 @@ def _decode(gm):
 @pytest.mark.parametrize("name", [
     "yolo26n.yaml", "yolov10n.yaml",
     pytest.param("yolo26s.yaml", marks=pytest.mark.slow), pytest.param("yolov10s.yaml", marks=pytest.mark.slow),
-    pytest.param("yolo26m.yaml", marks=pytest.mark.slow), pytest.param("yolov10m.yaml", marks=pytest.mark.slow),
+    *(pytest.param(f"{g}{s}.yaml", marks=pytest.mark.slow) for s in "mlx" for g in ("yolo26", "yolov10")),
 ])
 def test_e2e_bit_identical_both_paths(name):
     torch.manual_seed(0)
