@@ -73,6 +73,25 @@ def test_direct_conv_equals_torchs_op(cin, cout, k, s, groups, dilation, act, fl
 
 
 @needs_native
+@pytest.mark.parametrize("float_out,keep_layout", [(False, False), (True, False), (True, True)])
+def test_repeat_calls_take_the_inline_path_with_the_first_calls_result(float_out, keep_layout, monkeypatch):
+    """The first call builds the primitive through forward; later calls run it inline in __call__ (forward is not
+    called) with the same values and the same layout; a registered hook still sees every call."""
+    layer = _layer(16, 8, 3, 1, float_out=float_out).with_options(keep_layout=keep_layout)
+    x = torch.randint(0, 256, (1, 16, 12, 12), dtype=torch.uint8).contiguous(memory_format=CL)
+    first = layer(x)
+    calls = []
+    monkeypatch.setattr(Int8ConvBnAct, "forward", lambda self, x: calls.append(1) or first)
+    again = layer(x)
+    assert not calls and torch.equal(first, again) and again.stride() == first.stride()
+    assert first.is_contiguous(memory_format=CL) if (keep_layout or not float_out) else first.is_contiguous()
+    seen = []
+    layer.register_forward_hook(lambda mod, args, out: seen.append(out))
+    layer(x)
+    assert len(seen) == 1 and calls == [1]  # hooked: nn.Module.__call__ → forward
+
+
+@needs_native
 @pytest.mark.parametrize("size", [16, 64])
 def test_the_3_channel_image_conv_runs_direct(size):
     """The first conv (3 input channels, stride 2: oneDNN's jit_int8 kernel) runs direct, and on the float image
@@ -312,8 +331,10 @@ def test_direct_add_rounds_the_exact_sum(shape, strided):
         ref = ((x.double() - qa[1]) * qa[0] + (y.double() - qb[1]) * qb[0]) / qo[0] + qo[1]
         _near_ties_only(out, ref)
         _near_ties_only(_torch_add(m, x, y), ref)  # the reference path meets the same bar
-        m(x, y)
-        assert m._prim[1] is prim
+        assert torch.equal(m(x, y), out) and m._prim[1] is prim  # again: the kept primitive, the same codes
+    if not strided:  # dense inputs: later calls run the primitive inline in __call__, forward is not called
+        m.forward = None
+        assert torch.equal(m(x, y), out)
 
 
 @needs_native
