@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 3
+ABI = 4
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -85,7 +85,7 @@ def build() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        cmd = [cxx, "-O2", "-shared", "-fPIC", "-std=c++17", str(SOURCE), f"-I{inc}", f"-L{libdir}",
+        cmd = [cxx, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", str(SOURCE), f"-I{inc}", f"-L{libdir}",
                "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}", "-o", str(part)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
@@ -109,6 +109,8 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_qadd_run.argtypes = [p, p, p, p]
     lib.fxqat_prim_impl.restype = ctypes.c_char_p
     lib.fxqat_prim_impl.argtypes = [p]
+    lib.fxqat_fq8.restype = None
+    lib.fxqat_fq8.argtypes = [p, p, p, ctypes.c_int64, f, i, i, i, f, f, i, i]
     lib.fxqat_prim_destroy.restype = None
     lib.fxqat_prim_destroy.argtypes = [p]
     if lib.fxqat_qconv_abi() != ABI:

@@ -6,6 +6,10 @@
 // and its argument memories are never shared by two running calls.
 #include <oneapi/dnnl/dnnl.hpp>
 
+#include <omp.h>
+
+#include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <exception>
 #include <string>
@@ -79,7 +83,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 3; }
+int fxqat_qconv_abi() { return 4; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -159,4 +163,42 @@ void* fxqat_qadd_create(int n, int c, int h, int w, float ka, float kb, float c0
 }
 
 int fxqat_qadd_run(void* handle, void* a, void* b, void* y) { return run(handle, {a, b, y}); }
+
+// Per-tensor 8-bit fake-quantization of n contiguous float32 values in one pass (QAT's forward), with its
+// straight-through mask: y = (clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale, the arithmetic of
+// torch's quantize_per_tensor + dequantize and of its fake-quant kernel, bit for bit (a NaN gives the grid's lowest
+// value, as there). mask (when not null) = lo <= x (mode & 1) and x <= hi (mode & 2): the elements whose gradient
+// passes. Split over `threads` OpenMP threads (the caller passes torch's count).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void fq8_range(const float* x, float* y, uint8_t* mask, int64_t b, int64_t e, float scale, float inv, float zp,
+                      float qmin, float qmax, float lo, float hi, int mode) {
+  for (int64_t i = b; i < e; ++i) {
+    float v = x[i];
+    float q = std::nearbyint(v * inv) + zp;
+    q = !(q >= qmin) ? qmin : q;
+    q = q > qmax ? qmax : q;
+    y[i] = (q - zp) * scale;
+  }
+  if (mask) {
+    for (int64_t i = b; i < e; ++i) {
+      float v = x[i];
+      bool m = true;
+      if (mode & 1) m = m && (v >= lo);
+      if (mode & 2) m = m && (v <= hi);
+      mask[i] = m;
+    }
+  }
+}
+
+void fxqat_fq8(const float* x, float* y, uint8_t* mask, int64_t n, float scale, int zp, int qmin, int qmax, float lo,
+               float hi, int mode, int threads) {
+  const float inv = 1.0f / scale;
+  const int64_t grain = 1 << 14;
+  const int64_t chunks = (n + grain - 1) / grain;
+#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t b = c * grain, e = b + grain < n ? b + grain : n;
+    fq8_range(x, y, mask, b, e, scale, inv, float(zp), float(qmin), float(qmax), lo, hi, mode);
+  }
+}
 }

@@ -16,10 +16,15 @@ import warnings
 import numpy as np
 import torch
 
+from .. import native
+
 # the dtype whose whole range is (qmin, qmax): only those ranges take this path (others: torch's kernel)
 DTYPES = {(0, 255): torch.quint8, (-128, 127): torch.qint8}
 _THRESHOLDS: dict[tuple[float, int, int, int], tuple[float, float]] = {}
 MASK_SHORTCUT = True  # False: always both comparisons (the path before the batch-range shortcut; benchmarks A/B it)
+# True: one pass of fxqat.native's fused kernel (fake-quantized values and the mask together) where the library is
+# built and x is contiguous; False: quantize_per_tensor + dequantize + the comparisons (same values, same mask)
+NATIVE = True
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
 
 
@@ -59,8 +64,8 @@ class _FakeQuant8(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, batch_range=None):
         s, z = float(scale.reshape(())), int(zero_point.reshape(()))
-        y = torch.quantize_per_tensor(x, s, z, DTYPES[(qmin, qmax)]).dequantize()
-        ctx.pass_all = False
+        lo = hi = 0.0
+        below = above = False  # which sides of the range the straight-through mask checks
         if ctx.needs_input_grad[0]:
             lo, hi = thresholds(s, z, qmin, qmax)
             if MASK_SHORTCUT:
@@ -68,12 +73,21 @@ class _FakeQuant8(torch.autograd.Function):
                 below, above = not bmin >= lo, not bmax <= hi  # NaN: neither holds, so both sides are checked
             else:
                 below = above = True
+        ctx.pass_all = not (below or above)  # nothing clips (or no gradient): the identity
+        lib = native.library() if NATIVE and x.is_contiguous() else None
+        if lib is not None:  # values and mask in one pass
+            y = torch.empty_like(x)
+            mask = torch.empty_like(x, dtype=torch.bool) if below or above else None
+            lib.fxqat_fq8(x.data_ptr(), y.data_ptr(), None if mask is None else mask.data_ptr(), x.numel(), s, z,
+                          qmin, qmax, lo, hi, int(below) | 2 * int(above), torch.get_num_threads())
+        else:
+            y = torch.quantize_per_tensor(x, s, z, DTYPES[(qmin, qmax)]).dequantize()
             if below and above:
-                ctx.save_for_backward(torch.ge(x, lo).logical_and_(torch.le(x, hi)))
-            elif below or above:  # one side of the range clips in this batch: one comparison
-                ctx.save_for_backward(torch.ge(x, lo) if below else torch.le(x, hi))
-            else:  # nothing clips: the straight-through gradient is the identity
-                ctx.pass_all = True
+                mask = torch.ge(x, lo).logical_and_(torch.le(x, hi))
+            else:  # one side of the range clips in this batch: one comparison
+                mask = torch.ge(x, lo) if below else torch.le(x, hi) if above else None
+        if mask is not None:
+            ctx.save_for_backward(mask)
         return y
 
     @staticmethod

@@ -154,3 +154,34 @@ def test_fake_quant_module_hands_the_observers_range_to_the_mask(monkeypatch):
         y.sum().backward()
         grads.append(xi.grad)
     assert torch.equal(*grads)
+
+
+@pytest.mark.skipif(fxqat.native.library() is None, reason=f"fxqat.native unavailable: {fxqat.native.status()}")
+@pytest.mark.parametrize("qmin,qmax", RANGES)
+@pytest.mark.parametrize("clips", ["none", "above", "both"])
+def test_native_one_pass_kernel_equals_torchs_kernel(qmin, qmax, clips, monkeypatch):
+    """fxqat.native's fused kernel (values and mask in one pass, instead of quantize + dequantize + comparisons):
+    torch's fake-quant kernel's values and gradient bit for bit, over several threads' chunks, with ties, odd zero
+    points, NaN (the grid's lowest value, as torch's kernel; quantize + dequantize give the highest) and infinities."""
+    scale, zp = 0.0173, qmin + 77
+    x = _inputs(scale, zp, 7 * 14287, 3).reshape(1, 7, 14287, 1)  # 6 chunks of the kernel
+    lo, hi = fast_fq.thresholds(scale, zp, qmin, qmax)
+    if clips == "none":
+        x = x.clamp(lo, hi)
+    elif clips == "above":
+        x = x.clamp(min=lo)
+    else:
+        x[0, 0, :4, 0] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30])
+    s, z = torch.tensor([scale]), torch.tensor([zp], dtype=torch.int32)
+    monkeypatch.setattr(fast_fq, "NATIVE", True)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ref = torch.fake_quantize_per_tensor_affine(xa, s, z, qmin, qmax)
+    with monkeypatch.context() as m:  # the fused kernel runs instead of torch's quantize / dequantize
+        m.setattr(torch, "quantize_per_tensor", lambda *a, **k: pytest.fail("the two-kernel path ran"))
+        out = fast_fq.fake_quant_per_tensor(xb, s, z, qmin, qmax)
+    assert torch.equal(out, ref)
+    ref.backward(torch.ones_like(ref))
+    out.backward(torch.ones_like(out))
+    assert torch.equal(xb.grad, xa.grad)
+    assert clips != "none" or bool((xb.grad == 1).all())  # nothing clips: the identity gradient
+    assert clips == "none" or bool((xb.grad == 0).any())
