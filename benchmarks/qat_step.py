@@ -4,7 +4,8 @@ Rows: the FP32 Ultralytics ``DetectionModel``; fxqat's QAT graph as it was (torc
 ``fake_quant.FAST_OBSERVE = False``; BN rescale on the conv output, ``ConvBnAct.RESCALE_WEIGHT = False``); with the
 fast observers; with the fast observers and the weight-side rescale; with those and the quantize/dequantize
 fake-quant kernel (``fake_quant.FAST_KERNEL``); with those and the straight-through mask reduced to the sides the
-batch clips on (``fast_fq.MASK_SHORTCUT``, today's default); Ultralytics' own QAT
+batch clips on (``fast_fq.MASK_SHORTCUT``); with those and values and mask in one pass of fxqat.native's fused
+kernel (``fast_fq.NATIVE``, today's default); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
 One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch.
 
@@ -45,12 +46,19 @@ REF = "fxqat QAT before (torch.ao observer calls, conv output / f)"
 FAST = "fxqat QAT + fast observers"
 RESCALE = "fxqat QAT + fast observers + weight-side BN rescale"
 KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel"
-MASK = "fxqat QAT + the above + mask only where the batch clips (default)"
+MASK = "fxqat QAT + the above + mask only where the batch clips"
+NATIVE = "fxqat QAT + the above + one-pass native fake-quant kernel (default)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
-# row → (FakeQuant fast observers, ConvBnAct weight-side rescale): each change measured on its own
-# row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel)
-TOGGLES = {REF: (False, False, False, False), FAST: (True, False, False, False), RESCALE: (True, True, False, False),
-           KERNEL: (True, True, True, False), MASK: (True, True, True, True)}
+# row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel, mask shortcut, native kernel):
+# each change measured on its own
+TOGGLES = {REF: (False, False, False, False, False), FAST: (True, False, False, False, False),
+           RESCALE: (True, True, False, False, False), KERNEL: (True, True, True, False, False),
+           MASK: (True, True, True, True, False), NATIVE: (True, True, True, True, True)}
+DEFAULTS = (True, True, True, True, True)
+
+
+def _set(toggles) -> None:
+    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT, fast_fq.NATIVE = toggles
 
 
 def _ultralytics_qat(det, x):
@@ -91,8 +99,7 @@ def build(row: str, imgsz: int, batch: int, device: str):
 
 
 def _step(m, crit, x, tgt, opt, row):
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT = TOGGLES.get(
-        row, (True, True, True, True))
+    _set(TOGGLES.get(row, DEFAULTS))
     opt.zero_grad(set_to_none=True)
     loss, _ = crit(m(x), tgt)
     loss.sum().backward()
@@ -130,7 +137,7 @@ def peak_rss_mb(row, imgsz, batch, threads) -> float:
 
 def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None):
     rows, notes = {}, []
-    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, ULTRA):
+    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, NATIVE, ULTRA):
         if words and row != FP32 and not any(w in row for w in words):
             continue
         built = build(row, imgsz, batch, device)
@@ -163,7 +170,7 @@ def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None):
             mem[k] = torch.cuda.max_memory_allocated() / 2**20
         else:
             mem[k] = peak_rss_mb(k, imgsz, batch, threads)
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT = True, True, True, True
+    _set(DEFAULTS)
     base_t, base_m = statistics.median(times[FP32]), mem[FP32]
     out = []
     for k, ts in times.items():

@@ -1,7 +1,7 @@
 """``benchmarks.qat_step --rows``: only the named rows are built and stepped, beside the FP32 row they are compared
 with. No timing is asserted."""
 
-from benchmarks.qat_step import FP32, MASK, REF, measure
+from benchmarks.qat_step import FP32, MASK, NATIVE, REF, measure
 
 
 def test_rows_filter_keeps_fp32_and_the_named_rows():
@@ -13,4 +13,4 @@ def test_rows_filter_keeps_fp32_and_the_named_rows():
 def test_no_filter_runs_every_fxqat_row():
     rows, _ = measure(64, 1, rounds=1, steps=1, device="cpu", memory=False, threads=1)
     names = [r["row"] for r in rows]
-    assert names[:2] == [FP32, REF] and MASK in names
+    assert names[:2] == [FP32, REF] and MASK in names and NATIVE in names
