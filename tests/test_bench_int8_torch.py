@@ -40,4 +40,6 @@ def test_nncf_beside_it_or_none_without_nncf():
     if importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None:
         assert peer is None
         return
-    assert 0 < peer["conv_kernel_ms"] < peer["wall_ms"] and peer["other_layers_ms"] > 0
+    # the counters' split, not a comparison with the wall clock: a preempted run's counters and its wall time are
+    # two timings of a shared machine (one CI run saw 2.3 ms of kernels against a 0.55 ms median wall)
+    assert peer["wall_ms"] > 0 and peer["conv_kernel_ms"] > 0 and peer["other_layers_ms"] > 0
