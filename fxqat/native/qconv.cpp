@@ -1,12 +1,11 @@
-// fxqat's direct oneDNN convolution (and residual add, below): one primitive per layer and input shape, created once
+// fxqat's direct oneDNN convolution (and residual add, and QAT's fused 8-bit fake-quant: below): one primitive per
+// layer and input shape, created once
 // and executed with the caller's buffers. torch's onednn::qconv2d_pointwise rebuilds its descriptors on every call (26-54 us a call on a
 // 2-core EPYC); executing a kept primitive costs a few microseconds. uint8 NHWC in, uint8 (requantized) or float32
 // NHWC out; per-channel int8 weights; SiLU (swish) or ReLU fused; input and output zero points; float32 bias.
 // Called from Python through ctypes with the GIL held: one call at a time per process, so a primitive's scratchpad
 // and its argument memories are never shared by two running calls.
 #include <oneapi/dnnl/dnnl.hpp>
-
-#include <omp.h>
 
 #include <cmath>
 #include <cstdint>
@@ -165,9 +164,9 @@ void* fxqat_qadd_create(int n, int c, int h, int w, float ka, float kb, float c0
 int fxqat_qadd_run(void* handle, void* a, void* b, void* y) { return run(handle, {a, b, y}); }
 
 // Per-tensor 8-bit fake-quantization of n contiguous float32 values in one pass (QAT's forward), with its
-// straight-through mask: y = (clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale, the arithmetic of
-// torch's quantize_per_tensor + dequantize and of its fake-quant kernel, bit for bit (a NaN gives the grid's lowest
-// value, as there). mask (when not null) = lo <= x (mode & 1) and x <= hi (mode & 2): the elements whose gradient
+// straight-through mask: y = (clamp(nearbyint(x * (1 / scale)) + zp, qmin, qmax) - zp) * scale, torch's fake-quant
+// kernel's arithmetic bit for bit (a NaN gives the grid's lowest value, as there; quantize_per_tensor + dequantize
+// give the highest). mask (when not null) = lo <= x (mode & 1) and x <= hi (mode & 2): the elements whose gradient
 // passes. Split over `threads` OpenMP threads (the caller passes torch's count).
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static void fq8_range(const float* x, float* y, uint8_t* mask, int64_t b, int64_t e, float scale, float inv, float zp,

@@ -6,7 +6,8 @@ same ``nearbyint(x * (1 / scale)) + zero_point``, clamped, then ``(q - zero_poin
 with ties and odd zero points). The straight-through mask — elements whose unclamped code lies in [qmin, qmax] —
 is an interval of ``x`` (the code is monotone in ``x``), so it is two comparisons with thresholds found exactly once
 per (scale, zero point) in float32 arithmetic, the kernel's own, and fewer where the batch's min / max show a side
-that clips nothing.
+that clips nothing. Where :mod:`fxqat.native` is built, one pass of its fused kernel writes the values and the mask
+together (torch's kernel's values, NaN included: quantize + dequantize give a NaN the grid's highest value).
 """
 
 from __future__ import annotations
