@@ -47,6 +47,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import fxqat  # noqa: E402
+from fxqat.analysis.bootstrap import TP_KEY, paired_deltas  # noqa: E402
 from fxqat.checkpoint import load_checkpoint  # noqa: E402
 from fxqat.data.images import image_files, iter_image_batches, load_images  # noqa: E402
 from fxqat.errors import FxqatError  # noqa: E402
@@ -58,7 +59,6 @@ from fxqat.tasks import TASKS, calibration_source, metrics_of, read_data, task_m
 from fxqat.tracing import task_of  # noqa: E402
 from fxqat.training import train_qat  # noqa: E402
 
-from .bootstrap import TP_KEY, paired_deltas  # noqa: E402
 from .common import markdown, save  # noqa: E402
 from .peers import export_fp32_onnx, ort_quantize_static  # noqa: E402
 
@@ -351,7 +351,7 @@ def main(argv=None):
         print(f"\npaired bootstrap over the {len(images_of['FP32'])} validation images ({a.bootstrap} resamples), "
               f"{main_metric} difference to FP32 in points:")
         others = {r["method"]: images_of[r["method"]] for r in rows[1:] if r["method"] in images_of}
-        cis = paired_deltas(images_of["FP32"], others, TP_KEY[task], a.bootstrap)
+        cis = paired_deltas(images_of["FP32"], others, TP_KEY[task], a.bootstrap, progress=True)
         for r in rows[1:]:
             if r["method"] not in cis:  # Ultralytics' row: evaluated by its own validator
                 continue

@@ -275,6 +275,9 @@ COMMANDS: dict[str, Command] = {
         "batch": Arg(int, None, "batch size (default: a QAT checkpoint's own run's, else 16)", _at_least(1)),
         "fp32": Arg(str, None, "FP32 .pt to include as a baseline row"),
         "onnx": Arg(_bool, True, "also export and evaluate the QDQ ONNX model"),
+        "interval": Arg(int, 0, "resamples of a paired bootstrap over the validation images: each form's main-metric "
+                        "difference to the fp32= row with its 95 % interval (0: off, e.g. 1000; detect, segment, "
+                        "pose, OBB)", _at_least(0)),
         "out": Arg(str, None, "write results as JSON"), "trust": _TRUST}),
     "export": Command(_lazy("cmd_export"), "export an fxqat QAT checkpoint for Ultralytics: QDQ ONNX or an INT8 "
                       "OpenVINO folder", ("model",), {

@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+from .analysis.bootstrap import TP_KEY, paired_deltas
 from .errors import FxqatError
 
 
@@ -109,23 +110,40 @@ def _sizes(run: dict, imgsz, batch) -> tuple[int, int]:
     return imgsz, batch if batch is not None else taken.get("batch", 16)
 
 
-def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust):
-    from .evaluate import evaluate
-    from .tasks import read_data
+def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust, interval=0):
+    from .evaluate import as_predictor, evaluate
+    from .tasks import read_data, task_metrics
 
     read_data(data)  # a bad data YAML (or classify folder) is reported before any model work
-    results = []
+    if interval and not fp32:
+        raise FxqatError("interval=: the differences are to the FP32 model: give fp32=PATH.pt too")
+    results, images = [], []
     meta = None
     rows, imgsz, batch = _rows_for(model, fp32, imgsz, batch, onnx, trust)
+    task = as_predictor(rows[0][1]).task if interval else None  # rows[0]: the fp32= model
+    if interval and task not in TP_KEY:
+        raise FxqatError(f"interval=: per-image statistics exist for {', '.join(TP_KEY)} models, not {task}")
     for label, m in rows:
         names = stride = None
         if meta is not None and label == "INT8 torch":
             names, stride = meta
-        r = evaluate(m, data, imgsz=imgsz, batch=batch, names=names, stride=stride)
+        images.append([] if interval else None)
+        r = evaluate(m, data, imgsz=imgsz, batch=batch, names=names, stride=stride, images=images[-1])
         if hasattr(m, "meta"):
             meta = (m.meta["names"], m.meta["stride"])
         results.append({"model": label, **r})
-    _print_table(results, ["model", *[k for k in results[0] if k != "model"]])  # the task's metrics (fxqat.tasks)
+    cols = ["model", *[k for k in results[0] if k != "model"]]  # the task's metrics (fxqat.tasks)
+    if interval:
+        delta, span = f"Δ {task_metrics(task)[1]} pt", "95 % interval"
+        cis = paired_deltas(images[0], dict(enumerate(images[1:], 1)), TP_KEY[task], interval, progress=True)
+        for k, ci in cis.items():
+            results[k][delta] = f"{ci['delta_pt']:+.2f}"
+            results[k][span] = f"{ci['lo_pt']:+.2f} to {ci['hi_pt']:+.2f}"
+        cols += [delta, span]
+    _print_table(results, cols)
+    if interval:
+        print(f"Δ: against FP32 on the same {len(images[0])} validation images; 95 % interval: paired bootstrap, "
+              f"{interval} resamples of the images")
     if out:
         Path(out).write_text(json.dumps(results, indent=2))
 

@@ -159,7 +159,7 @@ def validation_stats(model, data, imgsz: int, batch: int, verbose: bool = False,
     size: the float sums' rounding flips some values across a quantization step). ``images``: a list that gets one
     dict per validation image, in the validator's order, of its matching statistics (Ultralytics' ``tp``, ``conf``,
     ``pred_cls``, ``target_cls``, and ``tp_m`` / ``tp_p`` for masks / keypoints): what a per-image resampling of the
-    mAP needs (``benchmarks/bootstrap.py``); detect, segment, pose and OBB validators only."""
+    mAP needs (:mod:`fxqat.analysis.bootstrap`); detect, segment, pose and OBB validators only."""
     from .tasks import check_data, read_data, spec
 
     pred = as_predictor(model)

@@ -2,10 +2,11 @@
 interval.
 
 Both models are evaluated on the same images (``fxqat.evaluate(..., images=list)`` keeps each image's matching
-statistics). Each resample draws images with replacement and recomputes both mAPs from the same draw, so the
-interval is that of the *difference*: what a target such as "within 0.3 pt of FP32" is checked against. On a small
-validation set one changed top-k decision moves mAP50-95 by tenths of a point; the interval says whether a measured
-gap is the model or the sample.
+statistics; ``fxqat eval CKPT data=... fp32=... interval=1000`` and ``benchmarks.accuracy --bootstrap`` report it).
+Each resample draws images with replacement and recomputes both mAPs from the same draw, so the interval is that of
+the *difference*: what a target such as "within 0.3 pt of FP32" is checked against. On a small validation set one
+changed top-k decision moves mAP50-95 by tenths of a point; the interval says whether a measured gap is the model or
+the sample.
 
 The mAP is Ultralytics' (``ap_per_class`` + ``compute_ap``: per class, 10 IoU thresholds, 101-point interpolation),
 computed from predictions sorted once: a drawn image counts with its multiplicity as a weight in the cumulative
@@ -71,10 +72,12 @@ def _ap(recall: np.ndarray, precision: np.ndarray) -> float:
     return float(_TRAPZ(np.interp(_AP_X, mrec, mpre), _AP_X))
 
 
-def paired_deltas(base: list[dict], others: dict[str, list[dict]], key: str = "tp", n: int = 1000, seed: int = 0,
-                  level: float = 0.95) -> dict[str, dict]:
+def paired_deltas(base: list[dict], others: dict, key: str = "tp", n: int = 1000, seed: int = 0, level: float = 0.95,
+                  progress: bool = False) -> dict:
     """For each of ``others``: its mAP50-95 − ``base``'s in points on the same images, the bootstrap's standard error
     and its ``level`` percentile interval (``n`` resamples of the images; every row sees the same draws)."""
+    from tqdm.auto import tqdm
+
     m = len(base)
     if not base or any(len(v) != m for v in others.values()):
         raise ValueError(f"paired bootstrap needs the same images for every model ({m} vs "
@@ -82,7 +85,7 @@ def paired_deltas(base: list[dict], others: dict[str, list[dict]], key: str = "t
     a, ranked = Ranked(base, key), {name: Ranked(v, key) for name, v in others.items()}
     rng = np.random.default_rng(seed)
     draws = {name: np.empty(n) for name in others}
-    for k in range(n):
+    for k in tqdm(range(n), desc="bootstrap", unit="resample", disable=not progress):
         w = np.bincount(rng.integers(0, m, m), minlength=m).astype(np.float64)
         a_k = a.map50_95(w)
         for name, r in ranked.items():

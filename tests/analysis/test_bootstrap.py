@@ -1,9 +1,10 @@
-"""benchmarks/bootstrap.py: per-image validation statistics and the paired bootstrap of an mAP difference."""
+"""fxqat.analysis.bootstrap: per-image validation statistics, the paired bootstrap of an mAP difference, and the two
+reports that use it (``benchmarks.accuracy --bootstrap``, ``fxqat eval ... interval=``)."""
 
 import numpy as np
 import pytest
 
-from benchmarks.bootstrap import Ranked, paired_delta
+from fxqat.analysis.bootstrap import Ranked, paired_delta
 from fxqat.evaluate import evaluate
 
 
@@ -88,3 +89,35 @@ def test_accuracy_benchmark_reports_each_rows_interval(tiny_data, tiny_qat_run, 
     for r in qat:
         lo, hi = r["delta_ci_pt"]
         assert lo <= r["delta_pt"] <= hi < 0 and r["delta_se_pt"] > 0
+
+
+def test_eval_command_reports_each_forms_interval(tiny_qat_run, tiny_data, tmp_path, capsys):
+    """``fxqat eval CKPT fp32=... interval=N``: each form's difference to the FP32 row with its interval, in the
+    table and the JSON; a checkpoint far worse than the shipped detector lies below 0 with all of its interval."""
+    from fxqat.cli import main
+
+    _, best = tiny_qat_run
+    out = tmp_path / "r.json"
+    assert main(["eval", str(best), f"data={tiny_data}", "fp32=fxqat-signs-yolov8n", "imgsz=128", "batch=4",
+                 "onnx=false", "interval=40", f"out={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "Δ mAP50-95 pt" in text and "on the same 8 validation images" in text and "40 resamples" in text
+    import json
+
+    rows = {r["model"]: r for r in json.loads(out.read_text())}
+    assert "95 % interval" not in rows["FP32"]
+    for form in ("QAT fake-quant", "INT8 torch"):
+        lo, hi = (float(v) for v in rows[form]["95 % interval"].split(" to "))
+        assert lo <= float(rows[form]["Δ mAP50-95 pt"]) <= hi < 0
+
+
+def test_eval_interval_needs_fp32_and_a_detection_style_task(tiny_data, capsys):
+    from fxqat.cli import main
+
+    assert main(["eval", "yolov8n.yaml", f"data={tiny_data}", "interval=10"]) != 0
+    assert "interval=: the differences are to the FP32 model: give fp32=PATH.pt too" in capsys.readouterr().err
+    assert main(["eval", "yolov8n.yaml", f"data={tiny_data}", "interval=-1"]) == 2
+    assert "interval" in capsys.readouterr().err
+    assert main(["eval", "yolov8n-cls.yaml", f"data={tiny_data}", "fp32=yolov8n-cls.yaml", "interval=10"]) != 0
+    assert "interval=: per-image statistics exist for detect, obb, segment, pose models, not classify" in \
+        capsys.readouterr().err
