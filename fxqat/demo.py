@@ -35,10 +35,13 @@ class DemoConfig:
     calib_batches: int
     analyze_images: int
     rounds: int  # interleaved latency rounds
+    interval: int = 0  # bootstrap resamples for each form's interval against FP32 (0: none)
 
 
-DEFAULT = DemoConfig(train=320, val=96, qat_epochs=1, batch=16, calib_batches=8, analyze_images=16, rounds=5)
-QUICK = DemoConfig(train=32, val=16, qat_epochs=1, batch=16, calib_batches=2, analyze_images=0, rounds=2)  # no analysis
+DEFAULT = DemoConfig(train=320, val=96, qat_epochs=1, batch=16, calib_batches=8, analyze_images=16, rounds=5,
+                     interval=300)
+QUICK = DemoConfig(train=32, val=16, qat_epochs=1, batch=16, calib_batches=2, analyze_images=0, rounds=2,
+                   interval=100)  # no analysis
 
 
 def demo_config(task: str = "detect", quick: bool = False) -> DemoConfig:
@@ -92,6 +95,7 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     as report.json)."""
     import fxqat
 
+    from .analysis.bootstrap import TP_KEY, paired_deltas
     from .bench import interleaved_medians
     from .checkpoint import load_checkpoint
     from .data.images import iter_image_batches
@@ -179,8 +183,11 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     companion, main = task_metrics(task)
     _step(5, n, f"evaluate {main} on the {cfg.val} validation {'scenes' if task == 'classify' else 'images'} "
                 f"(Ultralytics validator) for every form")
-    scores = {k: evaluate(m, data, imgsz=imgsz, batch=cfg.batch, names=names, stride=stride)
+    images = {k: [] for k in forms} if cfg.interval and task in TP_KEY else {}  # per-image statistics
+    scores = {k: evaluate(m, data, imgsz=imgsz, batch=cfg.batch, names=names, stride=stride, images=images.get(k))
               for k, (_, m) in forms.items()}
+    cis = paired_deltas(images["FP32"], {k: v for k, v in images.items() if k != "FP32"}, TP_KEY[task],
+                        cfg.interval) if images else {}
 
     torch.set_num_threads(threads)  # Ultralytics' trainer changes it
     _step(6, n, f"latency at {imgsz} px, batch 1, {threads} threads, {cfg.rounds} interleaved rounds")
@@ -193,6 +200,8 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
     for k, (runtime, _) in forms.items():
         rows.append({"model": k, "runtime": runtime, companion: scores[k][companion], main: scores[k][main],
                      "latency_ms": lat[k], "size_mb": _size_mb(sizes[k])})
+        if k in cis:  # points → the metric's units, as the table's Δ
+            rows[-1]["delta_ci"] = [cis[k]["lo_pt"] / 100, cis[k]["hi_pt"] / 100]
     pictures = {"predictions": _pictures(task, data, fp32, qat_int8, names, imgsz, out).name}
     arch = model_name.removeprefix("fxqat-signs-")
     fxqat.draw(qat, out / "qat_graph.svg", color_by="precision", imgsz=imgsz, title=f"{arch} QAT graph")
@@ -213,7 +222,8 @@ def run_demo(quick: bool = False, project: str = "runs/demo", seed: int | None =
               "qat_kept_ptq_start": qat_kept_ptq, "seconds": time.perf_counter() - t0,
               "qat_checkpoint": str(qat_ckpt), "onnx": str(onnx_path),
               "onnx_onnxruntime": str(ort_path), "openvino": str(ov_dir) if ov_dir else None,
-              "task": task, "metrics": [companion, main], "scene_imgsz": scene}
+              "task": task, "metrics": [companion, main], "scene_imgsz": scene,
+              "interval": cfg.interval if cis else 0}
     table = write_reports(report, out, quick)
     print("\n" + table)
     print(f"\nreport: {out / 'report.html'}  ({report['seconds'] / 60:.1f} min)")

@@ -26,8 +26,11 @@ def table_rows(rows: list[dict], metrics=DETECT_METRICS) -> list[list[str]]:
     out = []
     for r in rows:
         d = r[main] - ref[main]
+        delta = "" if r is ref else f"{d:+.3f}"
+        if r.get("delta_ci"):  # the 95 % interval of the difference (paired bootstrap), in the metric's units
+            delta += " [{:+.3f}, {:+.3f}]".format(*r["delta_ci"])
         speed = ref["latency_ms"] / r["latency_ms"] if r["latency_ms"] == r["latency_ms"] else float("nan")
-        out.append([r["model"], r["runtime"], f"{r[main]:.3f}", "" if r is ref else f"{d:+.3f}",
+        out.append([r["model"], r["runtime"], f"{r[main]:.3f}", delta,
                     f"{r[companion]:.3f}", _fmt(r["latency_ms"], ".1f"), "" if r is ref else _fmt(speed, ".2f") + "×",
                     _fmt(r["size_mb"], ".2f"), "" if r is ref else f"{r['size_mb'] / ref['size_mb']:.2f}×"])
     return out
@@ -105,6 +108,10 @@ def write_reports(report: dict, out: Path, quick: bool) -> str:
             f"QAT {cfg['qat_epochs']} epoch. Latency: batch 1, {threads} threads, median of "
             f"{cfg['rounds']} interleaved rounds in this run. ONNX Runtime runs the model prepared with the "
             "onnxruntime preset (its placement); OpenVINO runs the QAT model's QDQ export.")
+    if report.get("interval"):
+        note += (f" Δ vs FP32: on the same {cfg['val']} validation images; in brackets its 95 % interval, a paired "
+                 f"bootstrap over those images ({report['interval']} resamples): how far a difference of this size can "
+                 "come from which images were drawn.")
     if report.get("qat_kept_ptq_start"):
         note += (" The QAT epoch did not beat the PTQ start on the validation images, so best.pt (the QAT rows) is the "
                  "PTQ start: QAT never ends below it.")

@@ -60,8 +60,14 @@ def test_demo_quick(tmp_path, capsys):
     for r in rows.values():  # every form was evaluated and timed in this run
         assert 0 <= r["mAP50-95"] <= r["mAP50"] <= 1 and r["latency_ms"] > 0 and r["size_mb"] > 0
     assert rows["QAT INT8"]["size_mb"] < 0.3 * rows["FP32"]["size_mb"]
+    assert rep["interval"] == 100 and "delta_ci" not in rows["FP32"]  # each form's Δ with its bootstrap interval
+    for k, r in rows.items():
+        if k != "FP32":
+            lo, hi = r["delta_ci"]
+            assert lo <= hi and -1 <= lo and hi <= 1
     for f in ("report.md", "report.html", "qat_graph.svg", "predictions.png", "qat_int8.onnx"):
         assert (tmp_path / "demo" / f).exists(), f
+    assert "in brackets its 95 % interval" in (tmp_path / "demo" / "report.md").read_text()
     page = (tmp_path / "demo" / "report.html").read_text()
     assert "data:image/png;base64," in page and "<svg" in page and "src=\"http" not in page  # self-contained
     assert "| QAT INT8 | torch (oneDNN) |" in capsys.readouterr().out

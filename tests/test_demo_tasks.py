@@ -84,6 +84,13 @@ def test_table_columns_are_the_tasks_metrics(task):
     assert qat.split(" | ")[2:5] == ["0.375", "-0.125", "0.800"] and fp32.split(" | ")[2] == "0.500"
 
 
+def test_the_delta_shows_its_interval_when_there_is_one():
+    rows = [{"model": "FP32", "runtime": "torch", "mAP50": 0.9, "mAP50-95": 0.5, "latency_ms": 10.0, "size_mb": 12.0},
+            {"model": "QAT INT8", "runtime": "torch", "mAP50": 0.9, "mAP50-95": 0.498, "latency_ms": 5.0, "size_mb": 3.0,
+             "delta_ci": [-0.009, 0.004]}]
+    assert markdown_table(rows).splitlines()[3].split(" | ")[3] == "-0.002 [-0.009, +0.004]"
+
+
 def test_detect_table_is_unchanged():
     rows = [{"model": "FP32", "runtime": "torch", "mAP50": 0.9, "mAP50-95": 0.5, "latency_ms": 10.0, "size_mb": 12.0}]
     assert markdown_table(rows).splitlines()[0] == ("| model | runtime | mAP50-95 | Δ vs FP32 | mAP50 | latency (ms) | "
