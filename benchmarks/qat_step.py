@@ -5,7 +5,8 @@ Rows: the FP32 Ultralytics ``DetectionModel``; fxqat's QAT graph as it was (torc
 fast observers; with the fast observers and the weight-side rescale; with those and the quantize/dequantize
 fake-quant kernel (``fake_quant.FAST_KERNEL``); with those and the straight-through mask reduced to the sides the
 batch clips on (``fast_fq.MASK_SHORTCUT``); with those and values and mask in one pass of fxqat.native's fused
-kernel (``fast_fq.NATIVE``, today's default); Ultralytics' own QAT
+kernel (``fast_fq.NATIVE``, today's default); the default with every activation observer frozen after calibration
+(``fxqat qat ... freeze_observers=0``: fixed ranges, as ModelOpt trains); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
 One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch.
 
@@ -35,6 +36,7 @@ import torch  # noqa: E402
 import fxqat  # noqa: E402
 import fxqat.quant.fake_quant as fqmod  # noqa: E402
 from fxqat.quant import fast_fq  # noqa: E402
+from fxqat.quant.fake_quant import set_observers  # noqa: E402
 from fxqat.data.toy import toy_batch  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
 from fxqat.modules.conv_bn_act import ConvBnAct  # noqa: E402
@@ -48,6 +50,7 @@ RESCALE = "fxqat QAT + fast observers + weight-side BN rescale"
 KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel"
 MASK = "fxqat QAT + the above + mask only where the batch clips"
 NATIVE = "fxqat QAT + the above + one-pass native fake-quant kernel (default)"
+FROZEN = "fxqat QAT (default), observers frozen after calibration (fixed ranges, as ModelOpt)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel, mask shortcut, native kernel):
 # each change measured on its own
@@ -92,6 +95,8 @@ def build(row: str, imgsz: int, batch: int, device: str):
     else:
         m = fxqat.prepare_qat(det, example_inputs=(x,))
         fxqat.calibrate(m, [x], progress=False)
+        if row == FROZEN:
+            set_observers(m, False)  # what fxqat qat ... freeze_observers=0 trains with
     m = m.to(device).train()
     crit = v8DetectionLoss(det) if row != FP32 else crit
     tgt = {k: v.to(device) if torch.is_tensor(v) else v for k, v in tgt.items()}
@@ -137,7 +142,7 @@ def peak_rss_mb(row, imgsz, batch, threads) -> float:
 
 def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None):
     rows, notes = {}, []
-    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, NATIVE, ULTRA):
+    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, NATIVE, FROZEN, ULTRA):
         if words and row != FP32 and not any(w in row for w in words):
             continue
         built = build(row, imgsz, batch, device)

@@ -1,7 +1,7 @@
 """``benchmarks.qat_step --rows``: only the named rows are built and stepped, beside the FP32 row they are compared
 with. No timing is asserted."""
 
-from benchmarks.qat_step import FP32, MASK, NATIVE, REF, measure
+from benchmarks.qat_step import FP32, FROZEN, MASK, NATIVE, REF, build, measure
 
 
 def test_rows_filter_keeps_fp32_and_the_named_rows():
@@ -14,3 +14,18 @@ def test_no_filter_runs_every_fxqat_row():
     rows, _ = measure(64, 1, rounds=1, steps=1, device="cpu", memory=False, threads=1)
     names = [r["row"] for r in rows]
     assert names[:2] == [FP32, REF] and MASK in names and NATIVE in names
+
+
+def test_frozen_row_trains_with_fixed_activation_ranges():
+    """The frozen-observer row (ModelOpt's regime) really stops the observers: its ranges do not move in a step."""
+    import torch
+
+    from fxqat.quant.fake_quant import FakeQuant
+
+    m, crit, x, tgt = build(FROZEN, 64, 2, "cpu")
+    fqs = [f for f in m.modules() if isinstance(f, FakeQuant) and f.spec.fixed is None]
+    assert fqs and not any(f.observe_enabled for f in fqs)
+    before = [f.scale.clone() for f in fqs]
+    loss, _ = crit(m(x * 3), tgt)  # a batch far outside the calibrated ranges
+    loss.sum().backward()
+    assert all(torch.equal(b, f.scale) for b, f in zip(before, fqs))
