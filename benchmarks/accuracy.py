@@ -47,7 +47,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import fxqat  # noqa: E402
-from fxqat.analysis.bootstrap import TP_KEY, paired_deltas  # noqa: E402
+from fxqat.analysis.bootstrap import paired_deltas, tp_key  # noqa: E402
 from fxqat.checkpoint import load_checkpoint  # noqa: E402
 from fxqat.data.images import image_files, iter_image_batches, load_images  # noqa: E402
 from fxqat.errors import FxqatError  # noqa: E402
@@ -235,8 +235,12 @@ def main(argv=None):
     if a.task is not None and a.task != task:
         ap.error(f"--task {a.task}: {a.fp32} is a {task} model")
     second, main_metric = task_metrics(task)
-    if a.bootstrap and task not in TP_KEY:
-        ap.error(f"--bootstrap: per-image statistics exist for {', '.join(TP_KEY)} models, not {task}")
+    key = None
+    if a.bootstrap:
+        try:
+            key = tp_key(task)
+        except ValueError as e:
+            ap.error(f"--bootstrap: {e}")
     columns, head, formats = table_layout(task)
     calib_source = calibration_source(read_data(a.data), a.data)
     r, es = timed_eval(fp32 if a.end2end else a.fp32)
@@ -351,7 +355,7 @@ def main(argv=None):
         print(f"\npaired bootstrap over the {len(images_of['FP32'])} validation images ({a.bootstrap} resamples), "
               f"{main_metric} difference to FP32 in points:")
         others = {r["method"]: images_of[r["method"]] for r in rows[1:] if r["method"] in images_of}
-        cis = paired_deltas(images_of["FP32"], others, TP_KEY[task], a.bootstrap, progress=True)
+        cis = paired_deltas(images_of["FP32"], others, key, a.bootstrap, progress=True)
         for r in rows[1:]:
             if r["method"] not in cis:  # Ultralytics' row: evaluated by its own validator
                 continue

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from .analysis.bootstrap import TP_KEY, paired_deltas
+from .analysis.bootstrap import paired_deltas, tp_key
 from .errors import FxqatError
 
 
@@ -120,9 +120,13 @@ def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust, interval=0):
     results, images = [], []
     meta = None
     rows, imgsz, batch = _rows_for(model, fp32, imgsz, batch, onnx, trust)
-    task = as_predictor(rows[0][1]).task if interval else None  # rows[0]: the fp32= model
-    if interval and task not in TP_KEY:
-        raise FxqatError(f"interval=: per-image statistics exist for {', '.join(TP_KEY)} models, not {task}")
+    task = key = None
+    if interval:
+        task = as_predictor(rows[0][1]).task  # rows[0]: the fp32= model
+        try:
+            key = tp_key(task)
+        except ValueError as e:
+            raise FxqatError(f"interval=: {e}") from None
     for label, m in rows:
         names = stride = None
         if meta is not None and label == "INT8 torch":
@@ -135,7 +139,7 @@ def cmd_eval(model, data, imgsz, batch, fp32, onnx, out, trust, interval=0):
     cols = ["model", *[k for k in results[0] if k != "model"]]  # the task's metrics (fxqat.tasks)
     if interval:
         delta, span = f"Δ {task_metrics(task)[1]} pt", "95 % interval"
-        cis = paired_deltas(images[0], dict(enumerate(images[1:], 1)), TP_KEY[task], interval, progress=True)
+        cis = paired_deltas(images[0], dict(enumerate(images[1:], 1)), key, interval, progress=True)
         for k, ci in cis.items():
             results[k][delta] = f"{ci['delta_pt']:+.2f}"
             results[k][span] = f"{ci['lo_pt']:+.2f} to {ci['hi_pt']:+.2f}"

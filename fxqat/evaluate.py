@@ -173,8 +173,12 @@ def validation_stats(model, data, imgsz: int, batch: int, verbose: bool = False,
     v = spec(pred.task).cls("validator")(args=args)
     seen: dict = {}
     if images is not None:
-        if pred.task == "classify":
-            raise FxqatError("per-image statistics: detect, segment, pose and OBB validators only, not classify")
+        from .analysis.bootstrap import tp_key
+
+        try:
+            tp_key(pred.task)
+        except ValueError as e:
+            raise FxqatError(str(e)) from None
         # the validator empties its statistics' lists when it computes the metrics: copy them after each batch
         v.add_callback("on_val_batch_end", lambda val: seen.update({k: list(x) for k, x in val.metrics.stats.items()}))
     with torch.no_grad():

@@ -21,6 +21,14 @@ import numpy as np
 # the matching statistics of each task's main metric (Ultralytics' validator keys)
 TP_KEY = {"detect": "tp", "obb": "tp", "segment": "tp_m", "pose": "tp_p"}
 _AP_X = np.linspace(0, 1, 101)
+
+
+def tp_key(task: str) -> str:
+    """The matching-statistics key of ``task``'s main metric; a ValueError naming the tasks that have one (classify's
+    validator keeps no per-image matches)."""
+    if task not in TP_KEY:
+        raise ValueError(f"per-image statistics exist for {', '.join(TP_KEY)} models, not {task}")
+    return TP_KEY[task]
 _TRAPZ = getattr(np, "trapezoid", None) or np.trapz
 
 
