@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 4
+ABI = 6
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -111,6 +111,10 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_prim_impl.argtypes = [p]
     lib.fxqat_fq8.restype = None
     lib.fxqat_fq8.argtypes = [p, p, p, ctypes.c_int64, f, i, i, i, f, f, i, i]
+    lib.fxqat_fq8c.restype = None
+    lib.fxqat_fq8c.argtypes = [p, p, p, ctypes.c_int64, ctypes.c_int64, p, p, i, i, i]
+    lib.fxqat_observe.restype = i
+    lib.fxqat_observe.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, p, i, f, i, i, i, i, f, p, p, p, i]
     lib.fxqat_prim_destroy.restype = None
     lib.fxqat_prim_destroy.argtypes = [p]
     if lib.fxqat_qconv_abi() != ABI:

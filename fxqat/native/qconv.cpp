@@ -82,7 +82,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 4; }
+int fxqat_qconv_abi() { return 6; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -199,5 +199,121 @@ void fxqat_fq8(const float* x, float* y, uint8_t* mask, int64_t n, float scale, 
     int64_t b = c * grain, e = b + grain < n ? b + grain : n;
     fq8_range(x, y, mask, b, e, scale, inv, float(zp), float(qmin), float(qmax), lo, hi, mode);
   }
+}
+
+
+// Per-channel fake-quantization of rows x cols contiguous float32 values (QAT's weights: one row per output channel),
+// torch's fake_quantize_per_channel_affine kernel's values and straight-through mask bit for bit: q = nearbyint(x *
+// (1 / scale)) + zp, mask = qmin <= q <= qmax, y = (clamp(q) - zp) * scale. torch casts q to int64 first: a NaN or a q
+// past 2^63 becomes INT64_MIN there and clamps to qmin, as here. mask may be null (no gradient wanted).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void fqc_row(const float* x, float* y, uint8_t* mask, int64_t n, float scale, float zp, float qmin, float qmax) {
+  const float inv = 1.0f / scale, big = 9.2233720368547758e18f;
+  for (int64_t i = 0; i < n; ++i) {
+    float q = std::nearbyint(x[i] * inv) + zp;
+    float c = !(q < big) ? qmin : q < qmin ? qmin : q > qmax ? qmax : q;
+    y[i] = (c - zp) * scale;
+  }
+  if (mask)
+    for (int64_t i = 0; i < n; ++i) {
+      float q = std::nearbyint(x[i] * inv) + zp;
+      mask[i] = (q >= qmin) & (q <= qmax);
+    }
+}
+
+void fxqat_fq8c(const float* x, float* y, uint8_t* mask, int64_t rows, int64_t cols, const float* scale,
+                const int32_t* zp, int qmin, int qmax, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols > (1 << 16) && threads > 1)
+  for (int64_t r = 0; r < rows; ++r)
+    fqc_row(x + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, scale[r], float(zp[r]), float(qmin),
+            float(qmax));
+}
+// QAT's observer step for a MinMax / MovingAverageMinMax observer (torch.ao's update and qparams, op for op: see
+// fxqat.quant.fake_quant.FakeQuant._observe_fast), one call instead of ~20 tensor ops. x: rows x cols contiguous
+// float32 (one row per channel of a per-channel observer, one row per tensor otherwise); lo0 / hi0: the observer's
+// running min / max per row, updated in place; scale / zp: the quantizer's buffers, written; range: the last row's
+// batch min / max. ema: 0 min/max, 1 moving average with constant c (first_check: a per-tensor state still at
+// +inf / -inf takes the batch's range). Returns 1 and writes nothing when x holds a NaN or an infinity (the caller
+// then takes torch's path, which defines those cases).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static int row_range(const float* x, int64_t n, float* lo, float* hi) {
+  float mn = INFINITY, mx = -INFINITY;
+  int bad = 0;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = x[i];
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    bad |= !(v - v == 0.0f);  // NaN or infinity
+  }
+  *lo = mn, *hi = mx;
+  return bad;
+}
+
+// The scalar arithmetic in float32 without contraction into FMAs: torch's ops round after every operation.
+__attribute__((optimize("fp-contract=off"))) static void row_qparams(float bmin, float bmax, float* lo0, float* hi0,
+                                                                     int ema, float c, int first_check, int qmin,
+                                                                     int qmax, int symmetric, float eps, float* scale,
+                                                                     int32_t* zp) {
+  volatile float lo = bmin, hi = bmax;
+  if (!ema) {
+    lo = *lo0 < lo ? *lo0 : lo;
+    hi = *hi0 > hi ? *hi0 : hi;
+  } else if (!(first_check && std::isinf(*lo0) && *lo0 > 0 && std::isinf(*hi0) && *hi0 < 0)) {
+    volatile float dl = bmin - *lo0, dh = bmax - *hi0;
+    volatile float ml = c * dl, mh = c * dh;
+    lo = *lo0 + ml;
+    hi = *hi0 + mh;
+  }
+  *lo0 = lo, *hi0 = hi;
+  float l = lo < 0.0f ? lo : 0.0f, h = hi > 0.0f ? hi : 0.0f;
+  volatile float s;
+  int32_t z;
+  if (symmetric) {
+    float m = -l > h ? -l : h;
+    s = m / (float(qmax - qmin) / 2.0f);
+    z = qmin < 0 ? 0 : (qmin + qmax) / 2;
+  } else {
+    s = (h - l) / float(qmax - qmin);
+  }
+  float sc = s > eps ? s : eps;
+  if (!symmetric) {
+    volatile float r = l / sc;
+    int32_t q = qmin - int32_t(std::nearbyint(r));
+    z = q < qmin ? qmin : q > qmax ? qmax : q;
+  }
+  const float scale_eps = 1e-8f;
+  *scale = sc > scale_eps ? sc : scale_eps;
+  *zp = z;
+}
+
+int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float* hi0, int ema, float c,
+                  int first_check, int qmin, int qmax, int symmetric, float eps, float* scale, int32_t* zp,
+                  float* range, int threads) {
+  std::vector<float> lo(rows), hi(rows);
+  int bad = 0;
+  if (rows == 1) {  // one tensor: chunks over the threads
+    const int64_t grain = 1 << 15, chunks = (cols + grain - 1) / grain;
+    float mn = INFINITY, mx = -INFINITY;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(min : mn) reduction(max : mx) \
+    reduction(| : bad) if (chunks > 1 && threads > 1)
+    for (int64_t k = 0; k < chunks; ++k) {
+      int64_t b = k * grain, e = b + grain < cols ? b + grain : cols;
+      float a, z;
+      bad |= row_range(x + b, e - b, &a, &z);
+      mn = a < mn ? a : mn;
+      mx = z > mx ? z : mx;
+    }
+    lo[0] = mn, hi[0] = mx;
+  } else {
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) \
+    if (rows * cols > (1 << 16) && threads > 1)
+    for (int64_t r = 0; r < rows; ++r) bad |= row_range(x + r * cols, cols, &lo[r], &hi[r]);
+  }
+  if (bad || cols == 0) return 1;
+  for (int64_t r = 0; r < rows; ++r)
+    row_qparams(lo[r], hi[r], lo0 + r, hi0 + r, ema, c, first_check, qmin, qmax, symmetric, eps, scale + r, zp + r);
+  range[0] = lo[rows - 1], range[1] = hi[rows - 1];
+  return 0;
 }
 }

@@ -7,9 +7,12 @@ through the aten ``fake_quantize_per_{tensor,channel}_affine`` ops.
 
 from __future__ import annotations
 
+import ctypes
+
 import torch
 import torch.nn as nn
 
+from .. import native
 from . import fast_fq
 from .backend import make_observer
 from .spec import QuantSpec
@@ -24,6 +27,10 @@ FAST_KINDS = ("minmax", "moving_average")
 # Per-tensor 8-bit activations on CPU fake-quantize through the vectorized quantize / dequantize kernels
 # (:mod:`fxqat.quant.fast_fq`: same values and gradients). False: torch's fake-quant kernel, the reference.
 FAST_KERNEL = True
+# The fast observer's update and qparams in one call of fxqat.native's ``fxqat_observe`` where the library is built
+# (float32 contiguous CPU input, per tensor or per channel on axis 0, a running range already set): the same
+# float32 operations, so the same bits (tested). False: the tensor ops below.
+NATIVE_OBSERVE = True
 
 
 class FakeQuant(nn.Module):
@@ -114,6 +121,9 @@ class FakeQuant(nn.Module):
         if x.numel() == 0:
             return None
         lo0, hi0 = obs.min_val, obs.max_val
+        rng = self._observe_native(x, lo0, hi0) if NATIVE_OBSERVE else None
+        if rng is not None:
+            return (rng[0], rng[1]) if self.ch_axis is None else None
         y = x.detach().to(lo0.dtype)
         batch_range = None
         if self.ch_axis is None:
@@ -152,6 +162,38 @@ class FakeQuant(nn.Module):
             self.initialized.fill_(True)
             self._ready = True
         return batch_range
+
+    def _observe_native(self, x: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor):
+        """:meth:`_observe_fast` in one native call where it applies: returns the batch's (min, max) of the last
+        row (a ctypes pair), or None with nothing done (then the tensor ops run)."""
+        rows = 1 if self.ch_axis is None else x.shape[0] if self.ch_axis == 0 and x.dim() else 0
+        sc, zp = self.scale, self.zero_point
+        if not (rows and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
+                and lo0.numel() == rows and lo0.dtype == torch.float32 and lo0.device.type == "cpu"
+                and sc.numel() == rows and sc.dtype == torch.float32 and sc.device.type == "cpu"
+                and zp.dtype == torch.int32 and zp.device.type == "cpu"):
+            return None
+        lib = native.library()
+        if lib is None:
+            return None
+        obs, rng = self.observer, (ctypes.c_float * 2)()
+        ema = self.spec.observer == "moving_average"
+        if lib.fxqat_observe(x.data_ptr(), rows, x.numel() // rows, lo0.data_ptr(), hi0.data_ptr(), int(ema),
+                             obs.averaging_constant if ema else 0.0, int(self.ch_axis is None), obs.quant_min,
+                             obs.quant_max, int(self.spec.symmetric), self._eps(), sc.data_ptr(), zp.data_ptr(),
+                             rng, torch.get_num_threads()):
+            return None  # a NaN or an infinity in x: torch's ops define those cases
+        if not self._ready:
+            self.initialized.fill_(True)
+            self._ready = True
+        return rng
+
+    def _eps(self) -> float:
+        """The observer's ``eps`` (a constant buffer) as a float, read from the tensor once."""
+        eps = self.__dict__.get("_eps_value")
+        if eps is None:
+            eps = self.__dict__["_eps_value"] = float(self.observer.eps)
+        return eps
 
     def effective_scale(self) -> torch.Tensor:
         """The scale the forward pass uses: a learned scale is kept positive (``|s|``, at least 1e-8)."""
@@ -199,6 +241,10 @@ class FakeQuant(nn.Module):
             return y.to(x.dtype)
         scale = scale.detach()
         if self.ch_axis is not None:
+            fast = self.ch_axis == 0 and FAST_KERNEL and not torch.onnx.is_in_onnx_export()
+            y = fast_fq.fake_quant_per_channel(x, scale, self.zero_point, self.qmin, self.qmax) if fast else None
+            if y is not None:
+                return y
             return torch.fake_quantize_per_channel_affine(x, scale, self.zero_point, self.ch_axis,
                                                           self.qmin, self.qmax)
         if FAST_KERNEL and fast_fq.eligible(x, self.qmin, self.qmax) and not torch.onnx.is_in_onnx_export():

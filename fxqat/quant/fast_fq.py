@@ -26,6 +26,9 @@ MASK_SHORTCUT = True  # False: always both comparisons (the path before the batc
 # True: one pass of fxqat.native's fused kernel (fake-quantized values and the mask together) where the library is
 # built and x is contiguous; False: quantize_per_tensor + dequantize + the comparisons (same values, same mask)
 NATIVE = True
+# True: per-channel fake-quant (QAT's weights) through fxqat.native's kernel (values and mask in one pass; torch's
+# per-channel kernel is scalar: 10 ms of a yolov8n step); False: torch's kernel
+NATIVE_CHANNEL = True
 warnings.filterwarnings("ignore", message="torch.quantize_per_tensor, torch.quantize_per_channel")
 
 
@@ -107,3 +110,35 @@ def fake_quant_per_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torc
     that clips on one side only (SiLU outputs never go below the range) the mask is one comparison, and on one that
     clips nowhere there is none."""
     return _FakeQuant8.apply(x, scale, zero_point, qmin, qmax, batch_range)
+
+
+class _FakeQuantChannel(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax, lib):
+        rows = x.shape[0]
+        y = torch.empty_like(x)
+        mask = torch.empty_like(x, dtype=torch.bool) if ctx.needs_input_grad[0] else None
+        lib.fxqat_fq8c(x.data_ptr(), y.data_ptr(), None if mask is None else mask.data_ptr(), rows, x.numel() // rows,
+                       scale.data_ptr(), zero_point.data_ptr(), qmin, qmax, torch.get_num_threads())
+        if mask is not None:
+            ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return grad * mask, None, None, None, None, None  # torch's cachemask backward: dY * mask
+
+
+def fake_quant_per_channel(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int):
+    """``torch.fake_quantize_per_channel_affine(x, scale, zero_point, 0, qmin, qmax)`` (channels on axis 0: QAT's
+    weights) in one pass of fxqat.native's kernel, values and mask together: the same values and gradient, bit for bit
+    (tested). None where it does not apply (the caller then runs torch's op): no native library, or ``x`` not a
+    contiguous float32 CPU tensor with float32 scales and int32 zero points, one per row."""
+    if not (NATIVE_CHANNEL and x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() and x.is_contiguous()
+            and scale.dtype == torch.float32 and zero_point.dtype == torch.int32 and scale.is_contiguous()
+            and zero_point.is_contiguous() and scale.numel() == zero_point.numel() == x.shape[0] > 0
+            and scale.device.type == zero_point.device.type == "cpu"):
+        return None
+    lib = native.library()
+    return None if lib is None else _FakeQuantChannel.apply(x, scale, zero_point, qmin, qmax, lib)

@@ -109,3 +109,66 @@ def test_fake_quant_runs_in_float32_under_cpu_autocast():
     assert not torch.equal(expected.bfloat16().float(), expected)  # grid values rounded to bfloat16 would move
     y.sum().backward()  # and gradients flow back through the cast
     assert conv.weight.grad is not None
+
+
+NATIVE_SPECS = {k: SPECS[k] for k in ("u8 moving_average", "u8 minmax", "s8 moving_average", "u4 minmax",
+                                      "s8c minmax (weights)", "s8c moving_average")}
+
+
+@pytest.mark.parametrize("name", list(NATIVE_SPECS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_observer_is_bit_identical_to_the_tensor_ops(name, threads, monkeypatch):
+    """``fxqat_observe`` (one native call) against the fast path's tensor ops: same outputs and the same quantizer
+    state, bit for bit, on maps large enough to split over threads (3.3 M values: 100 chunks), on one-sided and
+    tiny ranges; and it really runs (torch.aminmax is never called on its path)."""
+    from fxqat import native
+
+    if native.library() is None:
+        pytest.skip(f"fxqat.native unavailable: {native.status()}")
+    spec, _ = NATIVE_SPECS[name]
+    shape = (8, 16, 160, 160) if spec.per_channel is None else (64, 32, 3, 3)
+    ref = FakeQuant(spec, channels=shape[0] if spec.per_channel is not None else None).train()
+    nat = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(3)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    aminmax, native_calls = torch.aminmax, []
+    try:
+        for i, (mul, add) in enumerate([(3.0, 0.5), (1e-3, 0.0), (40.0, -9.0), (1e4, 1e4), (0.7, -2.0)]):
+            x = torch.randn(shape, generator=g) * mul + add
+            if i == 1:
+                x = x.abs()  # nothing below zero
+            monkeypatch.setattr(fqmod, "NATIVE_OBSERVE", False)
+            y_ref = ref(x)
+            monkeypatch.setattr(fqmod, "NATIVE_OBSERVE", True)
+            first_per_channel = i == 0 and spec.per_channel is not None  # the running range is not set yet
+            monkeypatch.setattr(torch, "aminmax", aminmax if first_per_channel else None)
+            y_nat = nat(x)
+            monkeypatch.setattr(torch, "aminmax", aminmax)
+            native_calls.append(not first_per_channel)
+            assert torch.equal(y_ref, y_nat), (name, i)  # tolerance: exact (the same float32 operations)
+            for (k, a), b in zip(ref.state_dict().items(), nat.state_dict().values()):
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), (name, i, k)
+    finally:
+        torch.set_num_threads(old)
+    assert sum(native_calls) >= 4
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_native_observer_leaves_nonfinite_batches_to_torch(bad, monkeypatch):
+    """A NaN or an infinity in the batch: the native call writes nothing and the tensor ops decide, as before."""
+    spec = QuantSpec(observer="moving_average")
+    ref = FakeQuant(spec).train()
+    nat = copy.deepcopy(ref)
+    x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    for fq, flag in ((ref, False), (nat, True)):
+        monkeypatch.setattr(fqmod, "NATIVE_OBSERVE", flag)
+        fq(x)
+    x[1, 2, 3, 4] = bad
+    monkeypatch.setattr(fqmod, "NATIVE_OBSERVE", False)
+    y_ref = ref(x)
+    monkeypatch.setattr(fqmod, "NATIVE_OBSERVE", True)
+    y_nat = nat(x)
+    assert torch.equal(y_ref.nan_to_num(), y_nat.nan_to_num())
+    for (k, a), b in zip(ref.state_dict().items(), nat.state_dict().values()):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), k

@@ -135,10 +135,13 @@ def test_qat_model_step_equals_torch_kernel(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(w0, w1))
 
 
-def test_fake_quant_module_hands_the_observers_range_to_the_mask(monkeypatch):
+@pytest.mark.parametrize("native_observer", [False, True])
+def test_fake_quant_module_hands_the_observers_range_to_the_mask(native_observer, monkeypatch):
     """In training the observer's min / max of the very tensor decide the mask: a first batch sets the range, so
     nothing clips and no mask is kept; ``MASK_SHORTCUT = False`` keeps the two-comparison mask; the gradient is the
-    same either way."""
+    same either way. x is measured once, by the observer (by its tensor ops, or inside the native observer call)."""
+    monkeypatch.setattr(fqmod, "NATIVE_OBSERVE", native_observer)
+    measured_by_torch = 0 if native_observer and fxqat.native.library() is not None else 1
     x = torch.rand(2, 4, 8, 8) * 3
     grads = []
     real, calls = torch.aminmax, []
@@ -149,7 +152,7 @@ def test_fake_quant_module_hands_the_observers_range_to_the_mask(monkeypatch):
         xi = x.clone().requires_grad_()
         calls.clear()
         y = fq(xi)
-        assert len(calls) == 1  # the observer's: the fast kernel reuses it instead of measuring x again
+        assert len(calls) == measured_by_torch  # the fast kernel reuses the observer's range, never measures again
         assert y.grad_fn.pass_all is shortcut and len(y.grad_fn.saved_tensors) == (0 if shortcut else 1)
         y.sum().backward()
         grads.append(xi.grad)
@@ -185,3 +188,48 @@ def test_native_one_pass_kernel_equals_torchs_kernel(qmin, qmax, clips, monkeypa
     assert torch.equal(xb.grad, xa.grad)
     assert clips != "none" or bool((xb.grad == 1).all())  # nothing clips: the identity gradient
     assert clips == "none" or bool((xb.grad == 0).any())
+
+
+@pytest.mark.skipif(fxqat.native.library() is None, reason=f"fxqat.native unavailable: {fxqat.native.status()}")
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 80), cols=st.integers(1, 2000), r=st.sampled_from(RANGES + [(-8, 7), (0, 15)]),
+       zp_frac=st.floats(0, 1), seed=st.integers(0, 2**16), threads=st.sampled_from([1, 2]))
+def test_native_per_channel_kernel_equals_torchs(rows, cols, r, zp_frac, seed, threads):
+    """Per-channel fake-quant (QAT's weights) through fxqat.native against torch's kernel: the same values and
+    gradient bit for bit, on ties, odd zero points, 4- and 8-bit ranges, clipping on both sides, and on NaN, infinities
+    and codes past 2^63 (where torch's int64 cast sends them to qmin)."""
+    qmin, qmax = r
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.rand(rows, generator=g) * 0.1 + 1e-4
+    zp = torch.full((rows,), int(qmin + round(zp_frac * (qmax - qmin))), dtype=torch.int32)
+    x = torch.randn(rows, cols, generator=g) * scale[:, None] * (qmax - qmin) * 0.4
+    k = torch.randint(-300, 300, (rows, cols // 2), generator=g).float()
+    x[:, : cols // 2] = (k + 0.5) * scale[:, None]  # exact ties
+    special = [float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e15]
+    x.view(-1)[: len(special)] = torch.tensor(special)[: x.numel()]
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ref = torch.fake_quantize_per_channel_affine(xa, scale, zp, 0, qmin, qmax)
+        out = fast_fq.fake_quant_per_channel(xb, scale, zp, qmin, qmax)
+        assert out is not None
+        assert torch.equal(ref, out)  # tolerance: exact
+        grad = torch.randn(rows, cols, generator=g)
+        ref.backward(grad)
+        out.backward(grad)
+        assert torch.equal(xa.grad, xb.grad)  # tolerance: exact
+        with torch.no_grad():  # no gradient wanted: no mask, same values
+            assert torch.equal(fast_fq.fake_quant_per_channel(x, scale, zp, qmin, qmax), ref.detach())
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_per_channel_path_declines_what_it_does_not_cover():
+    """Not contiguous, not float32, int64 zero points, a scale per another axis: None (the caller runs torch's op)."""
+    w = torch.randn(4, 3, 3, 3)
+    s, z = torch.full((4,), 0.01), torch.zeros(4, dtype=torch.int32)
+    assert fast_fq.fake_quant_per_channel(w.transpose(0, 1), s, z, -128, 127) is None
+    assert fast_fq.fake_quant_per_channel(w.double(), s, z, -128, 127) is None
+    assert fast_fq.fake_quant_per_channel(w, s, z.long(), -128, 127) is None
+    assert fast_fq.fake_quant_per_channel(w, s[:3], z[:3], -128, 127) is None
