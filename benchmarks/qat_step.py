@@ -5,10 +5,13 @@ Rows: the FP32 Ultralytics ``DetectionModel``; fxqat's QAT graph as it was (torc
 fast observers; with the fast observers and the weight-side rescale; with those and the quantize/dequantize
 fake-quant kernel (``fake_quant.FAST_KERNEL``); with those and the straight-through mask reduced to the sides the
 batch clips on (``fast_fq.MASK_SHORTCUT``); with those and values and mask in one pass of fxqat.native's fused
-kernel (``fast_fq.NATIVE``, today's default); the default with every activation observer frozen after calibration
+kernel (``fast_fq.NATIVE``); with those and the weights' per-channel fake-quant in fxqat.native
+(``fast_fq.NATIVE_CHANNEL``); with those and each observer's update and qparams in one native call
+(``fake_quant.NATIVE_OBSERVE``, today's default); the default with every observer frozen after calibration
 (``fxqat qat ... freeze_observers=0``: fixed ranges, as ModelOpt trains); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
-One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch.
+One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch, starting
+from the shipped FP32 yolov8n (``--model``: another shipped model, checkpoint or YAML).
 
 Time: rounds are interleaved (each round runs every row's steps in turn) so machine noise hits every row alike;
 reported: median over rounds of each round's median step, and the spread (min–max of the round medians).
@@ -16,7 +19,7 @@ Peak memory: on CPU the peak RSS (VmHWM) of a child process that builds the row 
 ``torch.cuda.max_memory_allocated`` in this process, reset before each row.
 
     python -m benchmarks.qat_step [--sizes 320,640] [--batches 8,16] [--rounds 3] [--steps 2] [--threads 2]
-                                  [--device cpu|cuda] [--no-memory] [--rows WORDS]
+                                  [--device cpu|cuda] [--no-memory] [--rows WORDS] [--model NAME]
 
 ``--rows``: only the rows whose name contains one of the comma-separated words (the FP32 row always runs).
 """
@@ -49,19 +52,26 @@ FAST = "fxqat QAT + fast observers"
 RESCALE = "fxqat QAT + fast observers + weight-side BN rescale"
 KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel"
 MASK = "fxqat QAT + the above + mask only where the batch clips"
-NATIVE = "fxqat QAT + the above + one-pass native fake-quant kernel (default)"
+NATIVE = "fxqat QAT + the above + one-pass native fake-quant kernel"
+CHANNEL = "fxqat QAT + the above + native per-channel weight fake-quant"
+OBSERVE = "fxqat QAT + the above + one-call native observer update (default)"
 FROZEN = "fxqat QAT (default), observers frozen after calibration (fixed ranges, as ModelOpt)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
-# row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel, mask shortcut, native kernel):
-# each change measured on its own
-TOGGLES = {REF: (False, False, False, False, False), FAST: (True, False, False, False, False),
-           RESCALE: (True, True, False, False, False), KERNEL: (True, True, True, False, False),
-           MASK: (True, True, True, True, False), NATIVE: (True, True, True, True, True)}
-DEFAULTS = (True, True, True, True, True)
+# QAT fine-tunes a trained model: every row starts from the shipped FP32 yolov8n (trained by fxqat on its signs data).
+# From random init the quantized network's gradients explode (1e9 against FP32's 10 at 320 x 8: activations collapse
+# onto few codes and BatchNorm amplifies them), so its rows would time a diverging run.
+MODEL = "fxqat-signs-yolov8n"
+# row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel, mask shortcut, native kernel,
+# native per-channel kernel, native observer): each change measured on its own
+TOGGLES = {REF: (False,) * 7, FAST: (True,) + (False,) * 6, RESCALE: (True,) * 2 + (False,) * 5,
+           KERNEL: (True,) * 3 + (False,) * 4, MASK: (True,) * 4 + (False,) * 3, NATIVE: (True,) * 5 + (False,) * 2,
+           CHANNEL: (True,) * 6 + (False,), OBSERVE: (True,) * 7}
+DEFAULTS = (True,) * 7
 
 
 def _set(toggles) -> None:
-    fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT, fast_fq.NATIVE = toggles
+    (fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT, fast_fq.NATIVE,
+     fast_fq.NATIVE_CHANNEL, fqmod.NATIVE_OBSERVE) = toggles
 
 
 def _ultralytics_qat(det, x):
@@ -76,16 +86,17 @@ def _ultralytics_qat(det, x):
     return prepare_qat(det, [x], lambda b: b, batches=1)
 
 
-def build(row: str, imgsz: int, batch: int, device: str):
+def build(row: str, imgsz: int, batch: int, device: str, model: str = MODEL):
     """(model, loss function, step inputs) for one row; None when the row's backend is not installed."""
     from ultralytics.cfg import get_cfg
     from ultralytics.utils.loss import v8DetectionLoss
 
     torch.manual_seed(0)
-    det = load_model("yolov8n.yaml", nc=10)
+    det = load_model(model, nc=10) if model.endswith(".yaml") else load_model(model)
     det.args = get_cfg()
     crit = v8DetectionLoss(det)
     x, tgt = toy_batch(batch, imgsz, seed=0)
+    tgt["cls"] = tgt["cls"] % len(det.names)
     if row == FP32:
         m = det
     elif row == ULTRA:
@@ -116,9 +127,9 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _mem_child(row, imgsz, batch, threads, q):
+def _mem_child(row, imgsz, batch, threads, model, q):
     torch.set_num_threads(threads)
-    built = build(row, imgsz, batch, "cpu")
+    built = build(row, imgsz, batch, "cpu", model)
     if built is None:
         q.put(float("nan"))
         return
@@ -131,21 +142,21 @@ def _mem_child(row, imgsz, batch, threads, q):
     q.put(hwm / 1024)
 
 
-def peak_rss_mb(row, imgsz, batch, threads) -> float:
+def peak_rss_mb(row, imgsz, batch, threads, model=MODEL) -> float:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_mem_child, args=(row, imgsz, batch, threads, q))
+    p = ctx.Process(target=_mem_child, args=(row, imgsz, batch, threads, model, q))
     p.start()
     p.join(1800)
     return q.get() if not q.empty() else float("nan")
 
 
-def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None):
+def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None, model=MODEL):
     rows, notes = {}, []
-    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, NATIVE, FROZEN, ULTRA):
+    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, NATIVE, CHANNEL, OBSERVE, FROZEN, ULTRA):
         if words and row != FP32 and not any(w in row for w in words):
             continue
-        built = build(row, imgsz, batch, device)
+        built = build(row, imgsz, batch, device, model)
         if built is None:
             notes.append(f"{ULTRA}: not measured, nvidia-modelopt is not installed (Ultralytics 8.4.190 has the "
                          "quantize=8 path; it needs pip install nvidia-modelopt huggingface_hub)")
@@ -174,7 +185,7 @@ def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None):
             _step(m, crit, x, tgt, opt, k)
             mem[k] = torch.cuda.max_memory_allocated() / 2**20
         else:
-            mem[k] = peak_rss_mb(k, imgsz, batch, threads)
+            mem[k] = peak_rss_mb(k, imgsz, batch, threads, model)
     _set(DEFAULTS)
     base_t, base_m = statistics.median(times[FP32]), mem[FP32]
     out = []
@@ -196,25 +207,28 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--rows", default="", help="only rows whose name contains one of these comma-separated words")
+    ap.add_argument("--model", default=MODEL, help="the FP32 starting point: a shipped model's name or checkpoint, or "
+                    "a YAML (random init, nc=10)")
     a = ap.parse_args(argv)
     words = [w for w in a.rows.split(",") if w]
     torch.set_num_threads(a.threads)
     allrows, notes = [], []
     for imgsz in (int(s) for s in a.sizes.split(",")):
         for batch in (int(b) for b in a.batches.split(",")):
-            rows, n = measure(imgsz, batch, a.rounds, a.steps, a.device, not a.no_memory, a.threads, words)
+            rows, n = measure(imgsz, batch, a.rounds, a.steps, a.device, not a.no_memory, a.threads, words, a.model)
             allrows += rows
             notes += [x for x in n if x not in notes]
             print(table(rows, ["imgsz", "batch", "row", "step_s", "spread_s", "vs_fp32_time", "peak_mb",
                                "vs_fp32_mem"]), flush=True)
     dev = torch.cuda.get_device_name() if a.device.startswith("cuda") else machine()["cpu"]
-    print(f"\nyolov8n train step on {a.device} ({dev}), {a.threads} threads; median of {a.rounds} interleaved rounds "
-          f"x {a.steps} steps")
+    print(f"\n{a.model} train step on {a.device} ({dev}), {a.threads} threads; median of {a.rounds} interleaved "
+          f"rounds x {a.steps} steps")
     print(table(allrows, ["imgsz", "batch", "row", "step_s", "spread_s", "vs_fp32_time", "peak_mb", "vs_fp32_mem"]))
     for n in notes:
         print("note:", n)
     print("saved", save(f"qat_step_{a.device.split(':')[0]}", allrows, {"threads": a.threads, "rounds": a.rounds,
-                                                                        "steps": a.steps, "notes": notes}))
+                                                                        "steps": a.steps, "model": a.model,
+                                                                        "notes": notes}))
 
 
 if __name__ == "__main__":
