@@ -169,9 +169,9 @@ class FakeQuant(nn.Module):
         rows = 1 if self.ch_axis is None else x.shape[0] if self.ch_axis == 0 and x.dim() else 0
         sc, zp = self.scale, self.zero_point
         if not (rows and x.dtype == torch.float32 and x.device.type == "cpu" and x.is_contiguous()
-                and lo0.numel() == rows and lo0.dtype == torch.float32 and lo0.device.type == "cpu"
-                and sc.numel() == rows and sc.dtype == torch.float32 and sc.device.type == "cpu"
-                and zp.dtype == torch.int32 and zp.device.type == "cpu"):
+                and lo0.numel() == hi0.numel() == sc.numel() == zp.numel() == rows
+                and lo0.dtype == hi0.dtype == sc.dtype == torch.float32 and zp.dtype == torch.int32
+                and lo0.device.type == hi0.device.type == sc.device.type == zp.device.type == "cpu"):
             return None
         lib = native.library()
         if lib is None:
