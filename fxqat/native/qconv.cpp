@@ -201,7 +201,6 @@ void fxqat_fq8(const float* x, float* y, uint8_t* mask, int64_t n, float scale, 
   }
 }
 
-
 // Per-channel fake-quantization of rows x cols contiguous float32 values (QAT's weights: one row per output channel),
 // torch's fake_quantize_per_channel_affine kernel's values and straight-through mask bit for bit: q = nearbyint(x *
 // (1 / scale)) + zp, mask = qmin <= q <= qmax, y = (clamp(q) - zp) * scale. torch casts q to int64 first: a NaN or a q
@@ -228,13 +227,8 @@ void fxqat_fq8c(const float* x, float* y, uint8_t* mask, int64_t rows, int64_t c
     fqc_row(x + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, scale[r], float(zp[r]), float(qmin),
             float(qmax));
 }
-// QAT's observer step for a MinMax / MovingAverageMinMax observer (torch.ao's update and qparams, op for op: see
-// fxqat.quant.fake_quant.FakeQuant._observe_fast), one call instead of ~20 tensor ops. x: rows x cols contiguous
-// float32 (one row per channel of a per-channel observer, one row per tensor otherwise); lo0 / hi0: the observer's
-// running min / max per row, updated in place; scale / zp: the quantizer's buffers, written; range: the last row's
-// batch min / max. ema: 0 min/max, 1 moving average with constant c (first_check: a per-tensor state still at
-// +inf / -inf takes the batch's range). Returns 1 and writes nothing when x holds a NaN or an infinity (the caller
-// then takes torch's path, which defines those cases).
+
+// The batch's min / max of one row, and whether it holds a NaN or an infinity.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static int row_range(const float* x, int64_t n, float* lo, float* hi) {
   float mn = INFINITY, mx = -INFINITY;
@@ -287,6 +281,13 @@ __attribute__((optimize("fp-contract=off"))) static void row_qparams(float bmin,
   *zp = z;
 }
 
+// QAT's observer step for a MinMax / MovingAverageMinMax observer (torch.ao's update and qparams, op for op: see
+// fxqat.quant.fake_quant.FakeQuant._observe_fast), one call instead of ~20 tensor ops. x: rows x cols contiguous
+// float32 (one row per channel of a per-channel observer, one row per tensor otherwise); lo0 / hi0: the observer's
+// running min / max per row, updated in place; scale / zp: the quantizer's buffers, written; range: the last row's
+// batch min / max. ema: 0 min/max, 1 moving average with constant c (first_check: a per-tensor state still at
+// +inf / -inf takes the batch's range). Returns 1 and writes nothing when x holds a NaN or an infinity (the caller
+// then takes torch's path, which defines those cases).
 int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float* hi0, int ema, float c,
                   int first_check, int qmin, int qmax, int symmetric, float eps, float* scale, int32_t* zp,
                   float* range, int threads) {
