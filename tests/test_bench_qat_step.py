@@ -29,3 +29,17 @@ def test_frozen_row_trains_with_fixed_activation_ranges():
     loss, _ = crit(m(x * 3), tgt)  # a batch far outside the calibrated ranges
     loss.sum().backward()
     assert all(torch.equal(b, f.scale) for b, f in zip(before, fqs))
+
+
+def test_rows_start_from_the_trained_model_unless_a_yaml_is_given():
+    """``--model``: the shipped trained yolov8n by default (every row the same weights), a YAML gives random init."""
+    import torch
+
+    from fxqat.models import load_model
+
+    shipped = load_model("fxqat-signs-yolov8n").state_dict()
+    trained, *_ = build(FP32, 64, 1, "cpu")
+    assert all(torch.equal(v, shipped[k]) for k, v in trained.state_dict().items() if v.is_floating_point())
+    fresh, *_ = build(FP32, 64, 1, "cpu", model="yolov8n.yaml")
+    w = "model.0.conv.weight"
+    assert fresh.state_dict()[w].shape == shipped[w].shape and not torch.equal(fresh.state_dict()[w], shipped[w])

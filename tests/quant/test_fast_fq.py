@@ -233,3 +233,21 @@ def test_per_channel_path_declines_what_it_does_not_cover():
     assert fast_fq.fake_quant_per_channel(w.double(), s, z, -128, 127) is None
     assert fast_fq.fake_quant_per_channel(w, s, z.long(), -128, 127) is None
     assert fast_fq.fake_quant_per_channel(w, s[:3], z[:3], -128, 127) is None
+
+
+@pytest.mark.skipif(fxqat.native.library() is None, reason=f"fxqat.native unavailable: {fxqat.native.status()}")
+def test_weight_quantizer_takes_the_native_per_channel_path(monkeypatch):
+    """A QAT weight quantizer runs the native per-channel kernel when ``NATIVE_CHANNEL`` is on and torch's op when off,
+    with the same values and gradient."""
+    fq = FakeQuant(QuantSpec(symmetric=True, per_channel=0, observer="minmax"), channels=8).train()
+    fq.always_observe = True
+    w = torch.randn(8, 4, 3, 3, generator=torch.Generator().manual_seed(0))
+    outs = {}
+    for flag in (True, False):
+        monkeypatch.setattr(fast_fq, "NATIVE_CHANNEL", flag)
+        wi = w.clone().requires_grad_()
+        y = fq(wi)
+        assert (type(y.grad_fn).__name__ == "_FakeQuantChannelBackward") is flag
+        y.backward(torch.ones_like(y))
+        outs[flag] = (y.detach(), wi.grad)
+    assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
