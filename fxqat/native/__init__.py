@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 6
+ABI = 7
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -113,6 +113,8 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_fq8.argtypes = [p, p, p, ctypes.c_int64, f, i, i, i, f, f, i, i]
     lib.fxqat_fq8c.restype = None
     lib.fxqat_fq8c.argtypes = [p, p, p, ctypes.c_int64, ctypes.c_int64, p, p, i, i, i]
+    lib.fxqat_mask_grad.restype = None
+    lib.fxqat_mask_grad.argtypes = [p, p, p, ctypes.c_int64, i, i]
     lib.fxqat_observe.restype = i
     lib.fxqat_observe.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, p, i, f, i, i, i, i, f, p, p, p, i]
     lib.fxqat_prim_destroy.restype = None

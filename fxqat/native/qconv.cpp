@@ -82,7 +82,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 6; }
+int fxqat_qconv_abi() { return 7; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -226,6 +226,26 @@ void fxqat_fq8c(const float* x, float* y, uint8_t* mask, int64_t rows, int64_t c
   for (int64_t r = 0; r < rows; ++r)
     fqc_row(x + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, scale[r], float(zp[r]), float(qmin),
             float(qmax));
+}
+
+// The straight-through gradient of a fake-quant: y = mask ? g : 0 (torch.where(mask, g, 0.0): the per-tensor
+// backward) or, with mul, y = g * float(mask) (torch's per-channel cachemask backward: dY * mask, so a NaN gradient
+// stays NaN and a negative one gives -0). n contiguous values, split over `threads` OpenMP threads.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void mask_grad_range(const float* g, const uint8_t* mask, float* y, int64_t b, int64_t e, int mul) {
+  if (mul)
+    for (int64_t i = b; i < e; ++i) y[i] = g[i] * float(mask[i]);
+  else
+    for (int64_t i = b; i < e; ++i) y[i] = mask[i] ? g[i] : 0.0f;
+}
+
+void fxqat_mask_grad(const float* g, const uint8_t* mask, float* y, int64_t n, int mul, int threads) {
+  const int64_t grain = 1 << 15, chunks = (n + grain - 1) / grain;
+#pragma omp parallel for num_threads(threads) schedule(static) if (chunks > 1 && threads > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    int64_t b = c * grain, e = b + grain < n ? b + grain : n;
+    mask_grad_range(g, mask, y, b, e, mul);
+  }
 }
 
 // The batch's min / max of one row, and whether it holds a NaN or an infinity.

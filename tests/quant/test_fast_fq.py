@@ -251,3 +251,36 @@ def test_weight_quantizer_takes_the_native_per_channel_path(monkeypatch):
         y.backward(torch.ones_like(y))
         outs[flag] = (y.detach(), wi.grad)
     assert torch.equal(outs[True][0], outs[False][0]) and torch.equal(outs[True][1], outs[False][1])
+
+
+@pytest.mark.skipif(fxqat.native.library() is None, reason=f"fxqat.native unavailable: {fxqat.native.status()}")
+@pytest.mark.parametrize("mul", [False, True])
+@pytest.mark.parametrize("n", [1, 1000, 3 * 2**15 + 7])
+def test_native_masked_gradient_equals_torchs(mul, n, monkeypatch):
+    """masked_grad through fxqat.native against torch.where(mask, g, 0) / g * mask: bit for bit, with NaN, infinities
+    and negative gradients (g * 0 is -0 or NaN there, where gives +0), over several OpenMP chunks; non-contiguous
+    gradients take torch's op."""
+    g = torch.Generator().manual_seed(n)
+    grad = torch.randn(n, generator=g)
+    grad[: min(n, 3)] = torch.tensor([float("nan"), float("inf"), -2.0])[: min(n, 3)]
+    mask = torch.rand(n, generator=g) > 0.3
+    ref = grad * mask if mul else torch.where(mask, grad, 0.0)
+    calls = []
+    lib = fxqat.native.library()
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+        def fxqat_mask_grad(self, *a):
+            calls.append(1)
+            return lib.fxqat_mask_grad(*a)
+
+    monkeypatch.setattr(fxqat.native, "library", lambda: Spy())
+    out = fast_fq.masked_grad(grad, mask, mul)
+    assert calls and torch.equal(ref.nan_to_num(), out.nan_to_num())  # tolerance: exact
+    assert torch.equal(ref.isnan(), out.isnan()) and torch.equal(ref.signbit(), out.signbit())
+    g2 = torch.randn(4, 9, generator=g).t()  # not contiguous: torch's op
+    m2 = torch.rand(9, 4, generator=g) > 0.5
+    calls.clear()
+    assert torch.equal(fast_fq.masked_grad(g2, m2, mul), g2 * m2 if mul else torch.where(m2, g2, 0.0)) and not calls
