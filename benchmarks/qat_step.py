@@ -7,7 +7,8 @@ fake-quant kernel (``fake_quant.FAST_KERNEL``); with those and the straight-thro
 batch clips on (``fast_fq.MASK_SHORTCUT``); with those and values and mask in one pass of fxqat.native's fused
 kernel (``fast_fq.NATIVE``); with those and the weights' per-channel fake-quant in fxqat.native
 (``fast_fq.NATIVE_CHANNEL``); with those and each observer's update and qparams in one native call
-(``fake_quant.NATIVE_OBSERVE``, today's default); the default with every observer frozen after calibration
+(``fake_quant.NATIVE_OBSERVE``); with those and the backward's masked gradient in fxqat.native
+(``fast_fq.NATIVE_GRAD``, today's default); the default with every observer frozen after calibration
 (``fxqat qat ... freeze_observers=0``: fixed ranges, as ModelOpt trains); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
 One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch, starting
@@ -54,7 +55,8 @@ KERNEL = "fxqat QAT + the above + quantize/dequantize fake-quant kernel"
 MASK = "fxqat QAT + the above + mask only where the batch clips"
 NATIVE = "fxqat QAT + the above + one-pass native fake-quant kernel"
 CHANNEL = "fxqat QAT + the above + native per-channel weight fake-quant"
-OBSERVE = "fxqat QAT + the above + one-call native observer update (default)"
+OBSERVE = "fxqat QAT + the above + one-call native observer update"
+GRAD = "fxqat QAT + the above + native masked gradient (default)"
 FROZEN = "fxqat QAT (default), observers frozen after calibration (fixed ranges, as ModelOpt)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # QAT fine-tunes a trained model: every row starts from the shipped FP32 yolov8n (trained by fxqat on its signs data).
@@ -62,16 +64,16 @@ ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # onto few codes and BatchNorm amplifies them), so its rows would time a diverging run.
 MODEL = "fxqat-signs-yolov8n"
 # row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel, mask shortcut, native kernel,
-# native per-channel kernel, native observer): each change measured on its own
-TOGGLES = {REF: (False,) * 7, FAST: (True,) + (False,) * 6, RESCALE: (True,) * 2 + (False,) * 5,
-           KERNEL: (True,) * 3 + (False,) * 4, MASK: (True,) * 4 + (False,) * 3, NATIVE: (True,) * 5 + (False,) * 2,
-           CHANNEL: (True,) * 6 + (False,), OBSERVE: (True,) * 7}
-DEFAULTS = (True,) * 7
+# native per-channel kernel, native observer, native masked gradient): each change measured on its own, the row's
+# changes and every earlier one on
+ORDER = (REF, FAST, RESCALE, KERNEL, MASK, NATIVE, CHANNEL, OBSERVE, GRAD)
+TOGGLES = {row: (True,) * i + (False,) * (len(ORDER) - 1 - i) for i, row in enumerate(ORDER)}
+DEFAULTS = TOGGLES[GRAD]
 
 
 def _set(toggles) -> None:
     (fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT, fast_fq.NATIVE,
-     fast_fq.NATIVE_CHANNEL, fqmod.NATIVE_OBSERVE) = toggles
+     fast_fq.NATIVE_CHANNEL, fqmod.NATIVE_OBSERVE, fast_fq.NATIVE_GRAD) = toggles
 
 
 def _ultralytics_qat(det, x):
@@ -153,7 +155,7 @@ def peak_rss_mb(row, imgsz, batch, threads, model=MODEL) -> float:
 
 def measure(imgsz, batch, rounds, steps, device, memory, threads, words=None, model=MODEL):
     rows, notes = {}, []
-    for row in (FP32, REF, FAST, RESCALE, KERNEL, MASK, NATIVE, CHANNEL, OBSERVE, FROZEN, ULTRA):
+    for row in (FP32, *ORDER, FROZEN, ULTRA):
         if words and row != FP32 and not any(w in row for w in words):
             continue
         built = build(row, imgsz, batch, device, model)
