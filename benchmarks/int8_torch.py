@@ -3,7 +3,8 @@
 Rows per model (random init, calibrated on generated sign images, 640, batch 1): torch FP32 eager; fxqat INT8 torch
 as it runs now (weights split per layer geometry, ``fxqat.modules.int8``; the image quantized inside the first conv,
 ``QuantizeIntoConv``; its convolutions through :mod:`fxqat.native`'s direct oneDNN primitives where that path is
-available); the same model with fxqat.native off, every convolution through torch's ``onednn::qconv2d_pointwise``
+available, stretches of them as one native call each, ``fxqat.modules.int8_chain``); the same model with one call
+per node (chains off); the same model with fxqat.native off, every convolution through torch's ``onednn::qconv2d_pointwise``
 and every residual add through ``quantized::add`` (when the direct path is available, so that the two can be
 compared); and, where this CPU's u8×s8 kernels saturate, the same INT8 model as converted and run before those two
 changes (a separate image Quantize; every layer whose weights exceed ±64 split, depthwise convs included), for what
@@ -49,6 +50,25 @@ from .deploy import _calib_images  # noqa: E402
 
 NOW, OLD, FP32 = "fxqat INT8 torch", "fxqat INT8 torch as before (issue 18)", "torch FP32 eager"
 TORCH_OP = "fxqat INT8 torch, torch's qconv op (fxqat.native off)"
+NO_CHAINS = "fxqat INT8 torch, one call per node (no chains)"
+
+
+class OneCallPerNode(torch.nn.Module):
+    """The same INT8 model, run with ``fxqat.modules.int8_chain.CHAINS`` off: each conv and add makes its own call
+    from Python, as before chains (the same primitives: the outputs are equal bit for bit)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        from fxqat.modules import int8_chain
+
+        int8_chain.CHAINS = False
+        try:
+            return self.model(x)
+        finally:
+            int8_chain.CHAINS = True
 
 
 def convert_as_before(qat):
@@ -85,6 +105,7 @@ def build(spec: str, imgsz: int, end2end: bool = False) -> dict:
     fxqat.calibrate(qat, [calib[i:i + 4] for i in range(0, len(calib), 4)], progress=False)
     rows = {FP32: model, NOW: fxqat.convert(qat.eval())}
     if native.library() is not None:  # the same INT8 model with every conv through torch's op, for comparison
+        rows[NO_CHAINS] = OneCallPerNode(rows[NOW])
         rows[TORCH_OP] = torch_op_copy(rows[NOW], imgsz)
     if u8s8_conv_saturates():
         rows[OLD] = convert_as_before(qat.eval())
@@ -258,9 +279,10 @@ def main(argv=None):
     for spec in a.models.split(","):
         rows = build(spec, a.imgsz, a.end2end)
         with torch.no_grad():
-            if OLD in rows:
-                same = _same(rows[NOW](x), rows[OLD](x))
-                print(f"{spec}: outputs of the two INT8 rows bit-identical: {same}")
+            for other in (OLD, NO_CHAINS):
+                if other in rows:
+                    print(f"{spec}: outputs of {NOW!r} and {other!r} bit-identical: "
+                          f"{_same(rows[NOW](x), rows[other](x))}")
         times = interleaved_times(rows, x, a.rounds)
         med = {k: statistics.median(v) for k, v in times.items()}
         for k in rows:

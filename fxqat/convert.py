@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 
 from .errors import ConvertError
+from .modules.int8_chain import Int8GraphModule
 from .passes.base import run_passes
 from .passes.pipeline import convert_passes
 from .quant.fake_quant import FakeQuant
@@ -47,6 +48,7 @@ def convert(qat_model: fx.GraphModule, backend: str = "onednn") -> fx.GraphModul
         torch.backends.quantized.engine = backend
     src = copy.deepcopy(qat_model).cpu().eval()
     out = run_passes(src, convert_passes(), "convert")
+    out = Int8GraphModule(out, out.graph, class_name=type(out).__name__)  # runs stretches as native chains
     keep = ("names", "nc", "stride", "yaml", "task", "kpt_shape", "end2end")
     out.meta = {k: v for k, v in getattr(qat_model, "meta", {}).items() if k in keep}
     out.eval()

@@ -43,3 +43,21 @@ def test_nncf_beside_it_or_none_without_nncf():
     # the counters' split, not a comparison with the wall clock: a preempted run's counters and its wall time are
     # two timings of a shared machine (one CI run saw 2.3 ms of kernels against a 0.55 ms median wall)
     assert peer["wall_ms"] > 0 and peer["conv_kernel_ms"] > 0 and peer["other_layers_ms"] > 0
+
+
+def test_the_no_chains_row_runs_the_same_model_one_call_per_node():
+    """The A/B row for chains: the same INT8 model, the same bits, with no chain recorded by its own calls."""
+    from benchmarks.int8_torch import NO_CHAINS
+    from fxqat import native
+    from fxqat.modules import int8_chain
+
+    rows = build("yolov8n-cls", IMGSZ)
+    if native.library() is None:
+        assert NO_CHAINS not in rows
+        return
+    x = torch.rand(1, 3, IMGSZ, IMGSZ)
+    with torch.no_grad():
+        flat = rows[NO_CHAINS](x)
+        assert rows[NOW] not in int8_chain._TWINS and int8_chain.CHAINS
+        assert torch.equal(flat, rows[NOW](x)) and torch.equal(flat, rows[NOW](x))
+    assert rows[NO_CHAINS].model is rows[NOW] and int8_chain._TWINS[rows[NOW]][1] is not None

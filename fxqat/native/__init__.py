@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 7
+ABI = 8
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -117,6 +117,18 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_mask_grad.argtypes = [p, p, p, ctypes.c_int64, i, i]
     lib.fxqat_observe.restype = i
     lib.fxqat_observe.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, p, i, f, i, i, i, i, f, p, p, p, i]
+    lib.fxqat_chain_create.restype = p
+    lib.fxqat_chain_create.argtypes = [i, i, i]
+    lib.fxqat_chain_slot.restype = None
+    lib.fxqat_chain_slot.argtypes = [p, i, p]
+    lib.fxqat_chain_prim.restype = None
+    lib.fxqat_chain_prim.argtypes = [p, p, i, i, i]
+    lib.fxqat_chain_copy.restype = None
+    lib.fxqat_chain_copy.argtypes = [p, i] + [ctypes.c_int64] * 2 + [i] + [ctypes.c_int64] * 4
+    lib.fxqat_chain_run.restype = i
+    lib.fxqat_chain_run.argtypes = [p, ctypes.POINTER(p)]
+    lib.fxqat_chain_destroy.restype = None
+    lib.fxqat_chain_destroy.argtypes = [p]
     lib.fxqat_prim_destroy.restype = None
     lib.fxqat_prim_destroy.argtypes = [p]
     if lib.fxqat_qconv_abi() != ABI:

@@ -82,7 +82,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 7; }
+int fxqat_qconv_abi() { return 8; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -337,4 +337,99 @@ int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float*
   range[0] = lo[rows - 1], range[1] = hi[rows - 1];
   return 0;
 }
+
+}  // extern "C"
+
+namespace {
+// A chain: kept convolutions, adds and channel copies run in order in one call, for the stretches of an INT8 model
+// where only such steps follow each other (fxqat.modules.int8_chain builds it from the graph and the primitives its
+// modules made). Every step reads and writes buffers named by slot: the slots' pointers are set once for buffers the
+// chain owns and before each run for its inputs and outputs (slots 0 .. n_ext - 1).
+struct Chain {
+  struct Step {
+    int kind;  // 0 primitive (conv: in, out; add: a, b, out), 1 channel copy
+    Prim* prim;
+    int s[3];
+    int64_t pixels, src_c, src_off, dst_c, dst_off, c;
+  };
+  std::vector<void*> slot;
+  std::vector<Step> steps;
+  int n_ext = 0, threads = 1;
+};
+
+template <int B>
+void copy_rows(const Chain::Step& st, const uint8_t* src, uint8_t* dst, int64_t b, int64_t e) {
+  for (int64_t p = b; p < e; ++p) {
+    const uint8_t* s = src + p * st.src_c + st.src_off;
+    uint8_t* d = dst + p * st.dst_c + st.dst_off;
+    if (B == 0) {
+      std::memcpy(d, s, st.c);
+    } else {
+      for (int64_t k = 0; k < st.c; k += B) std::memcpy(d + k, s + k, B);  // a constant size: inlined moves
+    }
+  }
+}
+
+void copy_channels(const Chain::Step& st, const uint8_t* src, uint8_t* dst, int threads) {
+  const int64_t P = st.pixels;
+  auto f = st.c % 64 == 0 ? copy_rows<64> : st.c % 32 == 0 ? copy_rows<32> : st.c % 16 == 0 ? copy_rows<16>
+                                                                                              : copy_rows<0>;
+  const int n = P * st.c > (1 << 18) && threads > 1 ? threads : 1;
+#pragma omp parallel for num_threads(n) schedule(static) if (n > 1)
+  for (int t = 0; t < n; ++t) f(st, src, dst, P * t / n, P * (t + 1) / n);
+}
+
+}  // namespace
+
+extern "C" {
+
+void* fxqat_chain_create(int n_slots, int n_ext, int threads) {
+  auto* ch = new Chain();
+  ch->slot.assign(n_slots, nullptr);
+  ch->n_ext = n_ext, ch->threads = threads;
+  return ch;
+}
+
+void fxqat_chain_slot(void* chain, int i, void* ptr) { static_cast<Chain*>(chain)->slot[i] = ptr; }
+
+// A kept primitive's step: a convolution reads slot a and writes slot y (b < 0); an add reads a and b, writes y.
+void fxqat_chain_prim(void* chain, void* prim, int a, int b, int y) {
+  Chain::Step st{0, static_cast<Prim*>(prim), {a, b, y}, 0, 0, 0, 0, 0, 0};
+  static_cast<Chain*>(chain)->steps.push_back(st);
+}
+
+// dst[p, dst_off : dst_off + c] = src[p, src_off : src_off + c] for each of `pixels` pixels of two channels-last
+// uint8 maps with src_c / dst_c channels (a channel slice made dense, or one input of a concat).
+void fxqat_chain_copy(void* chain, int src, int64_t src_c, int64_t src_off, int dst, int64_t dst_c, int64_t dst_off,
+                      int64_t c, int64_t pixels) {
+  Chain::Step st{1, nullptr, {src, -1, dst}, pixels, src_c, src_off, dst_c, dst_off, c};
+  static_cast<Chain*>(chain)->steps.push_back(st);
+}
+
+// Run every step with the inputs' and outputs' pointers in ext (n_ext of them); 0, or 1 with the message kept.
+int fxqat_chain_run(void* chain, void* const* ext) {
+  auto* ch = static_cast<Chain*>(chain);
+  for (int i = 0; i < ch->n_ext; ++i) ch->slot[i] = ext[i];
+  return guarded([&] {
+    for (const auto& st : ch->steps) {
+      if (st.kind == 1) {
+        copy_channels(st, static_cast<const uint8_t*>(ch->slot[st.s[0]]), static_cast<uint8_t*>(ch->slot[st.s[2]]),
+                      ch->threads);
+        continue;
+      }
+      Prim* p = st.prim;
+      p->io[0].set_data_handle(ch->slot[st.s[0]]);
+      if (st.s[1] >= 0) {
+        p->io[1].set_data_handle(ch->slot[st.s[1]]);
+        p->io[2].set_data_handle(ch->slot[st.s[2]]);
+      } else {
+        p->io[1].set_data_handle(ch->slot[st.s[2]]);
+      }
+      p->prim.execute(p->strm, p->args);
+      p->strm.wait();
+    }
+  });
+}
+
+void fxqat_chain_destroy(void* chain) { delete static_cast<Chain*>(chain); }
 }
