@@ -8,8 +8,9 @@ batch clips on (``fast_fq.MASK_SHORTCUT``); with those and values and mask in on
 kernel (``fast_fq.NATIVE``); with those and the weights' per-channel fake-quant in fxqat.native
 (``fast_fq.NATIVE_CHANNEL``); with those and each observer's update and qparams in one native call
 (``fake_quant.NATIVE_OBSERVE``); with those and the backward's masked gradient in fxqat.native
-(``fast_fq.NATIVE_GRAD``, today's default); the default with every observer frozen after calibration
-(``fxqat qat ... freeze_observers=0``: fixed ranges, as ModelOpt trains); Ultralytics' own QAT
+(``fast_fq.NATIVE_GRAD``); with those and the BN-folded weight's multiply, observer, fake-quant and divide (and
+their backward) in one native pass (``folded_fq.NATIVE_FOLD``, today's default); the default with every observer
+frozen after calibration (``fxqat qat ... freeze_observers=0``: fixed ranges, as ModelOpt trains); Ultralytics' own QAT
 (``quantize=8``: NVIDIA ModelOpt fake-quant) when ``modelopt`` is importable, else a note.
 One step = zero_grad, forward, Ultralytics' detection loss, backward, SGD step, on a fixed random batch, starting
 from the shipped FP32 yolov8n (``--model``: another shipped model, checkpoint or YAML).
@@ -39,7 +40,7 @@ import torch  # noqa: E402
 
 import fxqat  # noqa: E402
 import fxqat.quant.fake_quant as fqmod  # noqa: E402
-from fxqat.quant import fast_fq  # noqa: E402
+from fxqat.quant import fast_fq, folded_fq  # noqa: E402
 from fxqat.quant.fake_quant import set_observers  # noqa: E402
 from fxqat.data.toy import toy_batch  # noqa: E402
 from fxqat.models import load_model  # noqa: E402
@@ -56,7 +57,8 @@ MASK = "fxqat QAT + the above + mask only where the batch clips"
 NATIVE = "fxqat QAT + the above + one-pass native fake-quant kernel"
 CHANNEL = "fxqat QAT + the above + native per-channel weight fake-quant"
 OBSERVE = "fxqat QAT + the above + one-call native observer update"
-GRAD = "fxqat QAT + the above + native masked gradient (default)"
+GRAD = "fxqat QAT + the above + native masked gradient"
+FOLD = "fxqat QAT + the above + BN-folded weight in one native pass (default)"
 FROZEN = "fxqat QAT (default), observers frozen after calibration (fixed ranges, as ModelOpt)"
 ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # QAT fine-tunes a trained model: every row starts from the shipped FP32 yolov8n (trained by fxqat on its signs data).
@@ -64,16 +66,16 @@ ULTRA = "Ultralytics QAT (quantize=8, ModelOpt)"
 # onto few codes and BatchNorm amplifies them), so its rows would time a diverging run.
 MODEL = "fxqat-signs-yolov8n"
 # row → (fast observers, weight-side rescale, quantize/dequantize fake-quant kernel, mask shortcut, native kernel,
-# native per-channel kernel, native observer, native masked gradient): each change measured on its own, the row's
-# changes and every earlier one on
-ORDER = (REF, FAST, RESCALE, KERNEL, MASK, NATIVE, CHANNEL, OBSERVE, GRAD)
+# native per-channel kernel, native observer, native masked gradient, native folded weight): each change measured on
+# its own, the row's changes and every earlier one on
+ORDER = (REF, FAST, RESCALE, KERNEL, MASK, NATIVE, CHANNEL, OBSERVE, GRAD, FOLD)
 TOGGLES = {row: (True,) * i + (False,) * (len(ORDER) - 1 - i) for i, row in enumerate(ORDER)}
-DEFAULTS = TOGGLES[GRAD]
+DEFAULTS = TOGGLES[FOLD]
 
 
 def _set(toggles) -> None:
     (fqmod.FAST_OBSERVE, ConvBnAct.RESCALE_WEIGHT, fqmod.FAST_KERNEL, fast_fq.MASK_SHORTCUT, fast_fq.NATIVE,
-     fast_fq.NATIVE_CHANNEL, fqmod.NATIVE_OBSERVE, fast_fq.NATIVE_GRAD) = toggles
+     fast_fq.NATIVE_CHANNEL, fqmod.NATIVE_OBSERVE, fast_fq.NATIVE_GRAD, folded_fq.NATIVE_FOLD) = toggles
 
 
 def _ultralytics_qat(det, x):

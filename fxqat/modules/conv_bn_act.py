@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..quant.fake_quant import FakeQuant
+from ..quant.folded_fq import folded_fake_quant
 from ..quant.spec import QuantSpec
 
 
@@ -138,8 +139,11 @@ class ConvBnAct(nn.Module):
         f = self._bn_factor()
         if ConvBnAct.RESCALE_WEIGHT:  # conv(x, q(w f) / f) = conv(x, q(w f)) / f per output channel: the division
             # runs on the weight, not on the activation (no full-size pass forward nor backward)
-            f4 = f.reshape(-1, 1, 1, 1)
-            return self._act(self.bn(self._conv(x, self._qw(self.conv.weight * f4) / f4, self.conv.bias)))
+            w = folded_fake_quant(self.weight_fq, self.conv.weight, f) if self.weight_fq is not None else None
+            if w is None:  # the tensor ops (folded_fake_quant: the same values in one native pass, where it applies)
+                f4 = f.reshape(-1, *[1] * (self.conv.weight.dim() - 1))
+                w = self._qw(self.conv.weight * f4) / f4
+            return self._act(self.bn(self._conv(x, w, self.conv.bias)))
         y = self._conv(x, self._qw(self.conv.weight * f.reshape(-1, 1, 1, 1)), None)
         y = y / f.reshape(1, -1, 1, 1)
         if self.conv.bias is not None:

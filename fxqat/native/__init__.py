@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("qconv.cpp")
-ABI = 8
+ABI = 9
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
 
@@ -117,6 +117,10 @@ def _bind(path: Path) -> ctypes.PyDLL:
     lib.fxqat_mask_grad.argtypes = [p, p, p, ctypes.c_int64, i, i]
     lib.fxqat_observe.restype = i
     lib.fxqat_observe.argtypes = [p, ctypes.c_int64, ctypes.c_int64, p, p, i, f, i, i, i, i, f, p, p, p, i]
+    lib.fxqat_fold_fq.restype = i
+    lib.fxqat_fold_fq.argtypes = [p, p, ctypes.c_int64, ctypes.c_int64, i, p, p, i, f, i, i, i, f, p, p, p, p, i]
+    lib.fxqat_fold_fq_grad.restype = None
+    lib.fxqat_fold_fq_grad.argtypes = [p] * 5 + [ctypes.c_int64] * 2 + [p, p, i]
     lib.fxqat_chain_create.restype = p
     lib.fxqat_chain_create.argtypes = [i, i, i]
     lib.fxqat_chain_slot.restype = None

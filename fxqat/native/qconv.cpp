@@ -82,7 +82,7 @@ memory scalar_s32(const engine& eng, int v) {
 
 extern "C" {
 
-int fxqat_qconv_abi() { return 8; }
+int fxqat_qconv_abi() { return 9; }
 
 const char* fxqat_qconv_error() { return last_error.c_str(); }
 
@@ -338,6 +338,88 @@ int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float*
   return 0;
 }
 
+
+// QAT's BN-folded weight in one pass per row (fxqat.quant.folded_fq): out = q(w * f) / f per output channel r, with q
+// the per-channel fake-quant of fxqat_fq8c and, when observe is set, the observer first updated from the rows' min /
+// max of w * f (as fxqat_observe). Each product, quotient and rounding is the one torch's ops make (mul, the
+// per-channel kernel, div), so out and mask equal the unfused ops' bit for bit. Returns 1 and writes nothing when
+// w * f holds a NaN or an infinity (the caller then runs torch's ops).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static int fold_range(const float* w, int64_t n, float fr, float* lo, float* hi) {
+  float mn = INFINITY, mx = -INFINITY;
+  int bad = 0;
+#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    float v = w[i] * fr;
+    mn = v < mn ? v : mn;
+    mx = v > mx ? v : mx;
+    bad |= !(v - v == 0.0f);
+  }
+  *lo = mn, *hi = mx;
+  return bad;
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static void fold_fq_row(const float* w, float* y, uint8_t* mask, int64_t n, float fr, float scale, float zp, float qmin,
+                        float qmax) {
+  const float inv = 1.0f / scale, big = 9.2233720368547758e18f;
+  for (int64_t i = 0; i < n; ++i) {
+    float q = std::nearbyint((w[i] * fr) * inv) + zp;
+    float c = !(q < big) ? qmin : q < qmin ? qmin : q > qmax ? qmax : q;
+    y[i] = ((c - zp) * scale) / fr;
+  }
+  if (mask)
+    for (int64_t i = 0; i < n; ++i) {
+      float q = std::nearbyint((w[i] * fr) * inv) + zp;
+      mask[i] = (q >= qmin) & (q <= qmax);
+    }
+}
+
+int fxqat_fold_fq(const float* w, const float* f, int64_t rows, int64_t cols, int observe, float* lo0, float* hi0,
+                  int ema, float c, int qmin, int qmax, int symmetric, float eps, float* scale, int32_t* zp, float* y,
+                  uint8_t* mask, int threads) {
+  const bool par = rows * cols > (1 << 16) && threads > 1;
+  if (observe) {
+    std::vector<float> lo(rows), hi(rows);
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (par)
+    for (int64_t r = 0; r < rows; ++r) bad |= fold_range(w + r * cols, cols, f[r], &lo[r], &hi[r]);
+    if (bad || cols == 0) return 1;
+    for (int64_t r = 0; r < rows; ++r)
+      row_qparams(lo[r], hi[r], lo0 + r, hi0 + r, ema, c, 0, qmin, qmax, symmetric, eps, scale + r, zp + r);
+  }
+#pragma omp parallel for num_threads(threads) schedule(static) if (par)
+  for (int64_t r = 0; r < rows; ++r)
+    fold_fq_row(w + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, f[r], scale[r], float(zp[r]),
+                float(qmin), float(qmax));
+  return 0;
+}
+
+// Its backward, the unfused ops' chain rule in one pass per row: dw = ((g / f) * mask) * f (div, the per-channel
+// kernel's dY * mask, mul: the same bits), and df[r] = sum_i -g * ((q / f) / f) + sum_i ((g / f) * mask) * w (div's
+// and mul's gradients for f, each term rounded as torch rounds it, summed in double: torch sums in float, so df
+// agrees with it within float32 summation error, not bit for bit). out = q / f, as the forward wrote it.
+__attribute__((target_clones("avx512f", "avx2", "default")))
+static float fold_grad_row(const float* g, const float* w, const float* out, const uint8_t* mask, float* dw,
+                           int64_t n, float fr) {
+  double sd = 0.0, sm = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    float a = g[i] / fr;
+    float b = a * float(mask[i]);
+    dw[i] = b * fr;
+    float t = out[i] / fr;
+    sd += double(-g[i] * t);
+    sm += double(b * w[i]);
+  }
+  return float(sd + sm);
+}
+
+void fxqat_fold_fq_grad(const float* g, const float* w, const float* out, const uint8_t* mask, const float* f,
+                        int64_t rows, int64_t cols, float* dw, float* df, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols > (1 << 16) && threads > 1)
+  for (int64_t r = 0; r < rows; ++r)
+    df[r] = fold_grad_row(g + r * cols, w + r * cols, out + r * cols, mask + r * cols, dw + r * cols, cols, f[r]);
+}
 }  // extern "C"
 
 namespace {
