@@ -174,7 +174,13 @@ def status() -> str:
 def summary() -> str:
     """One line for reports: which path the INT8 torch model's convolutions take, and why."""
     st = status()
-    return "direct oneDNN primitives (fxqat.native)" if st == "ok" else f"torch's op; fxqat.native: {st}"
+    if st != "ok":
+        return f"torch's op; fxqat.native: {st}"
+    from ..modules import int8_chain
+
+    return "direct oneDNN primitives (fxqat.native)" + (
+        ", each run of convs / adds / concats / splits in one call" if int8_chain.CHAINS else
+        ", one call per node (fxqat.modules.int8_chain.CHAINS = False)")
 
 
 class _Primitive:

@@ -245,6 +245,12 @@ def test_summary_names_the_path_and_the_reason(monkeypatch):
     monkeypatch.setattr(native, "ENABLED", True)
     expected = "direct oneDNN primitives (fxqat.native)" if native.library() is not None else "torch's op"
     assert native.summary().startswith(expected)
+    if native.library() is not None:
+        from fxqat.modules import int8_chain
+
+        assert native.summary().endswith("in one call")
+        monkeypatch.setattr(int8_chain, "CHAINS", False)
+        assert native.summary().endswith("one call per node (fxqat.modules.int8_chain.CHAINS = False)")
 
 
 @needs_native
