@@ -115,7 +115,11 @@ def test_fake_quant_module_takes_the_fast_path(monkeypatch):
 
 def test_qat_model_step_equals_torch_kernel(monkeypatch):
     """A whole prepared yolov8n: forward outputs, input gradient and weight gradients with the fast kernel equal
-    torch's fake-quant kernel's (float32 sums in the same order: bit-identical)."""
+    torch's fake-quant kernel's (float32 sums in the same order: bit-identical). The BN-folded weight's native pass
+    (whose BN-scale gradient sums in double) stays off here: tests/quant/test_folded_fq.py compares it."""
+    from fxqat.quant import folded_fq
+
+    monkeypatch.setattr(folded_fq, "NATIVE_FOLD", False)
     torch.manual_seed(0)
     gm = fxqat.prepare_qat(load_model("yolov8n.yaml", nc=3), example_inputs=(torch.rand(1, 3, 64, 64),))
     fxqat.calibrate(gm, [torch.rand(2, 3, 64, 64)], progress=False)

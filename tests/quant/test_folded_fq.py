@@ -9,8 +9,12 @@ import copy
 
 import pytest
 import torch
+from torch.utils._pytree import tree_leaves
+
+import fxqat
 
 from fxqat import native
+from fxqat.models import load_model
 from fxqat.modules.conv_bn_act import ConvBnAct
 from fxqat.quant import folded_fq
 from fxqat.quant.spec import WEIGHT_INT8
@@ -92,3 +96,37 @@ def test_a_nan_or_a_hook_or_a_learnable_scale_takes_the_tensor_ops():
     lsq = _module(8, 8, 3)
     lsq.set_weight_spec(WEIGHT_INT8.with_(learnable=True))
     assert folded_fq.folded_fake_quant(lsq.weight_fq, lsq.conv.weight, lsq._bn_factor()) is None
+
+
+@needs_native
+def test_a_whole_qat_step_matches_the_tensor_ops(monkeypatch):
+    """A prepared yolov8n, one training forward and backward: outputs, the input's gradient and every conv weight's
+    gradient bit for bit; every BN weight's gradient within the stated tolerance; the native pass ran for every
+    conv with live BatchNorm."""
+    torch.manual_seed(0)
+    gm = fxqat.prepare_qat(load_model("yolov8n.yaml", nc=3), example_inputs=(torch.rand(1, 3, 64, 64),))
+    fxqat.calibrate(gm, [torch.rand(2, 3, 64, 64)], progress=False)
+    x = torch.rand(2, 3, 64, 64)
+    ran, orig = [], folded_fq._FoldedFakeQuant.apply
+    monkeypatch.setattr(folded_fq._FoldedFakeQuant, "apply", lambda *a: ran.append(1) or orig(*a))
+    results = []
+    for fold in (False, True):
+        folded_fq.NATIVE_FOLD = fold
+        try:
+            m = copy.deepcopy(gm).train()
+            xi = x.clone().requires_grad_()
+            outs = [o for o in tree_leaves(m(xi)) if torch.is_tensor(o)]
+            sum(o.float().square().mean() for o in outs).backward()
+        finally:
+            folded_fq.NATIVE_FOLD = True
+        results.append((outs, xi.grad, dict((n, p.grad) for n, p in m.named_parameters() if p.grad is not None)))
+    (o0, g0, w0), (o1, g1, w1) = results
+    live = [mod for mod in gm.modules() if isinstance(mod, ConvBnAct) and mod.bn is not None and mod.weight_fq]
+    assert len(ran) == len(live) > 50
+    assert all(torch.equal(a, b) for a, b in zip(o0, o1)) and torch.equal(g0, g1) and w0.keys() == w1.keys()
+    for name in w0:
+        a, b = w1[name], w0[name]
+        if name.endswith("bn.weight"):
+            assert ((a - b).abs() <= 1e-4 * b.abs() + 1e-5 * b.abs().max()).all(), name
+        else:
+            assert torch.equal(a, b), name
