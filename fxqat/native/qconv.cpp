@@ -397,12 +397,13 @@ int fxqat_fold_fq(const float* w, const float* f, int64_t rows, int64_t cols, in
 
 // Its backward, the unfused ops' chain rule in one pass per row: dw = ((g / f) * mask) * f (div, the per-channel
 // kernel's dY * mask, mul: the same bits), and df[r] = sum_i -g * ((q / f) / f) + sum_i ((g / f) * mask) * w (div's
-// and mul's gradients for f, each term rounded as torch rounds it, summed in double: torch sums in float, so df
-// agrees with it within float32 summation error, not bit for bit). out = q / f, as the forward wrote it.
+// and mul's gradients for f, each term rounded as torch rounds it, summed in double in vector lanes: torch sums in
+// float, so df agrees with it within float32 summation error, not bit for bit). out = q / f, as the forward wrote it.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 static float fold_grad_row(const float* g, const float* w, const float* out, const uint8_t* mask, float* dw,
                            int64_t n, float fr) {
   double sd = 0.0, sm = 0.0;
+#pragma omp simd reduction(+ : sd, sm)  // partial sums in vector lanes: a single running sum was ~4 cycles a value
   for (int64_t i = 0; i < n; ++i) {
     float a = g[i] / fr;
     float b = a * float(mask[i]);
