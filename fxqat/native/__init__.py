@@ -1,4 +1,5 @@
-"""Direct oneDNN convolutions and residual adds for the INT8 torch model (``qconv.cpp``, built on first use).
+"""Direct oneDNN convolutions, residual adds and chains of them for the INT8 torch model (``qconv.cpp``), and QAT's
+fake-quant kernels (``qat.cpp``): one library, built on first use.
 
 torch 2.14.1's ``onednn::qconv2d_pointwise`` builds its oneDNN descriptors on every call: 26–54 µs per convolution
 beyond the kernel on a 2-core EPYC, 5.5 ms of a 24 ms yolo26n image (``python -m benchmarks.int8_torch
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("qconv.cpp")
+SOURCES = (Path(__file__).with_name("qconv.cpp"), Path(__file__).with_name("qat.cpp"))  # inference, QAT kernels
 ABI = 9
 DIST = "onednn-devel-cpu-gomp"
 _reason = "not loaded yet"
@@ -64,12 +65,13 @@ def _compiler() -> str:
 
 
 def build() -> Path:
-    """Compile ``qconv.cpp`` (once per source, oneDNN and compiler) and return the shared library's path."""
+    """Compile ``qconv.cpp`` and ``qat.cpp`` into one library (once per sources, oneDNN and compiler) and return its
+    path."""
     if not (sys.platform.startswith("linux") and os.uname().machine == "x86_64"):
         raise RuntimeError(f"direct oneDNN convolutions are built on Linux x86-64 only, not {sys.platform}")
     inc, libdir, version = _onednn()
     cxx = _compiler()
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in SOURCES)
     key = hashlib.sha256(src + f"{inc}|{libdir}|{version}|{cxx}|{ABI}".encode()).hexdigest()[:16]
     out = _cache_dir() / f"libfxqat_qconv-{key}.so"
     if out.exists():
@@ -85,11 +87,12 @@ def build() -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
-        cmd = [cxx, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", str(SOURCE), f"-I{inc}", f"-L{libdir}",
-               "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}", "-o", str(part)]
+        cmd = [cxx, "-O3", "-fopenmp", "-shared", "-fPIC", "-std=c++17", *map(str, SOURCES), f"-I{inc}",
+               f"-L{libdir}", "-l:libdnnl.so.3", f"-Wl,-rpath,{libdir}", "-o", str(part)]
         run = subprocess.run(cmd, capture_output=True, text=True)
         if run.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
+            names = " and ".join(f.name for f in SOURCES)
+            raise RuntimeError(f"compiling {names} failed ({' '.join(cmd)}):\n{run.stderr[-2000:]}")
         os.replace(part, out)  # atomic: a concurrent build leaves one complete file
     return out
 
