@@ -13,7 +13,8 @@ for concat inputs and split halves, over buffers it keeps (reused once a value i
 run all steps in one C call. The results are the flat graph's, bit for bit: the same primitives on the same codes,
 and copies.
 
-A chain falls back to its nodes' own calls (so the flat graph's behaviour) when anything differs from what it
+A chain keeps its last four recordings (``NativeChain.MAX_PLANS``: each holds buffers and its shape's primitives).
+It falls back to its nodes' own calls (so the flat graph's behaviour) when anything differs from what it
 recorded: another shape or thread count (a new recording), a hook on one of its modules, a module whose primitive
 changed, inputs that are not dense channels-last uint8, a conv that runs torch's op (split weights on CPUs without
 VNNI, the direct path off: ``FXQAT_NATIVE=0`` or ``fxqat.native.ENABLED = False``). ``CHAINS = False`` turns chains
@@ -25,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import operator
 import weakref
+from collections import OrderedDict
 
 import torch
 import torch.fx as fx
@@ -95,10 +97,14 @@ class NativeChain(nn.Module):
     """One stretch of the INT8 graph (``body``: its nodes, sharing the model's modules): one native call per input
     shape once recorded, else the nodes' own calls."""
 
+    # recordings kept per chain, the most recently used first out last: each holds its buffers and its shape's
+    # primitives, and validation with rectangular batches brings a new shape every few batches
+    MAX_PLANS = 4
+
     def __init__(self, body: fx.GraphModule):
         super().__init__()
         self.body = body
-        self._plans: dict = {}
+        self._plans: OrderedDict = OrderedDict()
 
     def __call__(self, *xs):  # internal to the twin: no hooks of its own
         return self.forward(*xs)
@@ -108,10 +114,14 @@ class NativeChain(nn.Module):
             key = (tuple(x.shape for x in xs), torch.get_num_threads())
             plan = self._plans.get(key, False)
             if plan and plan.ready(xs):
+                self._plans.move_to_end(key)
                 return plan.run(xs)
             if plan is False or (plan is not None and plan.stale()):
                 outs, env = self._interpret(xs)
                 self._plans[key] = _Plan.record(self.body, xs, env)
+                self._plans.move_to_end(key)
+                while len(self._plans) > self.MAX_PLANS:
+                    self._plans.popitem(last=False)
                 return outs
         return self.body.forward(*xs)
 

@@ -138,6 +138,22 @@ def _with_hook(hooked, model, x) -> tuple[list, object]:
 
 
 @needs_native
+def test_a_chain_keeps_its_last_recordings_only(models):
+    """Shapes that change every few calls (rectangular validation batches) do not pile up recordings: the chain
+    keeps the most recently used MAX_PLANS, and a shape it dropped records again with the same outputs."""
+    model = copy.deepcopy(models["yolov8n-cls"])
+    sizes = [64, 96, 128, 160, 192, 224]
+    xs = {s: torch.rand(1, 3, s, s) for s in sizes}
+    refs = {s: _flat(model, xs[s]) for s in sizes}
+    with torch.no_grad():
+        for s in sizes + [64]:
+            assert _equal(model(xs[s]), refs[s]) and _equal(model(xs[s]), refs[s])
+    (chain,) = _chains(model)
+    kept = [k[0][0][2] * 2 for k in chain._plans]
+    assert len(chain._plans) == chain.MAX_PLANS == 4 and kept == [160, 192, 224, 64] and all(chain._plans.values())
+
+
+@needs_native
 @pytest.mark.parametrize("where", ["a chained module", "the model"])
 def test_a_hook_added_after_recording_fires_and_the_outputs_stay(models, where):
     """The chain (or, for a hook on the model, the whole twin) steps aside for the nodes' own calls."""
