@@ -48,18 +48,20 @@ void fxqat_fq8(const float* x, float* y, uint8_t* mask, int64_t n, float scale, 
 // Per-channel fake-quantization of rows x cols contiguous float32 values (QAT's weights: one row per output channel),
 // torch's fake_quantize_per_channel_affine kernel's values and straight-through mask bit for bit: q = nearbyint(x *
 // (1 / scale)) + zp, mask = qmin <= q <= qmax, y = (clamp(q) - zp) * scale. torch casts q to int64 first: a NaN or a q
-// past 2^63 becomes INT64_MIN there and clamps to qmin, as here. mask may be null (no gradient wanted).
+// past 2^63 becomes INT64_MIN there and clamps to qmin, as here. mask may be null (no gradient wanted). fqc_row's fr
+// (fxqat_fold_fq: a BN factor; else 1, where x * 1 and y / 1 are exact) quantizes x * fr and writes y / fr.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static void fqc_row(const float* x, float* y, uint8_t* mask, int64_t n, float scale, float zp, float qmin, float qmax) {
+static void fqc_row(const float* x, float* y, uint8_t* mask, int64_t n, float fr, float scale, float zp, float qmin,
+                    float qmax) {
   const float inv = 1.0f / scale, big = 9.2233720368547758e18f;
   for (int64_t i = 0; i < n; ++i) {
-    float q = std::nearbyint(x[i] * inv) + zp;
+    float q = std::nearbyint((x[i] * fr) * inv) + zp;
     float c = !(q < big) ? qmin : q < qmin ? qmin : q > qmax ? qmax : q;
-    y[i] = (c - zp) * scale;
+    y[i] = ((c - zp) * scale) / fr;
   }
   if (mask)
     for (int64_t i = 0; i < n; ++i) {
-      float q = std::nearbyint(x[i] * inv) + zp;
+      float q = std::nearbyint((x[i] * fr) * inv) + zp;
       mask[i] = (q >= qmin) & (q <= qmax);
     }
 }
@@ -68,8 +70,8 @@ void fxqat_fq8c(const float* x, float* y, uint8_t* mask, int64_t rows, int64_t c
                 const int32_t* zp, int qmin, int qmax, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static) if (rows * cols > (1 << 16) && threads > 1)
   for (int64_t r = 0; r < rows; ++r)
-    fqc_row(x + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, scale[r], float(zp[r]), float(qmin),
-            float(qmax));
+    fqc_row(x + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, 1.0f, scale[r], float(zp[r]),
+            float(qmin), float(qmax));
 }
 
 // The straight-through gradient of a fake-quant: y = mask ? g : 0 (torch.where(mask, g, 0.0): the per-tensor
@@ -92,14 +94,15 @@ void fxqat_mask_grad(const float* g, const uint8_t* mask, float* y, int64_t n, i
   }
 }
 
-// The batch's min / max of one row, and whether it holds a NaN or an infinity.
+// The batch's min / max of one row (of x * f: f is a BN factor in fxqat_fold_fq, else 1, where x * 1 is exact), and
+// whether it holds a NaN or an infinity.
 __attribute__((target_clones("avx512f", "avx2", "default")))
-static int row_range(const float* x, int64_t n, float* lo, float* hi) {
+static int row_range(const float* x, int64_t n, float f, float* lo, float* hi) {
   float mn = INFINITY, mx = -INFINITY;
   int bad = 0;
 #pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
   for (int64_t i = 0; i < n; ++i) {
-    float v = x[i];
+    float v = x[i] * f;
     mn = v < mn ? v : mn;
     mx = v > mx ? v : mx;
     bad |= !(v - v == 0.0f);  // NaN or infinity
@@ -165,7 +168,7 @@ int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float*
     for (int64_t k = 0; k < chunks; ++k) {
       int64_t b = k * grain, e = b + grain < cols ? b + grain : cols;
       float a, z;
-      bad |= row_range(x + b, e - b, &a, &z);
+      bad |= row_range(x + b, e - b, 1.0f, &a, &z);
       mn = a < mn ? a : mn;
       mx = z > mx ? z : mx;
     }
@@ -173,7 +176,7 @@ int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float*
   } else {
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) \
     if (rows * cols > (1 << 16) && threads > 1)
-    for (int64_t r = 0; r < rows; ++r) bad |= row_range(x + r * cols, cols, &lo[r], &hi[r]);
+    for (int64_t r = 0; r < rows; ++r) bad |= row_range(x + r * cols, cols, 1.0f, &lo[r], &hi[r]);
   }
   if (bad || cols == 0) return 1;
   for (int64_t r = 0; r < rows; ++r)
@@ -182,43 +185,11 @@ int fxqat_observe(const float* x, int64_t rows, int64_t cols, float* lo0, float*
   return 0;
 }
 
-
 // QAT's BN-folded weight in one pass per row (fxqat.quant.folded_fq): out = q(w * f) / f per output channel r, with q
-// the per-channel fake-quant of fxqat_fq8c and, when observe is set, the observer first updated from the rows' min /
-// max of w * f (as fxqat_observe). Each product, quotient and rounding is the one torch's ops make (mul, the
-// per-channel kernel, div), so out and mask equal the unfused ops' bit for bit. Returns 1 and writes nothing when
-// w * f holds a NaN or an infinity (the caller then runs torch's ops).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static int fold_range(const float* w, int64_t n, float fr, float* lo, float* hi) {
-  float mn = INFINITY, mx = -INFINITY;
-  int bad = 0;
-#pragma omp simd reduction(min : mn) reduction(max : mx) reduction(| : bad)
-  for (int64_t i = 0; i < n; ++i) {
-    float v = w[i] * fr;
-    mn = v < mn ? v : mn;
-    mx = v > mx ? v : mx;
-    bad |= !(v - v == 0.0f);
-  }
-  *lo = mn, *hi = mx;
-  return bad;
-}
-
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static void fold_fq_row(const float* w, float* y, uint8_t* mask, int64_t n, float fr, float scale, float zp, float qmin,
-                        float qmax) {
-  const float inv = 1.0f / scale, big = 9.2233720368547758e18f;
-  for (int64_t i = 0; i < n; ++i) {
-    float q = std::nearbyint((w[i] * fr) * inv) + zp;
-    float c = !(q < big) ? qmin : q < qmin ? qmin : q > qmax ? qmax : q;
-    y[i] = ((c - zp) * scale) / fr;
-  }
-  if (mask)
-    for (int64_t i = 0; i < n; ++i) {
-      float q = std::nearbyint((w[i] * fr) * inv) + zp;
-      mask[i] = (q >= qmin) & (q <= qmax);
-    }
-}
-
+// fxqat_fq8c's per-channel fake-quant and, when observe is set, the observer first updated from the rows' min / max
+// of w * f (as fxqat_observe): the same row functions with the factor f. Each product, quotient and rounding is the
+// one torch's ops make (mul, the per-channel kernel, div), so out and mask equal the unfused ops' bit for bit.
+// Returns 1 and writes nothing when w * f holds a NaN or an infinity (the caller then runs torch's ops).
 int fxqat_fold_fq(const float* w, const float* f, int64_t rows, int64_t cols, int observe, float* lo0, float* hi0,
                   int ema, float c, int qmin, int qmax, int symmetric, float eps, float* scale, int32_t* zp, float* y,
                   uint8_t* mask, int threads) {
@@ -227,15 +198,15 @@ int fxqat_fold_fq(const float* w, const float* f, int64_t rows, int64_t cols, in
     std::vector<float> lo(rows), hi(rows);
     int bad = 0;
 #pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad) if (par)
-    for (int64_t r = 0; r < rows; ++r) bad |= fold_range(w + r * cols, cols, f[r], &lo[r], &hi[r]);
+    for (int64_t r = 0; r < rows; ++r) bad |= row_range(w + r * cols, cols, f[r], &lo[r], &hi[r]);
     if (bad || cols == 0) return 1;
     for (int64_t r = 0; r < rows; ++r)
       row_qparams(lo[r], hi[r], lo0 + r, hi0 + r, ema, c, 0, qmin, qmax, symmetric, eps, scale + r, zp + r);
   }
 #pragma omp parallel for num_threads(threads) schedule(static) if (par)
   for (int64_t r = 0; r < rows; ++r)
-    fold_fq_row(w + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, f[r], scale[r], float(zp[r]),
-                float(qmin), float(qmax));
+    fqc_row(w + r * cols, y + r * cols, mask ? mask + r * cols : nullptr, cols, f[r], scale[r], float(zp[r]),
+            float(qmin), float(qmax));
   return 0;
 }
 
