@@ -62,13 +62,10 @@ class OneCallPerNode(torch.nn.Module):
         self.model = model
 
     def forward(self, x):
-        from fxqat.modules import int8_chain
+        from fxqat.modules.int8_chain import one_call_per_node
 
-        int8_chain.CHAINS = False
-        try:
+        with one_call_per_node():
             return self.model(x)
-        finally:
-            int8_chain.CHAINS = True
 
 
 def convert_as_before(qat):

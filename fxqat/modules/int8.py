@@ -48,12 +48,18 @@ except (AttributeError, RuntimeError):  # no oneDNN quantized conv in this build
     _QCONV = None
 
 
+def _hooked_globally() -> bool:
+    """Whether global module hooks are registered or a jit trace is running: then every ``nn.Module.__call__`` does
+    more than call ``forward``."""
+    return bool(_nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks or
+                _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks or
+                torch._C._get_tracing_state())
+
+
 def _hooked(m: nn.Module) -> bool:
     """Whether ``nn.Module.__call__`` would do more than call ``forward``."""
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks or
-                _nn_module._global_forward_hooks or _nn_module._global_forward_pre_hooks or
-                _nn_module._global_backward_hooks or _nn_module._global_backward_pre_hooks or
-                torch._C._get_tracing_state())
+                _hooked_globally())
 
 
 def _check_onednn():

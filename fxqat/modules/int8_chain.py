@@ -27,6 +27,7 @@ import ctypes
 import operator
 import weakref
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 import torch.fx as fx
@@ -34,11 +35,22 @@ import torch.nn as nn
 
 from .. import native
 from ..graph.registry import op_kind
-from .int8 import Int8Add, Int8ConvBnAct, _hooked
+from .int8 import Int8Add, Int8ConvBnAct, _hooked, _hooked_globally
 
-CHAINS = True
+CHAINS = True  # False: every node makes its own call (one_call_per_node)
 CL = torch.channels_last
 _TWINS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Int8GraphModule → (its code, twin | None)
+
+
+@contextmanager
+def one_call_per_node():
+    """Within it, INT8 models run each node's own call, as before chains (``CHAINS = False``; the same outputs)."""
+    global CHAINS
+    saved, CHAINS = CHAINS, False
+    try:
+        yield
+    finally:
+        CHAINS = saved
 
 
 def _dense_fn():
@@ -330,12 +342,6 @@ def _reads(body: fx.GraphModule, n: fx.Node) -> list[fx.Node]:
     if n.op not in ("placeholder", "output") and _step_kind(body, n) == "chunk":
         return []
     return list(n.all_input_nodes)
-
-
-def _hooked_globally() -> bool:
-    from torch.nn.modules import module as m
-
-    return bool(m._global_forward_hooks or m._global_forward_pre_hooks or torch._C._get_tracing_state())
 
 
 def _body(gm: fx.GraphModule, run: list[fx.Node], ins: list[fx.Node], outs: list[fx.Node]) -> fx.GraphModule:

@@ -158,9 +158,7 @@ class FakeQuant(nn.Module):
         scale = scale.reshape(-1).clamp_min(SCALE_EPS)
         self.scale.data.copy_(scale.expand_as(self.scale) if scale.numel() == 1 else scale)
         self.zero_point.copy_(zp.reshape(-1).expand_as(self.zero_point))
-        if not self._ready:
-            self.initialized.fill_(True)
-            self._ready = True
+        self.mark_initialized()
         return batch_range
 
     def _observe_native(self, x: torch.Tensor, lo0: torch.Tensor, hi0: torch.Tensor):
@@ -176,17 +174,28 @@ class FakeQuant(nn.Module):
         lib = native.library()
         if lib is None:
             return None
-        obs, rng = self.observer, (ctypes.c_float * 2)()
-        ema = self.spec.observer == "moving_average"
-        if lib.fxqat_observe(x.data_ptr(), rows, x.numel() // rows, lo0.data_ptr(), hi0.data_ptr(), int(ema),
-                             obs.averaging_constant if ema else 0.0, int(self.ch_axis is None), obs.quant_min,
-                             obs.quant_max, int(self.spec.symmetric), self._eps(), sc.data_ptr(), zp.data_ptr(),
+        rng = (ctypes.c_float * 2)()
+        ema, c, qmin, qmax, symmetric, eps = self.native_observer_args()
+        if lib.fxqat_observe(x.data_ptr(), rows, x.numel() // rows, lo0.data_ptr(), hi0.data_ptr(), ema, c,
+                             int(self.ch_axis is None), qmin, qmax, symmetric, eps, sc.data_ptr(), zp.data_ptr(),
                              rng, torch.get_num_threads()):
             return None  # a NaN or an infinity in x: torch's ops define those cases
+        self.mark_initialized()
+        return rng
+
+    def native_observer_args(self) -> tuple[int, float, int, int, int, float]:
+        """(moving average?, its constant, qmin, qmax, symmetric?, eps): what fxqat.native's observer update takes
+        besides the buffers (``fxqat_observe``, ``fxqat_fold_fq``)."""
+        obs = self.observer
+        ema = self.spec.observer == "moving_average"
+        return (int(ema), obs.averaging_constant if ema else 0.0, obs.quant_min, obs.quant_max,
+                int(self.spec.symmetric), self._eps())
+
+    def mark_initialized(self) -> None:
+        """The quantizer has observed data (``initialized``, and its host copy)."""
         if not self._ready:
             self.initialized.fill_(True)
             self._ready = True
-        return rng
 
     def _eps(self) -> float:
         """The observer's ``eps`` (a constant buffer) as a float, read from the tensor once."""

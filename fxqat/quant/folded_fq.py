@@ -32,19 +32,17 @@ class _FoldedFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, w, f, fq, lib, observe: bool):
         rows, cols = w.shape[0], w.numel() // w.shape[0]
-        obs, sc, zp = fq.observer, fq.scale, fq.zero_point
-        ema = fq.spec.observer == "moving_average"
+        obs = fq.observer
         y = torch.empty_like(w)
         grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         mask = torch.empty_like(w, dtype=torch.bool) if grad else None
         if lib.fxqat_fold_fq(w.data_ptr(), f.data_ptr(), rows, cols, int(observe), obs.min_val.data_ptr(),
-                             obs.max_val.data_ptr(), int(ema), obs.averaging_constant if ema else 0.0, obs.quant_min,
-                             obs.quant_max, int(fq.spec.symmetric), fq._eps(), sc.data_ptr(), zp.data_ptr(),
-                             y.data_ptr(), None if mask is None else mask.data_ptr(), torch.get_num_threads()):
+                             obs.max_val.data_ptr(), *fq.native_observer_args(), fq.scale.data_ptr(),
+                             fq.zero_point.data_ptr(), y.data_ptr(), None if mask is None else mask.data_ptr(),
+                             torch.get_num_threads()):
             raise _Fails
-        if observe and not fq._ready:
-            fq.initialized.fill_(True)
-            fq._ready = True
+        if observe:
+            fq.mark_initialized()
         if mask is not None:
             ctx.save_for_backward(w, f, y, mask)
         ctx.lib = lib

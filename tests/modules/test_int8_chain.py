@@ -42,12 +42,8 @@ def _equal(a, b):
 
 
 def _flat(model, x):
-    ic.CHAINS = False
-    try:
-        with torch.no_grad():
-            return model(x)
-    finally:
-        ic.CHAINS = True
+    with ic.one_call_per_node(), torch.no_grad():
+        return model(x)
 
 
 def _chains(model) -> list[ic.NativeChain]:
