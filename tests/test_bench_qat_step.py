@@ -43,3 +43,21 @@ def test_rows_start_from_the_trained_model_unless_a_yaml_is_given():
     fresh, *_ = build(FP32, 64, 1, "cpu", model="yolov8n.yaml")
     w = "model.0.conv.weight"
     assert fresh.state_dict()[w].shape == shipped[w].shape and not torch.equal(fresh.state_dict()[w], shipped[w])
+
+
+def test_each_row_sets_its_own_switches():
+    """Every row turns on its change and the earlier ones, nothing later: the FOLD row is the only one with the
+    folded weight's native pass on, REF the one with everything off; the defaults are back afterwards."""
+    from benchmarks.qat_step import DEFAULTS, FOLD, GRAD, ORDER, TOGGLES, _set
+    from fxqat.quant import fast_fq, folded_fq
+    import fxqat.quant.fake_quant as fqmod
+
+    try:
+        for row in ORDER:
+            _set(TOGGLES[row])
+            assert folded_fq.NATIVE_FOLD == (row == FOLD)
+            assert fast_fq.NATIVE_GRAD == (row in (GRAD, FOLD))
+            assert fqmod.FAST_OBSERVE == (row != REF)
+    finally:
+        _set(DEFAULTS)
+    assert folded_fq.NATIVE_FOLD and fast_fq.NATIVE_GRAD and fqmod.FAST_OBSERVE
